@@ -40,7 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # Overrides may follow options (`plan CFG --cluster-resources X a.b=c`): argparse
+    # stops collecting positionals at an option, so gather key=value leftovers here.
+    args, extra = build_parser().parse_known_args(argv)
+    unknown = [e for e in extra if "=" not in e or e.startswith("-")]
+    if unknown:
+        build_parser().error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = list(getattr(args, "overrides", []) or []) + extra
     from verimed.core.config import ConfigError
     from verimed.core.data import DataError
     from verimed.core.models import ModelError

@@ -18,6 +18,8 @@ import msgspec
 import yaml
 from msgspec import Meta
 
+from verimed.core.placement import PlacementConfig
+
 PositiveInt = Annotated[int, Meta(ge=1)]
 NonNegInt = Annotated[int, Meta(ge=0)]
 Fraction = Annotated[float, Meta(ge=0.0, le=1.0)]
@@ -168,6 +170,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     async_: AsyncConfig = msgspec.field(default_factory=AsyncConfig, name="async")
     weight_sync: WeightSyncConfig = WeightSyncConfig()
     metrics: MetricsConfig = MetricsConfig()
+    placement: PlacementConfig = PlacementConfig()
 
 
 # ------------------------------------------------------------------- loading

@@ -178,7 +178,8 @@ class Learner:
                 metrics.append(m)
         grad_norm = self._clip_and_step()
         self.version += 1
-        out = grpo.reduce_metrics(metrics) if metrics else {}
+        # "loss" is the sum of micro-batch losses = the batch loss (global normalisers).
+        out = {f"loss/{'policy' if k == 'loss' else k}": v for k, v in (grpo.reduce_metrics(metrics) if metrics else {}).items()}
         out.update({"train/grad_norm": grad_norm, "train/lr": self.scheduler.get_last_lr()[0],
                     "train/step_seconds": time.perf_counter() - start, "train/version": float(self.version)})
         return out
@@ -200,10 +201,8 @@ class Learner:
         loss, metrics = grpo.policy_loss(
             logprobs, proximal, behaviour, gather(arrays["advantages"]), gather(arrays["loss_mask"]), local_cu, self.cfg.grpo,
             num_sequences_global=num_seqs, num_tokens_global=num_tokens, max_response_len=batch.max_response_len,
-            reference_logprobs=gather(ref) if ref is not None else None,
+            reference_logprobs=gather(ref) if ref is not None else None, entropy=entropy,
         )
-        mask = gather(arrays["loss_mask"])
-        metrics["entropy_sum"] = (entropy.detach() * mask).sum()
         return loss, metrics
 
     def _clip_and_step(self) -> float:

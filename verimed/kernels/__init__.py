@@ -64,7 +64,10 @@ def fused_logprob(
     gradient. Differentiable w.r.t. hidden and weight; the N x V logits are never
     materialised in full (see fused_logprob.py / fused_logprob_triton.py).
     """
-    if resolve_backend(hidden.device, backend) == "triton":
+    kind = resolve_backend(hidden.device, backend)
+    if kind == "triton" and hidden.dtype == torch.float64 and (backend or os.environ.get("VERIMED_KERNELS", "auto")) == "auto":
+        kind = "torch"  # fp64 (tests, debugging) has no Triton path
+    if kind == "triton":
         from verimed.kernels.fused_logprob_triton import fused_logprob_triton
 
         return fused_logprob_triton(hidden, weight, targets, temperature, ignore_index)

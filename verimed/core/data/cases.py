@@ -46,6 +46,8 @@ def _text(value: Any) -> str:
     """A section that is usually a string but sometimes a dict or list."""
     if isinstance(value, str):
         return value.strip()
+    if isinstance(value, list) and all(not isinstance(v, (dict, list)) for v in value):
+        return "; ".join(str(v).strip() for v in value if str(v).strip())
     return "; ".join(f"{k}: {v}" for k, v in flatten(value).items())
 
 
@@ -54,7 +56,8 @@ def parse_case(record: dict[str, Any], line_no: int) -> Case:
     actor = require(osce, "Patient_Actor", dict, _ROOT)
     where = f"{_ROOT}.Patient_Actor"
     symptoms = require(actor, "Symptoms", dict, where)
-    primary = require(symptoms, "Primary_Symptom", str, f"{where}.Symptoms")
+    # Some records have an empty Symptoms section: the history then carries the complaint.
+    primary = require(symptoms, "Primary_Symptom", str, f"{where}.Symptoms") if symptoms else ""
     secondary = symptoms.get("Secondary_Symptoms", [])
     if isinstance(secondary, str):
         secondary = [secondary]

@@ -1,0 +1,293 @@
+"""The three per-turn units' backend-independent logic (paper §2.1).
+
+* termination gate  — :func:`rules_gate`: the doctor gave a diagnosis and a plan
+  (in any turns), the doctor closed, a passive patient is satisfied with a
+  diagnosis, or the turn limit is reached;
+* factual unit, part 1 — :func:`select_facts`: which facts this turn may
+  disclose (only those relevant to what was asked; exam findings / test results
+  only once examined / ordered; never the diagnosis);
+* factual unit, part 2 — :func:`check_reply`: the guard every draft passes
+  through: no diagnosis, no locked exam/test values, no invented numbers or
+  unsupported clinical words, no contradiction of the script.
+The affective unit (phrasing) lives in the backends (``rules.py``, ``llm.py``).
+"""
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+import msgspec
+
+from verimed.core.simulator.intent import EXAM_TARGETS, TOPIC_KINDS, DoctorIntent
+from verimed.core.simulator.persona import PHRASES, Traits
+from verimed.core.simulator.retrieval import Retriever, expand
+from verimed.core.simulator.script import PATIENT_KINDS, Fact, PatientScript
+from verimed.core.simulator.text import content_stems, numbers, stem, words
+
+Mode = Literal["answer", "unknown", "exam", "tests", "ask_dx", "ask_results", "greeting", "statement"]
+STRONG_MATCH = 0.5  # lexical score above which a fact answers a specific question
+
+
+class SessionState(msgspec.Struct):
+    """Mutable per-session bookkeeping; rebuilt from the transcript on restart."""
+
+    turn: int = 0  # doctor turns so far
+    unlocked: list[str] = []  # exam/test fact keys made available by examining / ordering
+    disclosed: list[str] = []  # fact keys disclosed so far, first-disclosure order
+    diagnosis_turn: int | None = None
+    plan_turn: int | None = None
+    done: bool = False
+    reason: str = ""
+
+
+class Selection(msgspec.Struct, frozen=True):
+    mode: Mode
+    facts: list[Fact]  # what this reply may disclose
+    repeat: bool = False  # everything selected was already said before
+
+
+class GateDecision(msgspec.Struct, frozen=True):
+    done: bool
+    reason: str = ""  # diagnosis_and_plan | doctor_closed | patient_satisfied | turn_limit
+
+
+class Review(msgspec.Struct, frozen=True):
+    """The factual unit's verdict on a draft."""
+
+    text: str  # the reply to send (the draft, or its rewrite)
+    problems: list[str]  # what was wrong with the draft ("diagnosis", "invented number 7.2", ...)
+    vetoed: bool  # the draft was rejected and replaced
+
+
+# ------------------------------------------------------------------ the gate
+
+
+def rules_gate(intent: DoctorIntent, state: SessionState, traits: Traits, max_turns: int) -> GateDecision:
+    """Deterministic termination gate; ``state`` holds the turns before this one."""
+    had_dx = state.diagnosis_turn is not None
+    if (had_dx or intent.diagnosis) and (state.plan_turn is not None or intent.plan):
+        return GateDecision(True, "diagnosis_and_plan")
+    if intent.closing:
+        return GateDecision(True, "doctor_closed")
+    # A passive (introverted) patient does not push for a plan: a diagnosis
+    # followed by any non-question turn satisfies them.
+    if had_dx and not traits.asks_treatment and not intent.is_question and not (intent.exam or intent.tests):
+        return GateDecision(True, "patient_satisfied")
+    if state.turn + 1 >= max_turns:
+        return GateDecision(True, "turn_limit")
+    return GateDecision(False)
+
+
+# ------------------------------------------------------------------ selection
+
+
+_OTHER_TOPIC = {
+    "medications": r"medic|drug|prescri|supplement|allerg|treat",
+    "family": r"famil|parent|mother|father|sibling|genetic",
+    "social": r"social|sexual|travel|diet|occupation|habit|lifestyle|environment|exposure",
+    "past": r"^(?!.*(famil|social|sexual|travel)).*",
+}
+_PRIMARY_KINDS = {
+    "complaint": ("chief_complaint", "hpi"), "course": ("hpi",), "symptoms": ("symptom_secondary", "review_of_systems"),
+    "past": ("past_history", "other_history"), "medications": ("other_history",),
+    "social": ("social_history", "other_history"), "family": ("other_history",), "demographics": ("demographics",),
+}
+# Words that only name a topic ("family", "smoke"): a question made of them is
+# answered from the topic's facts; any other word makes the question specific.
+_TOPIC_VOCAB = frozenset(stem(w) for w in """family relatives parents mother father anyone smoke smoking drink drinking
+    alcohol drugs work job occupation live living married medical problems conditions illnesses surgery surgeries
+    hospital allergies pills medications meds prescriptions supplements social life lifestyle home old age
+    health issue issues""".split())
+
+
+def _topic_facts(script: PatientScript, topic: str) -> list[Fact]:
+    out = []
+    for kind in _PRIMARY_KINDS[topic]:
+        for f in script.facts_of(kind):
+            if kind == "other_history" and not re.search(_OTHER_TOPIC.get(topic, "$^"), f.key.split("/")[1], re.I):
+                continue
+            out.append(f)
+    return out
+
+
+_TIMING = re.compile(r"\b(\d+|few|several|one|two|three)[- ](hour|day|week|month|year)s?\b(?! of gestation)|\bago\b|\bsince\b|\bbegan\b|"
+                     r"\bstarted\b|\bonset\b|history of|for the (past|last)|\bsudden", re.IGNORECASE)
+
+
+def allowed_kinds(intent: DoctorIntent) -> set[str]:
+    """Fact kinds a question may be answered from (the union over its topics)."""
+    return {k for t in intent.topics for k in TOPIC_KINDS[t]}
+
+
+def _gated(script: PatientScript, kind: str, cue_stems: tuple[str, ...], targets: tuple[str, ...]) -> list[Fact]:
+    """Exam findings for the named body parts (all for a general exam); test results for what was ordered.
+
+    A named exam / test the case has no record of yields nothing (the reply
+    says so) rather than unrelated findings; a generic order yields everything.
+    """
+    facts = script.facts_of(kind)
+    if kind == "exam":
+        pats = [p for t in targets for p in EXAM_TARGETS[t]]
+        vitals_asked = any(t in ("vital", "blood pressure", "pulse", "temperature") for t in targets)
+        return [f for f in facts if any(p in f.key.lower() for p in pats)
+                and (vitals_asked or not f.key.lower().startswith("exam/vital"))] if pats else facts
+    cues = set(expand(cue_stems)) - _GENERIC_TEST_WORDS
+    hit = [f for f in facts if (cues - {"scan", "imag"}) & set(content_stems(f.key))]
+    if not hit and cues & {"scan", "imag"}:
+        hit = [f for f in facts if _IMAGING.search(f.key)]
+    if set(cue_stems) & _BLOOD_WORDS:
+        hit += [f for f in facts if _is_blood_test(f.key) and f not in hit]
+    if hit:
+        return hit
+    return [] if set(cue_stems) & _TEST_NAMES else facts
+
+
+_GENERIC_TEST_WORDS = frozenset({"test", "lab", "work", "some", "blood", "result", "level", "order", "run", "check"})
+_BLOOD_WORDS = frozenset(stem(w) for w in """blood lab labs cbc count hemoglobin haemoglobin electrolytes chemistry panel
+    serum metabolic bloodwork""".split())
+_TEST_NAMES = frozenset(stem(w) for w in """ct mri ray xray x-ray ultrasound echo echocardiogram ecg ekg eeg emg biopsy
+    culture urinalysis urine swab smear endoscopy colonoscopy spirometry scan imaging mammogram angiogram""".split())
+
+
+_IMAGING = re.compile(r"imag|x-?ray|radiog|\bct\b|_ct\b|\bct_|mri|scan|ultraso|sonogra|echocardio|angiogra|mammogra|"
+                      r"enema|fluorosc", re.IGNORECASE)
+_NOT_BLOOD = re.compile(r"urin|stool|fec|csf|cerebrospinal|sputum|swab|biops|synovial|fluid|scrap|imag|ray|\bct\b|_ct|"
+                        r"mri|scan|ultra|echo|scopy|graph|enema|ecg|ekg|eeg|emg|spirom|pulmonary_function|nerve",
+                        re.IGNORECASE)
+
+
+def _is_blood_test(key: str) -> bool:
+    return "blood" in key.lower() or not _NOT_BLOOD.search(key)
+
+
+def select_facts(intent: DoctorIntent, script: PatientScript, state: SessionState, retriever: Retriever,
+                 traits: Traits) -> Selection:
+    """What this turn may disclose. Unlocks exam/test keys in ``state`` as a side effect."""
+    out: list[Fact] = []
+    if intent.exam:
+        out += _gated(script, "exam", intent.query_stems, intent.exam_targets)
+    if intent.tests:
+        out += _gated(script, "test", intent.test_stems, ())
+    if out:
+        state.unlocked += [f.key for f in out if f.key not in state.unlocked]
+        return Selection("tests" if intent.tests else "exam", out)
+    if intent.exam or intent.tests:
+        return Selection("tests" if intent.tests else "exam", [])
+    if intent.asks_diagnosis:
+        return Selection("ask_dx", [])
+    if intent.asks_results:
+        unlocked = [script[k] for k in state.unlocked]
+        ranked = [f for s, f in retriever.rank(intent.query_stems, unlocked) if s >= STRONG_MATCH]
+        return Selection("ask_results", ranked or ([] if intent.query_stems else unlocked))
+    if intent.greeting_only:
+        return Selection("greeting", [])
+    if not intent.is_question:
+        return Selection("statement", [])
+    return _answer(intent, script, state, retriever, traits)
+
+
+def _answer(intent: DoctorIntent, script: PatientScript, state: SessionState, retriever: Retriever,
+            traits: Traits) -> Selection:
+    if "family" in intent.topics:
+        # "Any medical problems in your family?": the family's history, not the patient's.
+        intent = msgspec.structs.replace(intent, topics=intent.topics - {"past", "medications"})
+    kinds = allowed_kinds(intent) or set(PATIENT_KINDS)
+    pool = [f for f in script.facts if f.kind in PATIENT_KINDS and f.kind != "demographics"] \
+        if intent.query_stems else [f for f in script.facts if f.kind in kinds]
+    if "demographics" in intent.topics:
+        pool += script.facts_of("demographics")
+    ranked = retriever.rank(intent.query_stems, pool, intent.text)
+    strong = [f for s, f in ranked if s >= STRONG_MATCH]
+    specific = [q for q in intent.query_stems if q not in _TOPIC_VOCAB]
+    if strong:
+        # Facts of the asked-about kinds first, then other strong matches.
+        strong.sort(key=lambda f: f.kind not in kinds)
+        chosen = strong
+    elif specific:
+        return Selection("unknown", [])
+    else:
+        chosen = [f for t in sorted(intent.topics) for f in _topic_facts(script, t)]
+    chosen = list({f.key: f for f in chosen}.values())
+    if not chosen:
+        return Selection("unknown", [])
+    # Prefer what has not been said yet ("tell me more" gets new facts), keep order otherwise;
+    # a question about the course puts the sentences with a time course first.
+    timing = "course" in intent.topics and not strong
+    chosen.sort(key=lambda f: (timing and not _TIMING.search(f.text), f.key in state.disclosed))
+    if "chief_complaint" in state.disclosed:
+        chosen = [f for f in chosen if f.kind != "symptom_primary"] or chosen
+    chosen = chosen[: traits.max_facts]
+    return Selection("answer", chosen, repeat=all(f.key in state.disclosed for f in chosen))
+
+
+# ------------------------------------------------------------------ the guard
+
+_NEGATION = re.compile(r"\b(no|not|never|without|deny|denies|haven't|hasn't|don't|doesn't|didn't)\b")
+# Everyday words a patient may use without a source in the case.
+_CONVERSATION_WORDS = """doctor thank thanks hello hi yes yeah sure okay ok alright sorry understand mean know think
+    feel feeling really quite bit lot little much very well fine good bad worse better day days week weeks month
+    months year years time times today yesterday morning night since ago started start began begin lately recently
+    past last first also just about around maybe probably sometimes often always usually never ever again still
+    getting got get go going come came tell told say said ask asked question questions help please worry worried
+    scared concerned afraid nervous anxious hope hoping want need take taking make made thing things something
+    anything nothing everything way kind sort mind happen happened happening notice noticed noticing remember
+    plain words medical terms explain option options cost afford money cheap expensive next step plan treatment
+    test tests exam examination result results appointment visit see seen look looking sounds right wrong honestly
+    because would could should been have having there here where when what which while other another same"""
+_CONVERSATION = frozenset(content_stems(" ".join(v for vs in PHRASES.values() for v in vs) + " " + _CONVERSATION_WORDS))
+
+
+def check_reply(text: str, script: PatientScript, allowed: list[Fact], state: SessionState,
+                doctor_text: str, said_before: str = "") -> list[str]:
+    """Problems of a reply (empty = it may be sent). Deterministic; used for every backend's draft.
+
+    ``allowed``: facts this turn may disclose; ``said_before``: the patient's
+    earlier replies (what they said may be repeated).
+    """
+    problems: list[str] = []
+    allowed_text = " ".join(f"{f.label} {f.text}" for f in allowed)
+    sources = " ".join((allowed_text, doctor_text, said_before))
+    unlocked_text = " ".join(f"{script[k].label} {script[k].text}" for k in state.unlocked)
+    # Diagnosis words are allowed only where an ordered test result itself says them.
+    if script.leaks_diagnosis(text) and not (script.diagnosis_stems & set(content_stems(text))
+                                             <= set(content_stems(unlocked_text + " " + allowed_text))):
+        problems.append("diagnosis")
+    ok_numbers = numbers(sources) | script.patient_numbers
+    for f in script.facts:
+        if f.kind in ("exam", "test") and f.key not in state.unlocked and f not in allowed:
+            own = numbers(f.text) - ok_numbers
+            if own and own & numbers(text):
+                problems.append(f"locked {f.kind} {f.key.split('/', 1)[1]}")
+    known = numbers(sources) | script.patient_numbers | numbers(unlocked_text)
+    invented = numbers(text) - known - script.all_numbers
+    problems += [f"invented number {n}" for n in sorted(invented)]
+    support = set(content_stems(" ".join([sources, unlocked_text] + [f"{f.text} {f.spoken}" for f in script.facts
+                                                                      if f.kind in PATIENT_KINDS])))
+    unsupported = [s for s in content_stems(_speech(text)) if s not in support and s not in _CONVERSATION
+                   and not s.isdigit() and len(s) > 3]
+    if len(set(unsupported)) >= 2:
+        problems.append("unsupported: " + ", ".join(sorted(set(unsupported))[:6]))
+    problems += _contradictions(text, script)
+    return list(dict.fromkeys(problems))
+
+
+def _speech(text: str) -> str:
+    """The patient's own words: bracketed exam/test report lines removed."""
+    return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("["))
+
+
+def _contradictions(text: str, script: PatientScript) -> list[str]:
+    """Denials of the case's own symptoms ("I don't have a fever" when the case has fever)."""
+    present = set()
+    for f in script.facts_of("chief_complaint", "symptom_primary", "symptom_secondary"):
+        present |= {s for s in content_stems(f.text) if len(s) > 3}
+    story = " ".join(words(" ".join(f"{f.text} {f.spoken}" for f in script.facts if f.kind in PATIENT_KINDS)))
+    out = []
+    toks = words(_speech(text))
+    for i, tok in enumerate(toks):
+        if _NEGATION.fullmatch(tok):
+            window = toks[i + 1:i + 5]
+            denied = {stem(w) for w in window} & present
+            if denied and " ".join([tok, *window[:2]]) not in story:
+                out.append("contradiction: denies " + ", ".join(sorted(denied)))
+    return out

@@ -1,0 +1,286 @@
+"""Triton ``fused_logprob``: online log-sum-exp over vocabulary tiles, recompute in backward.
+
+Same maths and contract as the torch reference in ``fused_logprob.py``:
+hidden [N, H], weight [V, H] (bf16/fp16/fp32, fp32 accumulation), targets [N]
+-> (logprob [N] fp32, entropy [N] fp32), ignore_index rows -> 0, no gradient.
+
+Forward (``_fwd_kernel``), grid (row blocks, vocabulary splits): each program
+computes logit tiles z = h @ w.T / T for BLOCK_N rows over its split of the
+vocabulary (V_PER_SPLIT columns, tile by tile) and keeps running
+
+    m = max z,  s = sum exp(z - m),  t = sum exp(z - m) * (z - m),  z_y (target logit)
+
+rescaling when the max grows: t <- a (t + s (m_old - m_new)), s <- a s with
+a = exp(m_old - m_new) (t relative to m keeps entropy free of cancellation). The splits give
+enough programs to fill the GPU at small N; a [splits, N] combine finishes
+(M = max m_i, S = sum s_i e^(m_i - M), T = sum e^(m_i - M) (t_i + s_i (m_i - M)))
+lse = M + log S, entropy = log S - T / S, logprob = z_y - lse. Only O(N * splits)
+floats are stored, never N x V.
+
+Backward, per vocabulary chunk of Vc columns: ``_bwd_dz_kernel`` recomputes
+the logit tiles and writes dL/dz for the chunk ([N, Vc] in the input dtype,
+Vc sized to a memory budget), then two tensor-core GEMMs give
+d_hidden += dz @ w[chunk] (fp32 accumulator) and d_weight[chunk] = dz.T @ h.
+So the backward is one fused recompute plus two matmuls, with no atomics.
+
+Runs on CUDA; under ``TRITON_INTERPRET=1`` it also runs on CPU tensors with a
+fixed small config (autotune does not work in the interpreter).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from verimed.kernels.fused_logprob import check_inputs
+
+DZ_CHUNK_BYTES = 512 * 2**20  # budget of the [N, Vc] dz buffer in backward
+V_PER_SPLIT_GPU = 4096
+
+
+def interpreted() -> bool:
+    """Whether this module's kernels were built for the interpreter.
+
+    ``triton.jit`` decides at decoration time, so TRITON_INTERPRET=1 must be set
+    before this module is first imported (tests reload it after setting it).
+    """
+    return INTERPRETED
+
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _logits_tile(h_ptr, w_ptr, rows, cols, row_mask, col_mask, HD, stride_hn, stride_wv,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, IEEE: tl.constexpr):
+    """acc[BLOCK_N, BLOCK_V] = hidden[rows] @ weight[cols].T in fp32."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for k0 in range(0, HD, BLOCK_H):
+        ks = k0 + tl.arange(0, BLOCK_H)
+        kmask = ks < HD
+        h = tl.load(h_ptr + rows[:, None] * stride_hn + ks[None, :], mask=row_mask[:, None] & kmask[None, :], other=0.0)
+        w = tl.load(w_ptr + cols[None, :] * stride_wv + ks[:, None], mask=col_mask[None, :] & kmask[:, None], other=0.0)
+        if IEEE:  # fp32 inputs: no TF32 rounding, so fp32 results match the reference
+            acc = tl.dot(h, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(h, w, acc)
+    return acc
+
+
+@triton.jit
+def _fwd_body(h_ptr, w_ptr, t_ptr, m_ptr, s_ptr, ez_ptr, zt_ptr, N, V, HD, stride_hn, stride_wv, inv_temp,
+              V_PER_SPLIT, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, IEEE: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_mask = rows < N
+    tgt = tl.load(t_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
+    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    t = tl.zeros((BLOCK_N,), tl.float32)
+    zt = tl.zeros((BLOCK_N,), tl.float32)
+    v_start = pid_v * V_PER_SPLIT
+    v_end = tl.minimum(v_start + V_PER_SPLIT, V)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+        col_mask = cols < v_end
+        z = _logits_tile(h_ptr, w_ptr, rows, cols, row_mask, col_mask, HD, stride_hn, stride_wv,
+                         BLOCK_N, BLOCK_V, BLOCK_H, IEEE) * inv_temp
+        z = tl.where(col_mask[None, :], z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        alpha = tl.exp(m - m_new)
+        shift = tl.where(m == float("-inf"), 0.0, m - m_new)  # first tile: s = t = 0
+        zc = tl.where(col_mask[None, :], z - m_new[:, None], 0.0)
+        p = tl.where(col_mask[None, :], tl.exp(zc), 0.0)
+        # t is kept relative to the running max: t = sum exp(z - m) (z - m)
+        t = alpha * (t + s * shift) + tl.sum(p * zc, axis=1)
+        s = s * alpha + tl.sum(p, axis=1)
+        # col_mask: a tile may run past this split's end into the next split's columns
+        hit = (cols[None, :] == tgt[:, None]) & col_mask[None, :]
+        zt += tl.sum(tl.where(hit, z, 0.0), axis=1)
+        m = m_new
+    out = pid_v * N + rows
+    tl.store(m_ptr + out, m, mask=row_mask)
+    tl.store(s_ptr + out, s, mask=row_mask)
+    tl.store(ez_ptr + out, t, mask=row_mask)
+    tl.store(zt_ptr + out, zt, mask=row_mask)
+
+
+@triton.jit
+def _bwd_dz_body(h_ptr, w_ptr, t_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, dz_ptr, N, HD, stride_hn, stride_wv,
+                 stride_dz, v_lo, v_hi, inv_temp,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, IEEE: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_mask = rows < N
+    cols = (v_lo + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    col_mask = cols < v_hi
+    z = _logits_tile(h_ptr, w_ptr, rows, cols, row_mask, col_mask, HD, stride_hn, stride_wv,
+                     BLOCK_N, BLOCK_V, BLOCK_H, IEEE) * inv_temp
+    tgt = tl.load(t_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    ent = tl.load(ent_ptr + rows, mask=row_mask, other=0.0)
+    g_lp = tl.load(glp_ptr + rows, mask=row_mask, other=0.0)  # host zeroed ignored rows
+    g_ent = tl.load(gent_ptr + rows, mask=row_mask, other=0.0)
+    logp = z - lse[:, None]
+    p = tl.exp(logp)
+    dz = -p * (g_lp[:, None] + g_ent[:, None] * (logp + ent[:, None]))
+    dz += tl.where(cols[None, :] == tgt[:, None], g_lp[:, None], 0.0)
+    dz = dz * inv_temp
+    ptrs = dz_ptr + rows[:, None] * stride_dz + (cols - v_lo)[None, :]
+    tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+def _configs() -> list[triton.Config]:
+    return [
+        triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh}, num_warps=w, num_stages=st)
+        for bn, bv, bh, w, st in [
+            (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
+            (128, 128, 32, 4, 4), (64, 256, 64, 8, 3), (128, 64, 64, 4, 4),
+        ]
+    ]
+
+
+INTERPRET_CONFIG = {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_H": 16}
+FIXED_GPU_CONFIG = {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 32}
+TUNE_MIN_WORK = 2**26  # N * V below this: fixed config (tuning tiny problems costs more than it saves)
+
+
+def _mode(n_rows: int, vocab: int) -> str:
+    if INTERPRETED:
+        return "interp"
+    return "tuned" if n_rows * vocab >= TUNE_MIN_WORK else "fixed"
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels(mode: str):
+    """(fwd, bwd_dz): autotuned for large GPU problems, fixed blocks otherwise."""
+    if mode != "tuned":
+        return _fwd_body, _bwd_dz_body
+    # Key on what drives tile choice; N varies per micro-batch and is left out.
+    tune = triton.autotune(configs=_configs(), key=["HD", "IEEE"])
+    return tune(_fwd_body), tune(_bwd_dz_body)
+
+
+def _launch_cfg(mode: str) -> dict:
+    if mode == "interp":
+        return dict(INTERPRET_CONFIG)
+    if mode == "fixed":
+        return dict(FIXED_GPU_CONFIG, num_warps=4, num_stages=2)
+    return {}
+
+
+def _grid(mode: str, n_rows: int, second):
+    """Grid (row blocks, second); ``second`` is an int or a function of BLOCK_V."""
+    def make(block_n, block_v):
+        return (triton.cdiv(n_rows, block_n), second(block_v) if callable(second) else second)
+
+    if mode == "tuned":
+        return lambda meta: make(meta["BLOCK_N"], meta["BLOCK_V"])
+    cfg = _launch_cfg(mode)
+    return make(cfg["BLOCK_N"], cfg["BLOCK_V"])
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with an fp32 result (fp32 accumulation inside the GEMM where torch supports it)."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass  # older torch: no out_dtype overload; fall through
+        return (a @ b).float()
+    return a.float() @ b.float()
+
+
+class _TritonLogprob(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, ignore_index, v_per_split, dz_chunk_cols):
+        n_rows, hd = hidden.shape
+        vocab = weight.shape[0]
+        hidden, weight = hidden.contiguous(), weight.contiguous()
+        valid = targets != ignore_index
+        tgt = torch.where(valid, targets, -1).to(torch.int64).contiguous()
+        n_splits = triton.cdiv(vocab, v_per_split)
+        part = torch.empty((4, n_splits, n_rows), dtype=torch.float32, device=hidden.device)
+        mode = _mode(n_rows, vocab)
+        fwd, _ = _kernels(mode)
+        if n_rows > 0:
+            fwd[_grid(mode, n_rows, n_splits)](
+                hidden, weight, tgt, part[0], part[1], part[2], part[3], n_rows, vocab, hd,
+                hidden.stride(0), weight.stride(0), 1.0 / temperature, v_per_split,
+                IEEE=hidden.dtype == torch.float32, **_launch_cfg(mode))
+        m, s, ez, zt = part.unbind(0)
+        big_m = m.max(dim=0).values
+        scale = torch.exp(m - big_m)
+        sum_s = (s * scale).sum(0)
+        sum_t = (scale * (ez + s * (m - big_m))).sum(0)
+        lse = big_m + torch.log(sum_s)
+        entropy = torch.where(valid, torch.log(sum_s) - sum_t / sum_s, 0.0)
+        logprob = torch.where(valid, zt.sum(0) - lse, 0.0)
+        ctx.save_for_backward(hidden, weight, tgt, valid, lse, entropy)
+        ctx.temperature, ctx.dz_chunk_cols = temperature, dz_chunk_cols
+        return logprob, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprob, grad_entropy):
+        hidden, weight, tgt, valid, lse, entropy = ctx.saved_tensors
+        n_rows, hd = hidden.shape
+        vocab = weight.shape[0]
+        zeros = torch.zeros_like(lse)
+        g_lp = zeros if grad_logprob is None else torch.where(valid, grad_logprob.float(), 0.0).contiguous()
+        g_ent = zeros if grad_entropy is None else torch.where(valid, grad_entropy.float(), 0.0).contiguous()
+        cols = ctx.dz_chunk_cols or max(256, (DZ_CHUNK_BYTES // max(1, n_rows * hidden.element_size())) // 256 * 256)
+        cols = min(cols, vocab)
+        dz = torch.empty((n_rows, cols), dtype=hidden.dtype, device=hidden.device)
+        d_hidden = torch.zeros((n_rows, hd), dtype=torch.float32, device=hidden.device)
+        d_weight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
+        mode = _mode(n_rows, vocab)
+        _, bwd = _kernels(mode)
+        for v_lo in range(0, vocab, cols):
+            v_hi = min(v_lo + cols, vocab)
+            width = v_hi - v_lo
+            if n_rows > 0:
+                grid = _grid(mode, n_rows, lambda block_v, w=width: triton.cdiv(w, block_v))
+                bwd[grid](hidden, weight, tgt, lse, entropy, g_lp, g_ent, dz, n_rows, hd, hidden.stride(0),
+                          weight.stride(0), dz.stride(0), v_lo, v_hi, 1.0 / ctx.temperature,
+                          IEEE=hidden.dtype == torch.float32, **_launch_cfg(mode))
+            chunk = dz[:, :width]
+            if ctx.needs_input_grad[0]:
+                d_hidden += _mm_fp32(chunk, weight[v_lo:v_hi])
+            if ctx.needs_input_grad[1]:
+                d_weight[v_lo:v_hi] = _mm_fp32(chunk.T, hidden).to(weight.dtype)
+        d_hidden = d_hidden.to(hidden.dtype) if ctx.needs_input_grad[0] else None
+        return d_hidden, d_weight, None, None, None, None, None
+
+
+def fused_logprob_triton(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    v_per_split: int | None = None,
+    dz_chunk_cols: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton path: (logprob[N], entropy[N]) fp32 with autograd to hidden and weight.
+
+    hidden [N, H], weight [V, H] in bf16/fp16/fp32 (fp64 is not supported: use the
+    reference); ``v_per_split`` / ``dz_chunk_cols`` override the vocabulary split of the
+    forward and the dz chunk of the backward (tests use small values to cover the combine).
+    """
+    check_inputs(hidden, weight, targets, temperature)
+    if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"fused_logprob (triton): dtype {hidden.dtype} not supported; use backend='torch'")
+    if not hidden.is_cuda and not interpreted():
+        raise ValueError("fused_logprob (triton): CPU tensors need TRITON_INTERPRET=1")
+    if v_per_split is None:
+        v_per_split = 2 * INTERPRET_CONFIG["BLOCK_V"] if interpreted() else V_PER_SPLIT_GPU
+    if v_per_split < 1:
+        raise ValueError(f"fused_logprob (triton): v_per_split must be >= 1, got {v_per_split}")
+    return _TritonLogprob.apply(hidden, weight, targets, float(temperature), int(ignore_index), int(v_per_split), dz_chunk_cols)
