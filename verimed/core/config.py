@@ -83,12 +83,17 @@ class SimulatorConfig(_Section):
 
 class RubricConfig(_Section):
     generator: Literal["case", "llm"] = "case"
-    max_retries: NonNegInt = 2
+    max_retries: NonNegInt = 2  # re-asks of the llm generator on invalid JSON / rubric
+    # Dimensions every generated rubric must cover (llm generator).
+    required_dimensions: tuple[str, ...] = ("diagnostic_accuracy", "consultation_logic", "ethics_safety")
+    # After max_retries: "raise" (reported, the group fails and is refilled) or fall back to the case rubric.
+    on_failure: Literal["raise", "case"] = "raise"
 
 
 class JudgeConfig(_Section):
     backend: Literal["rules", "llm"] = "rules"
     max_retries: NonNegInt = 2  # re-asks on unparseable judge output
+    max_tokens: PositiveInt = 256  # judge answer budget (llm backend)
 
 
 class LLMConfig(_Section):

@@ -1,0 +1,378 @@
+"""``verimed eval healthbench``: sample a policy on HealthBench conversations,
+grade every rubric item, and score exactly as the reference (simple-evals).
+
+    verimed eval healthbench --data FILE --policy smollm2 --grader rules --limit 20 --out runs/hb
+    python -m verimed.core.eval_healthbench --grader vllm:smollm2 --limit 2     # same thing
+
+``--data`` takes the official full / hard / consensus JSONL files (default: the
+50 shipped examples). ``--grader`` is ``rules`` (deterministic, CPU),
+``vllm:MODEL`` (an in-process vLLM engine; MODEL is a local HF dir or
+"smollm2") or ``openai:MODEL`` (an OpenAI-compatible endpoint: ``--grader-url``,
+key from ``$OPENAI_API_KEY``). Outputs under ``--out``: ``responses.jsonl``
+(sampled replies), ``gradings.jsonl`` (one line per graded example, appended as
+they finish), ``results.json`` and ``report.md``. ``--resume`` re-uses finished
+responses and gradings. Ray-free; heavy imports happen after argument parsing.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import msgspec
+
+from verimed.core.data.healthbench import HealthBenchExample, load_healthbench
+from verimed.core.rubrics.scoring import Aggregate, aggregate, example_metrics, response_score
+from verimed.core.types import Judgement
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default=None, help="HealthBench JSONL (full/hard/consensus); default: 50 shipped examples")
+    parser.add_argument("--policy", default="smollm2", help='policy model: local HF dir or "smollm2"')
+    parser.add_argument("--grader", default="rules", help="rules | vllm:MODEL | openai:MODEL")
+    parser.add_argument("--grader-url", default="https://api.openai.com/v1", help="base URL for openai:MODEL")
+    parser.add_argument("--out", default="runs/eval_healthbench", help="output directory")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
+    parser.add_argument("--resume", action="store_true", help="re-use responses and gradings already in --out")
+    parser.add_argument("--engine", choices=("vllm", "transformers"), default="vllm", help="policy sampling backend")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    parser.add_argument("--max-tokens", type=int, default=256, help="policy response tokens")
+    parser.add_argument("--temperature", type=float, default=0.0, help="policy temperature (0 = greedy)")
+    parser.add_argument("--max-model-len", type=int, default=4096, help="engine context (prompt + response)")
+    parser.add_argument("--kv-cache-mb", type=int, default=512, help="vLLM KV-cache bound per engine")
+    parser.add_argument("--judge-retries", type=int, default=2, help="re-asks on unparseable grader output")
+    parser.add_argument("--judge-max-tokens", type=int, default=256)
+    parser.add_argument("--concurrency", type=int, default=32, help="requests in flight per engine")
+    parser.add_argument("--skip-invalid", action="store_true", help="skip (and count) malformed records")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap / sampling seed")
+    parser.add_argument("--worst", type=int, default=5, help="lowest-scoring examples shown in the report")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    if args.max_tokens < 1 or args.max_model_len <= args.max_tokens:
+        raise ValueError("--max-tokens must be >= 1 and smaller than --max-model-len")
+    if args.grader != "rules" and not args.grader.startswith(("vllm:", "openai:")):
+        raise ValueError(f"--grader must be rules, vllm:MODEL or openai:MODEL, got {args.grader!r}")
+    if args.grader.endswith(":"):
+        raise ValueError(f"--grader {args.grader!r}: missing model name after ':'")
+
+
+# ------------------------------------------------------------------ engines
+
+
+class Engines:
+    """Local engines by (backend, model), started lazily and shared: ``--grader
+    vllm:M`` with policy M on vLLM re-uses the policy's engine (one start)."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self._live: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+    def get(self, model: str, backend: str) -> tuple[Any, Any]:
+        """(engine, tokenizer); torch / vllm are imported here, not at module import."""
+        from verimed.core.engines import TransformersEngine, VLLMEngine
+        from verimed.core.models import load_tokenizer, resolve_model_path
+
+        key = (backend, model)
+        if key not in self._live:
+            args, path = self.args, resolve_model_path(model)
+            if backend == "transformers":
+                engine = TransformersEngine(path, dtype="float32", seed=args.seed)
+            else:
+                engine = VLLMEngine(path, dtype=args.dtype, max_model_len=args.max_model_len,
+                                    kv_cache_bytes=args.kv_cache_mb * 2**20, max_num_seqs=args.concurrency,
+                                    enforce_eager=True, seed=args.seed)
+            self._live[key] = (engine, load_tokenizer(path))
+        return self._live[key]
+
+    def release(self, keep: tuple[str, str] | None = None) -> None:
+        for key in [k for k in self._live if k != keep]:
+            self._live.pop(key)[0].shutdown()
+        gc.collect()  # let vLLM's finaliser run now, not at interpreter teardown
+
+
+def fit_messages(tokenizer: Any, messages: list[dict[str, str]], budget: int) -> list[dict[str, str]]:
+    """Drop the oldest non-system turns (then trim the oldest text) until the
+    chat-templated prompt fits ``budget`` tokens; the last user turn is kept."""
+    from verimed.core.models import apply_chat_template
+
+    msgs = [dict(m) for m in messages]
+    while len(apply_chat_template(tokenizer, msgs)) > budget:
+        droppable = [i for i, m in enumerate(msgs[:-1]) if m["role"] != "system"]
+        if droppable:
+            msgs.pop(droppable[0])
+            continue
+        last = msgs[-1]
+        if len(last["content"]) < 64:
+            break
+        last["content"] = last["content"][len(last["content"]) // 4:]  # keep the end, where the question is
+    return msgs
+
+
+async def sample_policy(examples: Sequence[HealthBenchExample], args: argparse.Namespace, engines: Engines,
+                        progress: Any) -> dict[str, str]:
+    """prompt_id -> the policy's reply to that example's conversation."""
+    from verimed.core.llm import EngineClient
+
+    engine, tokenizer = engines.get(args.policy, args.engine)
+    client = EngineClient(engine, tokenizer)
+    slots = asyncio.Semaphore(args.concurrency)
+    budget = args.max_model_len - args.max_tokens
+
+    async def one(ex: HealthBenchExample) -> tuple[str, str]:
+        messages = fit_messages(tokenizer, [{"role": t.role, "content": t.content} for t in ex.messages], budget)
+        async with slots:
+            text = await client.chat(messages, max_tokens=args.max_tokens, temperature=args.temperature)
+        progress.update(1)
+        return ex.prompt_id, text
+
+    return dict(await asyncio.gather(*(one(ex) for ex in examples)))
+
+
+def _make_judge(args: argparse.Namespace, engines: Engines) -> Any:
+    """The judge for ``--grader`` (local engines come from ``engines``)."""
+    from verimed.core.rubrics.judge import LLMJudge
+    from verimed.core.rubrics.rules import RulesJudge
+
+    if args.grader == "rules":
+        return RulesJudge()
+    kind, _, model = args.grader.partition(":")
+    if kind == "openai":
+        from verimed.core.llm import OpenAIClient
+
+        client: Any = OpenAIClient(args.grader_url, model)
+    else:
+        from verimed.core.llm import EngineClient
+
+        engine, tokenizer = engines.get(model, "vllm")
+        budget = args.max_model_len - args.judge_max_tokens
+        client = _TruncatingClient(EngineClient(engine, tokenizer), tokenizer, budget)
+    return LLMJudge(client, max_retries=args.judge_retries, max_tokens=args.judge_max_tokens,
+                    concurrency=args.concurrency)
+
+
+class _TruncatingClient:
+    """Keeps judge prompts within a local engine's context (long HealthBench chats)."""
+
+    def __init__(self, inner: Any, tokenizer: Any, budget: int):
+        self.inner, self.tokenizer, self.budget = inner, tokenizer, budget
+
+    async def chat(self, messages, *, max_tokens=256, temperature=0.0, affinity_key=None) -> str:
+        messages = fit_messages(self.tokenizer, messages, self.budget)
+        return await self.inner.chat(messages, max_tokens=max_tokens, temperature=temperature, affinity_key=affinity_key)
+
+
+# ------------------------------------------------------------------ grading
+
+
+class Grading(msgspec.Struct):
+    """One graded example: a line of gradings.jsonl."""
+
+    prompt_id: str
+    response: str
+    score: float | None
+    metrics: dict[str, float]
+    judgements: list[Judgement]
+    example_tags: list[str]
+
+
+async def grade_all(examples: Sequence[HealthBenchExample], responses: dict[str, str], judge: Any,
+                    sink: Any, progress: Any) -> list[Grading]:
+    encoder = msgspec.json.Encoder()
+
+    async def one(ex: HealthBenchExample) -> Grading:
+        response = responses[ex.prompt_id]
+        judgements = await judge.judge(ex.messages, response, ex.rubric)
+        grading = Grading(ex.prompt_id, response, response_score(ex.rubric, judgements),
+                          example_metrics(ex.rubric, judgements, ex.example_tags), judgements, ex.example_tags)
+        sink.write(encoder.encode(grading).decode() + "\n")
+        sink.flush()  # a crash keeps every finished grading for --resume
+        progress.update(1)
+        return grading
+
+    return list(await asyncio.gather(*(one(ex) for ex in examples)))
+
+
+def _read_jsonl(path: Path, kind: type) -> list[Any]:
+    if not path.is_file():
+        return []
+    decoder = msgspec.json.Decoder(kind)
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            try:
+                out.append(decoder.decode(line))
+            except msgspec.DecodeError:  # a line cut by a crash: grade that example again
+                continue
+    return out
+
+
+class _Response(msgspec.Struct):
+    prompt_id: str
+    response: str
+
+
+# ------------------------------------------------------------------ reporting
+
+
+def _fmt(value: float) -> str:
+    return "n/a" if value != value else f"{value:.3f}"
+
+
+def _table(title: str, stats: dict[str, Any]) -> list[str]:
+    if not stats:
+        return []
+    lines = [f"## {title}", "", "| name | score | bootstrap std | n |", "|---|---|---|---|"]
+    lines += [f"| {k} | {_fmt(v.mean)} | {_fmt(v.bootstrap_std)} | {v.n_samples} |" for k, v in stats.items()]
+    return lines + [""]
+
+
+def _short(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split()).replace("|", "/")
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def render_report(agg: Aggregate, gradings: Sequence[Grading], examples: dict[str, HealthBenchExample],
+                  settings: dict[str, Any], worst: int) -> str:
+    ungradable = sum(j.met is None for g in gradings for j in g.judgements)
+    items = sum(len(g.judgements) for g in gradings)
+    lines = [
+        "# HealthBench evaluation", "",
+        *(f"- {k}: `{v}`" for k, v in settings.items()),
+        f"- examples graded: {len(gradings)} (scored {agg.n_samples}, undefined score {agg.n_unscored})",
+        f"- rubric items graded: {items} (ungradable, left out of normalisers: {ungradable})", "",
+        f"**Overall score: {_fmt(agg.overall)} ± {_fmt(agg.bootstrap_std)}** (mean clipped to [0, 1], "
+        "bootstrap std over 1,000 resamples)", "",
+    ]
+    lines += _table("Axes", agg.by_prefix("axis:"))
+    lines += _table("Themes", agg.by_prefix("theme:"))
+    lines += _table("Clinical dimensions", agg.by_prefix("dimension:"))
+    scored = sorted((g for g in gradings if g.score is not None), key=lambda g: g.score)
+    if scored:
+        lines += [f"## Lowest-scoring examples ({min(worst, len(scored))})", ""]
+    for g in scored[:worst]:
+        ex = examples[g.prompt_id]
+        last_user = next((t.content for t in reversed(ex.messages) if t.role == "user"), "")
+        lines += [f"### {g.prompt_id}: {g.score:.3f}", "", f"- user: {_short(last_user)}",
+                  f"- response: {_short(g.response)}"]
+        for j in g.judgements:
+            item = ex.rubric[j.item_index]
+            bad = (item.points > 0 and j.met is False) or (item.points < 0 and j.met is True)
+            if bad:
+                lines.append(f"- {'missed' if item.points > 0 else 'penalised'} [{item.points:+d}] {_short(item.criterion, 160)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def results_dict(agg: Aggregate, gradings: Sequence[Grading], settings: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "settings": settings,
+        "overall": agg.overall,
+        "bootstrap_std": agg.bootstrap_std,
+        "n_samples": agg.n_samples,
+        "n_unscored": agg.n_unscored,
+        "ungradable_items": sum(j.met is None for g in gradings for j in g.judgements),
+        "metrics": msgspec.to_builtins(agg.metrics),
+        "examples": [{"prompt_id": g.prompt_id, "score": g.score} for g in gradings],
+    }
+
+
+# ------------------------------------------------------------------ driver
+
+
+def _progress(total: int, desc: str, disable: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="ex", disable=disable or None, file=sys.stderr)
+
+
+async def _evaluate(args: argparse.Namespace) -> int:
+    examples, report = load_healthbench(args.data, skip_invalid=args.skip_invalid)
+    if args.limit is not None:
+        examples = examples[: args.limit]
+    if not examples:
+        raise ValueError(f"{report.path}: no examples to evaluate")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.resume:
+        (out / "responses.jsonl").unlink(missing_ok=True)
+        (out / "gradings.jsonl").unlink(missing_ok=True)
+    engines = Engines(args)
+    try:
+        return await _sample_and_grade(args, examples, report.path, report.skipped, out, engines)
+    finally:
+        engines.release()
+
+
+async def _sample_and_grade(args: argparse.Namespace, examples: list[HealthBenchExample], data_path: str,
+                            skipped: int, out: Path, engines: Engines) -> int:
+    """Phases: re-use finished work, sample the rest, grade the rest, aggregate, report."""
+    started = time.perf_counter()
+    by_id = {ex.prompt_id: ex for ex in examples}
+    responses_path, gradings_path = out / "responses.jsonl", out / "gradings.jsonl"
+    responses = {r.prompt_id: r.response for r in _read_jsonl(responses_path, _Response) if r.prompt_id in by_id}
+    done = {g.prompt_id: g for g in _read_jsonl(gradings_path, Grading) if g.prompt_id in by_id}
+    todo = [ex for ex in examples if ex.prompt_id not in responses and ex.prompt_id not in done]
+    if todo:
+        with _progress(len(todo), "sampling", args.no_progress) as bar:
+            fresh = await sample_policy(todo, args, engines, bar)
+        grader_model = args.grader.partition(":")[2] if args.grader.startswith("vllm:") else None
+        engines.release(keep=("vllm", grader_model) if grader_model else None)
+        with responses_path.open("a", encoding="utf-8") as f:
+            for pid, text in fresh.items():
+                f.write(json.dumps({"prompt_id": pid, "response": text}) + "\n")
+        responses.update(fresh)
+    for pid, g in done.items():
+        responses.setdefault(pid, g.response)
+
+    to_grade = [ex for ex in examples if ex.prompt_id not in done]
+    if to_grade:
+        judge = _make_judge(args, engines)
+        with gradings_path.open("a", encoding="utf-8") as sink, \
+                _progress(len(to_grade), "grading", args.no_progress) as bar:
+            for g in await grade_all(to_grade, responses, judge, sink, bar):
+                done[g.prompt_id] = g
+    gradings = [done[ex.prompt_id] for ex in examples]
+    agg = aggregate([g.metrics for g in gradings], seed=args.seed)
+    settings = {"data": data_path, "policy": args.policy, "grader": args.grader, "engine": args.engine,
+                "max_tokens": args.max_tokens, "temperature": args.temperature, "examples": len(examples),
+                "skipped_records": skipped, "resumed_gradings": len(examples) - len(to_grade),
+                "seconds": round(time.perf_counter() - started, 1)}
+    (out / "results.json").write_text(json.dumps(results_dict(agg, gradings, settings), indent=2))
+    (out / "report.md").write_text(render_report(agg, gradings, by_id, settings, args.worst))
+    print(f"HealthBench overall {_fmt(agg.overall)} ± {_fmt(agg.bootstrap_std)} on {agg.n_samples} examples; "
+          f"report: {out / 'report.md'}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point for ``verimed eval healthbench`` (after argument parsing)."""
+    try:
+        _check_args(args)
+    except ValueError as exc:
+        print(f"verimed: error: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(_evaluate(args))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="verimed eval healthbench", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except ValueError as exc:  # user mistakes (bad file, bad model dir): one line, no traceback
+        print(f"verimed: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # vLLM's engine processes re-import __main__: keep the guard
+    sys.exit(main())

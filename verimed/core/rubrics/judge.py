@@ -1,0 +1,93 @@
+"""Rubric judges: the LLM judge (one prompt per item, positive/negative
+templates, lenient parsing, bounded retries) and the deterministic rules judge.
+
+    judge = make_judge(cfg.judge, llm=client)                       # JudgeConfig
+    judgements = await judge.judge(conversation, response, items)  # list[Judgement]
+
+All items of a response are sent at once (``asyncio.gather``, bounded by
+``concurrency``) with an ``affinity_key`` = hash of the conversation before the
+response, so every item of every response to the same prompt lands on the same
+engine and reuses its KV cache for the shared prefix. An item whose output
+still cannot be parsed after ``max_retries`` re-asks (or whose client call
+keeps failing) gets ``met=None``: it is counted in ``stats["ungradable"]`` and
+left out of that response's normaliser by ``scoring``; the run goes on.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Sequence
+
+from verimed.core.rubrics.generator import LLMClient
+from verimed.core.rubrics.model import dialogue_hash
+from verimed.core.rubrics.parse import UNGRADABLE, parse_verdict
+from verimed.core.rubrics.prompts import judge_prompt
+from verimed.core.rubrics.rules import RulesJudge
+from verimed.core.types import Judgement, RubricItem, Turn
+
+log = logging.getLogger(__name__)
+
+
+class LLMJudge:
+    """Grades each rubric item with one LLM call (plus retries)."""
+
+    def __init__(self, llm: LLMClient, max_retries: int = 2, max_tokens: int = 256, concurrency: int = 64):
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        self.llm, self.max_retries, self.max_tokens = llm, max_retries, max_tokens
+        self.concurrency = concurrency
+        self._slots: dict[int, asyncio.Semaphore] = {}  # per event loop (a semaphore binds to one loop)
+        self.stats = {"items": 0, "calls": 0, "retries": 0, "ungradable": 0, "client_errors": 0}
+
+    async def judge(self, conversation: Sequence[Turn], response: str, items: Sequence[RubricItem]) -> list[Judgement]:
+        key = "judge:" + dialogue_hash(conversation)
+        return list(await asyncio.gather(*(self._one(conversation, response, i, item, key)
+                                           for i, item in enumerate(items))))
+
+    async def _call(self, prompt: str, key: str) -> str:
+        messages = [{"role": "user", "content": prompt}]
+        if self.concurrency <= 0:
+            return await self.llm.chat(messages, max_tokens=self.max_tokens, temperature=0.0, affinity_key=key)
+        loop_id = id(asyncio.get_running_loop())
+        if loop_id not in self._slots:
+            self._slots = {loop_id: asyncio.Semaphore(self.concurrency)}
+        async with self._slots[loop_id]:
+            return await self.llm.chat(messages, max_tokens=self.max_tokens, temperature=0.0, affinity_key=key)
+
+    async def _one(self, conversation: Sequence[Turn], response: str, index: int, item: RubricItem,
+                   key: str) -> Judgement:
+        self.stats["items"] += 1
+        last = ""
+        attempts = 0
+        for attempt in range(1 + self.max_retries):
+            attempts = attempt + 1
+            if attempt:
+                self.stats["retries"] += 1
+            self.stats["calls"] += 1
+            try:
+                output = await self._call(judge_prompt(conversation, response, item, retry=attempt > 0), key)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a flaky backend must not kill a training run: retry, then count
+                self.stats["client_errors"] += 1
+                log.warning("judge call failed (item %d, attempt %d): %r", index, attempts, exc)
+                last = f"client error: {exc!r}"
+                continue
+            verdict, explanation = parse_verdict(output)
+            if verdict != UNGRADABLE:
+                return Judgement(item_index=index, met=bool(verdict), explanation=explanation, attempts=attempts)
+            last = output
+        self.stats["ungradable"] += 1
+        return Judgement(item_index=index, met=None, explanation=f"ungradable: {last[:200]}", attempts=attempts)
+
+
+def make_judge(cfg: Any, llm: LLMClient | None = None) -> LLMJudge | RulesJudge:
+    """The judge chosen by ``cfg.backend`` (JudgeConfig): "rules" or "llm"."""
+    backend = getattr(cfg, "backend", None)
+    if backend == "rules":
+        return RulesJudge()
+    if backend == "llm":
+        if llm is None:
+            raise ValueError("judge.backend=llm needs an LLM client (configure the `llm` section)")
+        return LLMJudge(llm, max_retries=cfg.max_retries, max_tokens=getattr(cfg, "max_tokens", 256))
+    raise ValueError(f"judge.backend must be 'rules' or 'llm', got {backend!r}")
