@@ -66,7 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "plan":
             from verimed.core import placement
 
-            return placement.run_plan(args)
+            def from_ray(address: str):
+                from verimed.actors.placement import cluster_resources_from_ray
+
+                return cluster_resources_from_ray(address)
+
+            return placement.run_plan(args, cluster_from_ray=from_ray)
     except (ConfigError, DataError, ModelError) as exc:
         print(f"verimed: error: {exc}", file=sys.stderr)
         return 2

@@ -246,6 +246,10 @@ def _explain(message: str, raw: dict[str, Any]) -> str:
             hint = f" (did you mean `{'.'.join(path + [close[0]])}`?)" if close else f"; valid keys: {', '.join(valid)}"
         return f"{dotted}: unknown key{hint}"
     value = _lookup(raw, path)
+    if problem.startswith("Invalid enum value"):
+        allowed = _literal_choices(path)
+        if allowed:
+            problem = "expected one of " + ", ".join(repr(a) for a in allowed)
     return f"{'.'.join(path) or '<root>'} = {value!r}: {problem.replace('Expected', 'expected')}"
 
 
@@ -258,6 +262,15 @@ def _lookup(raw: Any, path: list[str]) -> Any:
         else:
             return None
     return raw
+
+
+def _literal_choices(path: list[str]) -> tuple[Any, ...]:
+    """The allowed values of the Literal field at ``path`` (empty if it is not one)."""
+    section = _section_type(path[:-1]) if path else None
+    if section is None:
+        return ()
+    field = {f.encode_name: f.type for f in msgspec.structs.fields(section)}.get(path[-1])
+    return getattr(field, "__args__", ()) if getattr(field, "__origin__", None) is Literal else ()
 
 
 def _section_type(path: list[str]) -> type | None:

@@ -432,7 +432,7 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. placement.rollout.replicas=2")
 
 
-def run_plan(args: argparse.Namespace) -> int:
+def run_plan(args: argparse.Namespace, cluster_from_ray=None) -> int:
     """Print the resolved plan; 0 if it fits, 1 (with the reason on stderr) if not."""
     from verimed.core.config import ConfigError, load_config
 
@@ -440,7 +440,7 @@ def run_plan(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides)
         placement = cfg.placement
         check_config_consistency(cfg, placement)
-        cluster = ClusterResources.parse(args.cluster_resources) if args.cluster_resources else local_cluster(cfg)
+        cluster = ClusterResources.parse(args.cluster_resources) if args.cluster_resources else local_cluster(cfg, cluster_from_ray)
         result = plan(placement, kl_enabled=cfg.grpo.kl_coef > 0, cluster=cluster)
     except (ConfigError, PlacementError, ValueError) as exc:
         print(f"verimed plan: {exc}", file=sys.stderr)
@@ -462,7 +462,7 @@ def check_config_consistency(cfg, placement: PlacementConfig) -> None:
         raise PlacementError("; ".join(problems))
 
 
-def local_cluster(cfg) -> ClusterResources:
+def local_cluster(cfg, cluster_from_ray=None) -> ClusterResources:
     """Resources of the cluster a run of ``cfg`` would use, without starting one.
 
     run.ray_address set: ask that Ray cluster (imports ray). Otherwise this machine:
@@ -470,9 +470,10 @@ def local_cluster(cfg) -> ClusterResources:
     (narrowed by CUDA_VISIBLE_DEVICES), read from /proc without importing torch.
     """
     if cfg.run.ray_address:
-        from verimed.actors.placement import cluster_resources_from_ray
-
-        return cluster_resources_from_ray(cfg.run.ray_address)
+        if cluster_from_ray is None:
+            raise PlacementError("run.ray_address is set: pass --cluster-resources, or plan through `verimed plan`")
+        # Injected by the CLI (verimed.actors.placement.cluster_resources_from_ray): core never imports Ray.
+        return cluster_from_ray(cfg.run.ray_address)
     gpu_dir = Path("/proc/driver/nvidia/gpus")
     gpus = len(list(gpu_dir.iterdir())) if gpu_dir.is_dir() else 0
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
