@@ -72,7 +72,9 @@ class Controller:
         self.wake = asyncio.Event()
         self.version = 0
         self.tokenizer = load_tokenizer(model_path)
-        self.counters = {"groups_failed": 0, "groups_dropped": 0, "gen_tokens": 0, "sync_failures": 0}
+        self.counters = {"groups_failed": 0, "groups_dropped": 0, "gen_tokens": 0, "sync_failures": 0, "engine_restarts": 0}
+        self.retry: list[tuple[int, int]] = []  # (draw, item) of failed groups, re-run first: no gaps
+        self.engines_need_resync = False
 
     # ------------------------------------------------------------ actors
 
@@ -82,17 +84,30 @@ class Controller:
         from verimed.actors.verifier import VerifierActor
 
         cfg = self.cfg
-        self.engines = [RolloutActor.options(num_cpus=1).remote(cfg, self.model_path, i) for i in range(cfg.rollout.num_engines)]
-        self.learners = LearnerGroup(cfg, self.model_path)
-        # Rules-backend roles are light: num_cpus=0 so they never starve the queue (DESIGN §10).
-        self.simulator = SimulatorActor.options(num_cpus=0).remote(cfg.simulator)
-        self.rubric_generator = RubricGeneratorActor.options(num_cpus=0).remote(cfg.rubrics)
-        self.verifier = VerifierActor.options(num_cpus=0).remote(cfg.judge)
+        options = self._placement()
+        self.engines = [RolloutActor.options(**options("rollout", i)).remote(cfg, self.model_path, i)
+                        for i in range(cfg.rollout.num_engines)]
+        self.learners = LearnerGroup(cfg, self.model_path, [options("learner", r) for r in range(cfg.trainer.world_size)])
+        # Rules-backend roles are light: the CPU default gives them num_cpus=0 so they
+        # never starve the queue (DESIGN §10); their placement says otherwise on a cluster.
+        self.simulator = SimulatorActor.options(**options("simulator", 0)).remote(cfg.simulator)
+        self.rubric_generator = RubricGeneratorActor.options(**options("rubric_generator", 0)).remote(cfg.rubrics)
+        self.verifier = VerifierActor.options(**options("verifier", 0)).remote(cfg.judge)
         await asyncio.gather(*[e.ready.remote() for e in self.engines])
         self.router = EngineRouter(self.engines)
         self.roles = Roles(simulator=Remote(self.simulator), rubrics=Remote(self.rubric_generator),
                            judge=Remote(self.verifier), generate=self._generate, tokenizer=self.tokenizer)
         await self._init_weight_sync()
+
+    def _placement(self):
+        """Placement groups for the plan of ``cfg.placement``; returns ``options(role, replica)``."""
+        from verimed.actors.placement import actor_options, cluster_resources_from_ray, create_placement_groups
+        from verimed.core.placement import check_config_consistency, plan
+
+        check_config_consistency(self.cfg, self.cfg.placement)
+        the_plan = plan(self.cfg.placement, kl_enabled=self.cfg.grpo.kl_coef > 0, cluster=cluster_resources_from_ray())
+        placements = create_placement_groups(the_plan)
+        return lambda role, replica: actor_options(the_plan, placements, role, replica)
 
     async def _generate(self, uid_prefix, prompt_ids, n, seed):
         samples = await self.router.call("generate", uid_prefix, prompt_ids, n, seed)
@@ -117,7 +132,7 @@ class Controller:
         while True:
             while self.admission.can_start(self.version):
                 self.admission.started(1, version=self.version)
-                draw, item = self.cursor.next()
+                draw, item = self.retry.pop(0) if self.retry else self.cursor.next()
                 asyncio.create_task(self._run_group(draw, item))
             self.wake.clear()
             await self.wake.wait()
@@ -125,10 +140,15 @@ class Controller:
     async def _run_group(self, draw: int, item: int) -> None:
         try:
             result = await consultation_group(self.roles, self.cfg, self.cases[item], draw)
-        except Exception as exc:  # a crashed actor must not kill the run: count, report, free the slot
+        except Exception as exc:  # a crashed actor must not kill the run: count, report, re-run the draw
             self.counters["groups_failed"] += 1
-            print(f"verimed: group {draw} failed ({type(exc).__name__}: {exc}); slot freed", file=sys.stderr)
+            if isinstance(exc, ray.exceptions.RayActorError):
+                # A restarted engine comes back on its initial weights and outside the sync group.
+                self.engines_need_resync = True
+            print(f"verimed: group {draw} failed ({type(exc).__name__}: {str(exc)[:200]}); it will be re-run",
+                  file=sys.stderr)
             self.admission.dropped(1)
+            self.retry.append((draw, item))
         else:
             if result.kept:
                 self.admission.finished(1)
@@ -142,6 +162,7 @@ class Controller:
 
     async def run(self) -> Path:
         cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
         sink = MetricsSink(cfg, self.run_dir)
         start = time.perf_counter()
@@ -198,11 +219,15 @@ class Controller:
         """Broadcast version ``self.version`` to every engine; check log-prob parity."""
         meta = msgspec.structs.replace(self.meta, version=self.version)
         t0 = time.perf_counter()
+        if self.engines_need_resync:
+            await self._rejoin_engines()
         bucket = int(self.cfg.weight_sync.bucket_mb * 2**20)
         results = await asyncio.gather(self.learners.broadcast(bucket),
                                        *[e.update_weights.remote(meta) for e in self.engines], return_exceptions=True)
         out: dict[str, float] = {"sync/seconds": time.perf_counter() - t0}
         failed = [r for r in results if isinstance(r, BaseException)]
+        if any(isinstance(r, ray.exceptions.RayActorError) for r in failed):
+            self.engines_need_resync = True
         if failed:
             # The engines keep serving their previous weights (WorkerExtension validates before loading).
             self.counters["sync_failures"] += 1
@@ -215,6 +240,15 @@ class Controller:
                 print(f"verimed: engine/learner log-prob gap {out['sync/parity_max_abs']:.2e} exceeds "
                       f"{self.cfg.weight_sync.parity_tolerance:g} at version {self.version}", file=sys.stderr)
         return out
+
+    async def _rejoin_engines(self) -> None:
+        """Rebuild the weight-sync group after an engine restart (a gloo/NCCL group cannot
+        re-admit one member): wait for every engine, then all join a fresh group."""
+        self.counters["engine_restarts"] += 1
+        await asyncio.gather(*[e.ready.remote() for e in self.engines])
+        await self._init_weight_sync()
+        self.engines_need_resync = False
+        print("verimed: engine restarted; weight-sync group rebuilt", file=sys.stderr)
 
     async def parity_gap(self) -> float:
         learner_lp, *engine_lps = await asyncio.gather(
