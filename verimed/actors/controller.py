@@ -35,7 +35,7 @@ from verimed.core.data.cursor import Cursor
 from verimed.core.episodes import GroupResult, Roles, consultation_group
 from verimed.core.metrics import MetricsSink
 from verimed.core.models import apply_chat_template, load_tokenizer
-from verimed.core.staleness import AdmissionControl, Ledger, staleness_stats
+from verimed.core.staleness import AdmissionControl, Ledger, staleness_histogram, staleness_stats
 from verimed.core.weight_sync import resolve_backend
 
 PARITY_MESSAGES = [
@@ -75,6 +75,8 @@ class Controller:
         self.counters = {"groups_failed": 0, "groups_dropped": 0, "gen_tokens": 0, "sync_failures": 0, "engine_restarts": 0}
         self.retry: list[tuple[int, int]] = []  # (draw, item) of failed groups, re-run first: no gaps
         self.engines_need_resync = False
+        # Rollout idle time: wall time with no group in flight (generation starved by admission).
+        self.rollout_idle_s, self._idle_since = 0.0, time.perf_counter()
 
     # ------------------------------------------------------------ actors
 
@@ -134,6 +136,7 @@ class Controller:
                 self.admission.started(1, version=self.version)
                 draw, item = self.retry.pop(0) if self.retry else self.cursor.next()
                 asyncio.create_task(self._run_group(draw, item))
+                self._track_idle()
             self.wake.clear()
             await self.wake.wait()
 
@@ -156,7 +159,19 @@ class Controller:
             else:
                 self.counters["groups_dropped"] += 1
                 self.admission.dropped(1)
+        self._track_idle()
         self.wake.set()
+
+    def _track_idle(self) -> None:
+        now = time.perf_counter()
+        if self.admission.in_flight == 0 and self._idle_since is None:
+            self._idle_since = now
+        elif self.admission.in_flight > 0 and self._idle_since is not None:
+            self.rollout_idle_s += now - self._idle_since
+            self._idle_since = None
+
+    def _rollout_idle_total(self) -> float:
+        return self.rollout_idle_s + (time.perf_counter() - self._idle_since if self._idle_since is not None else 0.0)
 
     # ------------------------------------------------------------ the loop
 
@@ -184,6 +199,7 @@ class Controller:
     async def step(self) -> dict[str, float]:
         step_start = time.perf_counter()
         gen_tokens_before = self.counters["gen_tokens"]
+        idle_before = self._rollout_idle_total()
         # batch: wait for B finished groups (the trainer's only wait on generation)
         results = [await self.buffer.get() for _ in range(self.cfg.rollout.prompts_per_step)]
         wait_s = time.perf_counter() - step_start
@@ -196,6 +212,8 @@ class Controller:
         train = await self.learners.train_step(batch)
         train_s = time.perf_counter() - t0
         stale = staleness_stats(batch.versions.numpy(), self.version)
+        stale.update({f"staleness/hist_{k}": float(n) for k, n in
+                      staleness_histogram(batch.versions.numpy(), self.version).items()})
         self.version += 1
         # sync
         sync = await self.sync_weights()
@@ -209,6 +227,11 @@ class Controller:
             "reward/rubric_mean": float(rubric.mean()),
             "time/step_s": step_s, "time/train_wait_s": wait_s, "time/train_s": train_s,
             "time/trainer_idle_ratio": wait_s / step_s,
+            "time/rollout_idle_ratio": (self._rollout_idle_total() - idle_before) / step_s,
+            "time/sync_s": sync["sync/seconds"],
+            # Mean wall time of one group's phases (groups run concurrently).
+            "time/generate_group_s": float(np.mean([r.seconds.get("generate", 0.0) for r in results])),
+            "time/judge_group_s": float(np.mean([r.seconds.get("judge", 0.0) for r in results])),
             "throughput/gen_tokens_per_s": (self.counters["gen_tokens"] - gen_tokens_before) / step_s,
             "throughput/train_tokens": float(batch.loss_mask.numpy().sum()),
             "version": float(self.version), "ledger/consumed": float(len(self.ledger)),

@@ -16,6 +16,7 @@ graded against rubrics the generator wrote for this case and slice.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, Awaitable, Callable
 
 import msgspec
@@ -49,6 +50,7 @@ class GroupResult(msgspec.Struct):
     group: Group
     advantages: np.ndarray
     kept: bool  # False when dynamic sampling drops it (all rewards equal)
+    seconds: dict[str, float] = {}  # wall time of this group's phases: generate, judge, ...
 
 
 def group_uid(draw: int, group: int = 0) -> str:
@@ -64,8 +66,12 @@ async def consultation_group(roles: Roles, cfg: Config, case: Case, draw: int) -
     rubric = await roles.rubrics.generate(case, messages)
     prompt = msgspec.structs.replace(prompt, rubric=rubric)
     prompt_ids = apply_chat_template(roles.tokenizer, [{"role": t.role, "content": t.content} for t in messages])
+    t0 = time.perf_counter()
     samples = await roles.generate(group_uid(draw), prompt_ids, cfg.rollout.group_size, cfg.run.seed + draw * 1000)
-    return await judge_group(roles, cfg, prompt, samples)
+    t1 = time.perf_counter()
+    result = await judge_group(roles, cfg, prompt, samples)
+    result.seconds = {"generate": t1 - t0, "judge": time.perf_counter() - t1}
+    return result
 
 
 async def judge_group(roles: Roles, cfg: Config, prompt: Prompt, samples: list[Sample]) -> GroupResult:

@@ -1,0 +1,240 @@
+"""The frozen reference policy: per-token reference log-probs for the KL term (DESIGN §2.8, §3).
+
+Ray-free; :mod:`verimed.actors.reference` wraps one :class:`ReferenceModel` per
+replica. The model is a frozen copy of the initial policy (or any HF
+checkpoint), in eval and inference mode; with ``world_size > 1`` and
+``torch.distributed`` initialised its replicas shard it with FSDP2 and each
+scores every ``world_size``-th sequence of a batch. The forward goes through
+the learner's :class:`~verimed.core.learner.FusedPolicy`, so log-probs come from
+the fused kernel (the N×V logits never exist in full), micro-batched by the same
+token budget and packing as the learner — which makes reference and learner
+log-probs bit-identical at step 0 on the same device and dtype:
+
+    ref = ReferenceModel(cfg, model_path)
+    batch = with_reference(batch, ref.logprobs(batch))   # float32 [T], packed layout
+    learner.train_step(batch)                            # KL term when grpo.kl_coef > 0
+
+``reference_needed(cfg)`` decides whether the reference is started at all
+(``kl_coef > 0`` in ``grpo`` or in any stage): with no KL term it costs nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any, Iterator
+
+import msgspec
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from verimed.core.config import Config
+from verimed.core.learner import FusedPolicy, pack_micro_batches, packed_layout
+from verimed.core.models import load_causal_lm
+from verimed.core.types import Array, TrainBatch
+
+# Keep a colocated reference resident on the GPU only if its weights take at most
+# this fraction of the free device memory at start-up; otherwise park it on the CPU
+# between calls so the learner gets the memory back.
+RESIDENT_FRACTION = 0.2
+
+
+# ------------------------------------------------------------ config helpers
+
+
+def stage_kl_coefs(cfg: Any) -> list[float]:
+    """Every KL coefficient the run may use: ``grpo.kl_coef`` then one per stage, if stages exist.
+
+    Tolerant of how stages are written: a stage may carry ``grpo.kl_coef``,
+    a top-level ``kl_coef``, or be a plain dict of either shape; a stage that
+    says nothing about KL inherits ``grpo.kl_coef``.
+    """
+    base = float(cfg.grpo.kl_coef)
+    coefs = [base]
+    for stage in getattr(cfg, "stages", None) or []:
+        get = stage.get if isinstance(stage, dict) else lambda key, s=stage: getattr(s, key, None)
+        grpo = get("grpo")
+        coef = (grpo.get("kl_coef") if isinstance(grpo, dict) else getattr(grpo, "kl_coef", None)) if grpo is not None else None
+        if coef is None:
+            coef = get("kl_coef")
+        coefs.append(base if coef is None else float(coef))
+    return coefs
+
+
+def reference_needed(cfg: Any) -> bool:
+    """True iff some stage trains with a KL term (kl_coef > 0); otherwise no reference actor is started."""
+    return any(c > 0 for c in stage_kl_coefs(cfg))
+
+
+def reference_model_path(cfg: Any, policy_path: str) -> str:
+    """The reference checkpoint: ``grpo.reference_path`` when the config names one, else the initial policy.
+
+    ``policy_path`` must be the run's *initial* policy (the base model), not a
+    checkpoint resumed mid-run, so the KL anchor stays the same across restarts.
+    """
+    path = getattr(cfg.grpo, "reference_path", None)
+    if not path:
+        return policy_path
+    from verimed.core.models import resolve_model_path
+
+    return resolve_model_path(path)
+
+
+def with_reference(batch: TrainBatch, reference_logprobs: np.ndarray) -> TrainBatch:
+    """``batch`` carrying ``reference_logprobs`` (float32 [T], aligned with ``batch.input_ids``)."""
+    ref = np.asarray(reference_logprobs, dtype=np.float32)
+    if ref.shape != (len(batch.input_ids),):
+        raise ValueError(f"reference log-probs have shape {ref.shape}, the batch has {len(batch.input_ids)} tokens")
+    return msgspec.structs.replace(batch, reference_logprobs=Array.of(ref))
+
+
+# ------------------------------------------------------------ the forward
+
+
+def packed_logprobs(policy: torch.nn.Module, seqs: list[np.ndarray], temperature: float,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token (logprob, entropy) of ``seqs`` packed into one row; position t predicts token t.
+
+    ``policy`` is a :class:`FusedPolicy` (possibly FSDP-wrapped). The S sequences
+    are concatenated into one row of T = sum(len) tokens with position ids
+    restarting per sequence (block-diagonal causal attention, no padding); the
+    kernel sees only the N = T - S positions that predict a token of their own
+    sequence. Returns two float32 tensors [T] in the packed layout, 0 at each
+    sequence start; differentiable when called under autograd.
+    """
+    position_ids, rows = packed_layout([len(s) for s in seqs])  # [T], [N]
+    ids = torch.from_numpy(np.concatenate(seqs).astype(np.int64))
+    ids, position_ids, rows = ids.to(device), position_ids.to(device), rows.to(device)
+    targets = ids[rows + 1]
+    logprob, entropy = policy(ids[None], position_ids[None], rows, targets, temperature)
+    zeros = torch.zeros(ids.shape[0], device=device, dtype=torch.float32)
+    # index_copy (out of place) keeps autograd: token rows+1 gets the log-prob predicted at rows.
+    return zeros.index_copy(0, rows + 1, logprob.float()), zeros.index_copy(0, rows + 1, entropy.float())
+
+
+def _dummy_of(mine: list[int], lengths: list[int]) -> list[int]:
+    """A sequence a rank with no work reruns so FSDP collectives stay matched (result discarded)."""
+    return [mine[0]] if mine else [int(np.argmax(lengths))] if lengths else []
+
+
+class ReferenceModel:
+    """The frozen reference policy of one replica (FSDP2 rank when sharded)."""
+
+    def __init__(self, cfg: Config, model_path: str, rank: int = 0, world_size: int = 1, *, offload: bool | None = None):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"reference rank {rank} outside world_size {world_size}")
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        # On GPU the learner computes in bf16 (FSDP mixed precision); a frozen model
+        # needs no fp32 master copy, so bf16 weights are both cheaper and the same numerics.
+        lm = load_causal_lm(model_path, cfg.model.dtype if not cuda else "bfloat16")
+        lm.config.use_cache = False
+        lm.requires_grad_(False)
+        self.param_bytes = sum(p.numel() * p.element_size() for p in lm.parameters())
+        self.sharded = world_size > 1 and dist.is_initialized()
+        self.model = self._shard(FusedPolicy(lm.to(self.device)).eval())
+        self.offload_between_calls = self._decide_offload(offload)
+        self.on_device = True
+        if self.offload_between_calls:
+            self.offload()
+        self.calls, self.seconds = 0, 0.0
+
+    def _shard(self, model: FusedPolicy) -> torch.nn.Module:
+        if not self.sharded:
+            return model
+        from torch.distributed.fsdp import fully_shard
+
+        # Inference only: params are already in the compute dtype, no mixed-precision policy.
+        for layer in model.lm.model.layers:
+            fully_shard(layer, reshard_after_forward=True)
+        fully_shard(model, reshard_after_forward=True)
+        return model
+
+    def _decide_offload(self, offload: bool | None) -> bool:
+        """Park weights on the CPU between calls? Only a GPU reference sharing the learner's GPU needs to."""
+        if self.device.type != "cuda":
+            return False
+        if offload is not None:
+            return offload
+        if getattr(self.cfg.placement.reference, "colocate_with", None) != "learner":
+            return False
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return self.param_bytes / max(1, self.world_size) > RESIDENT_FRACTION * free
+
+    # ------------------------------------------------------------ placement
+
+    def offload(self) -> None:
+        """Move the weights to host memory (no-op on CPU); the next call brings them back."""
+        if self.device.type == "cpu" or not self.on_device:
+            return
+        self.model.to("cpu")
+        self.on_device = False
+        torch.cuda.empty_cache()
+
+    def onload(self) -> None:
+        """Bring the weights back to the device (no-op on CPU or when resident)."""
+        if self.device.type == "cpu" or self.on_device:
+            return
+        self.model.to(self.device)
+        self.on_device = True
+
+    @contextlib.contextmanager
+    def _loaded(self) -> Iterator[None]:
+        self.onload()
+        try:
+            yield
+        finally:
+            if self.offload_between_calls:
+                self.offload()
+
+    # ------------------------------------------------------------ log-probs
+
+    def logprobs(self, batch: TrainBatch) -> np.ndarray:
+        """Reference log-probs float32 [T] of ``batch`` in its packed layout (0 at sequence starts).
+
+        Collective when sharded: every replica must call it with the same batch;
+        each scores its own sequences and an all-reduce assembles the full array.
+        """
+        start = time.perf_counter()
+        cu = batch.cu_seqlens.numpy()
+        ids = batch.input_ids.numpy()
+        if len(cu) < 1 or int(cu[0]) != 0 or int(cu[-1]) != len(ids):
+            raise ValueError(f"batch cu_seqlens must run from 0 to {len(ids)}, got {cu[:1]}..{cu[-1:]}")
+        lengths = [int(cu[s + 1] - cu[s]) for s in range(len(cu) - 1)]
+        # Sequences of one token predict nothing (their log-prob is the 0 at the start).
+        mine = [s for s in range(self.rank, len(lengths), self.world_size) if lengths[s] >= 2]
+        micro = [[mine[i] for i in mb] for mb in pack_micro_batches([lengths[s] for s in mine], self.cfg.trainer.micro_batch_tokens)]
+        num_micro = self._max_over_ranks(len(micro))
+        out = torch.zeros(len(ids), dtype=torch.float32)
+        with torch.inference_mode(), self._loaded():
+            for k in range(num_micro):
+                real = k < len(micro)
+                seqs = micro[k] if real else _dummy_of(mine, lengths)
+                if not seqs:
+                    continue  # nothing to score anywhere (all sequences shorter than 2)
+                lp, _ = packed_logprobs(self.model, [ids[cu[s] : cu[s + 1]] for s in seqs], self.cfg.rollout.temperature, self.device)
+                if real:
+                    lp, offset = lp.float().cpu(), 0
+                    for s in seqs:
+                        out[cu[s] : cu[s + 1]] = lp[offset : offset + lengths[s]]
+                        offset += lengths[s]
+        out = self._sum_over_ranks(out)
+        self.calls += 1
+        self.seconds += time.perf_counter() - start
+        return out.numpy()
+
+    def _max_over_ranks(self, value: int) -> int:
+        if self.world_size == 1 or not dist.is_initialized():
+            return value
+        t = torch.tensor([value], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def _sum_over_ranks(self, out: torch.Tensor) -> torch.Tensor:
+        """Each position was written by exactly one rank (zeros elsewhere): a SUM assembles the batch."""
+        if self.world_size == 1 or not dist.is_initialized():
+            return out
+        t = out.to(self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.cpu()
