@@ -54,12 +54,16 @@ def test_cpu_default_plan():
     assert not p.actors_of("reference")
 
 
-def test_reference_only_with_kl_and_needs_a_cpu():
-    cluster = ClusterResources.parse("1x0gpu,cpus_per_node=3")
-    p = plan(PlacementConfig(), kl_enabled=True, cluster=cluster)
+def test_reference_only_with_kl_and_a_cpu_reference_needs_a_cpu():
+    cluster = ClusterResources.parse("1x0gpu,cpus_per_node=2")
+    assert plan(PlacementConfig(), kl_enabled=False, cluster=cluster).actors_of("reference") == []
+    # The laptop default runs the reference as a 0-CPU actor sharing the cores.
+    assert [a.num_cpus for a in plan(PlacementConfig(), kl_enabled=True, cluster=cluster).actors_of("reference")] == [0]
+    one_cpu = msgspec.structs.replace(PlacementConfig(), reference=RoleSpec(cpus_per_replica=1))
+    p = plan(one_cpu, kl_enabled=True, cluster=ClusterResources.parse("1x0gpu,cpus_per_node=3"))
     assert [a.group for a in p.actors_of("reference")] == ["verimed-reference"]
     with pytest.raises(PlacementError, match=r"needs 3 CPUs \(learner 1 \+ rollout 1 \+ reference 1\)"):
-        plan(PlacementConfig(), kl_enabled=True, cluster=ClusterResources.parse("1x0gpu,cpus_per_node=2"))
+        plan(one_cpu, kl_enabled=True, cluster=cluster)
 
 
 def test_colocated_reference_shares_learner_gpus():
@@ -221,7 +225,7 @@ def test_cpu_default_config_is_the_default():
     cfg = load_config(REPO / "configs/cluster/cpu-default.yaml")
     pl = cfg.placement
     assert pl == PlacementConfig()
-    assert cfg == Config() if not hasattr(cfg, "placement") else msgspec.structs.replace(cfg, placement=pl) == Config()
+    assert cfg == Config()
 
 
 def test_inconsistent_world_size_is_reported(capsys):

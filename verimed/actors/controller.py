@@ -1,17 +1,19 @@
 """The controller: one asynchronous driver loop for synchronous and asynchronous RL.
 
 Runs in the ``verimed train`` process on uvloop. Phases of a learner step,
-top to bottom in :meth:`Controller.run`:
+top to bottom in :meth:`Controller.step`:
 
-1. draw work   — a producer keeps starting groups while admission control
-                 allows ((max_staleness + v + 1)·B admitted groups, DESIGN §4);
-2. generate / judge — each group: simulator opening -> rubrics -> G engine
-                 samples -> verifier -> rewards and advantages (core.episodes);
-3. batch       — take B finished groups, check the ledger, pack a TrainBatch;
+1. draw work   — a producer keeps starting groups of the current stage while
+                 admission control allows ((max_staleness + v + 1)·B admitted
+                 groups, DESIGN §4);
+2. generate / judge — each group: prompt (simulator opening, diagnosis
+                 vignette, HealthBench prompt or dialogue slice) -> G engine
+                 samples -> verifier / answer checker -> rewards, advantages;
+3. batch       — take B finished groups of the current stage, check the ledger,
+                 pack a TrainBatch (+ reference log-probs when a KL term is on);
 4. train       — one learner step (FSDP2 group);
-5. sync        — broadcast the new weights into every engine, then check
-                 engine-vs-learner log-prob parity on fixed tokens;
-6. log         — metrics to console / JSONL / W&B.
+5. sync        — broadcast the new weights into every engine, check parity;
+6. log         — metrics to console / JSONL / W&B; held-out eval at stage ends.
 
 ``max_staleness: 0`` gives the synchronous baseline through the same loop.
 """
@@ -22,26 +24,22 @@ import sys
 import time
 from pathlib import Path
 
-import msgspec
 import numpy as np
 import ray
 
-from verimed.actors.learner import LearnerGroup, free_port, node_ip
+from verimed.actors.learner import LearnerGroup
 from verimed.actors.rollout import EngineRouter, RolloutActor
+from verimed.actors.weight_sync import WeightSyncCoordinator
 from verimed.core.batch import build_train_batch
 from verimed.core.config import Config, to_yaml
-from verimed.core.data.cases import load_cases
-from verimed.core.data.cursor import Cursor
-from verimed.core.episodes import GroupResult, Roles, consultation_group
+from verimed.core.episodes import GroupResult, Roles
 from verimed.core.metrics import MetricsSink
-from verimed.core.models import apply_chat_template, load_tokenizer
+from verimed.core.models import load_tokenizer
+from verimed.core.multiturn import dialogue_slices
+from verimed.core.reference import reference_model_path, reference_needed
 from verimed.core.staleness import AdmissionControl, Ledger, staleness_histogram, staleness_stats
-from verimed.core.weight_sync import resolve_backend
-
-PARITY_MESSAGES = [
-    {"role": "user", "content": "I have had a headache and blurred vision for three days."},
-    {"role": "assistant", "content": "I am sorry to hear that. Have you had any fever, neck stiffness or weakness?"},
-]
+from verimed.core.stages import Draw, Schedule, StageConfig, effective_config, stage_at
+from verimed.core.work import DataPools, evaluate, single_turn_group
 
 
 class Remote:
@@ -59,28 +57,38 @@ class Remote:
         return call
 
 
+def default_stages(cfg: Config) -> list[StageConfig]:
+    """Without ``stages:``: one stage of single-turn consultations (simulator opening, case rubrics)."""
+    from verimed.core.stages import DataMix
+
+    return [StageConfig(name="consult", kind="rubric", steps=cfg.run.steps, data=DataMix(cases=1.0))]
+
+
 class Controller:
     def __init__(self, cfg: Config, run_dir: Path, model_path: str):
         self.cfg, self.run_dir, self.model_path = cfg, run_dir, model_path
-        self.cases, report = load_cases(cfg.data.cases_path, cfg.data.skip_invalid)
-        if report.skipped:
-            print(f"verimed: skipped {report.skipped} invalid case records (first: {report.errors[0]})", file=sys.stderr)
-        self.cursor = Cursor(len(self.cases), cfg.run.seed, cfg.data.shuffle)
+        self.stages = cfg.stages or default_stages(cfg)
+        self.stage_cfgs = [effective_config(cfg, st, i) for i, st in enumerate(self.stages)]
+        self.pools = DataPools.load(cfg, self.stages)
+        self.schedule = Schedule(self.stages, self.pools.sizes(), cfg.run.seed, cfg.data.shuffle)
         self.admission = AdmissionControl(cfg.rollout.prompts_per_step, cfg.async_.max_staleness)
         self.ledger = Ledger()
-        self.buffer: asyncio.Queue[GroupResult] = asyncio.Queue()
+        self.buffer: asyncio.Queue[tuple[int, GroupResult]] = asyncio.Queue()
         self.wake = asyncio.Event()
         self.version = 0
         self.tokenizer = load_tokenizer(model_path)
-        self.counters = {"groups_failed": 0, "groups_dropped": 0, "gen_tokens": 0, "sync_failures": 0, "engine_restarts": 0}
-        self.retry: list[tuple[int, int]] = []  # (draw, item) of failed groups, re-run first: no gaps
-        self.engines_need_resync = False
+        self.counters = {k: 0 for k in ("groups_failed", "groups_dropped", "groups_wrong_stage", "duplicates_dropped",
+                                        "gen_tokens", "dialogues_failed")}
+        self.retry: list[Draw] = []  # failed single-turn draws, re-run first: no gaps in the ledger
+        self.reference = None
+        self.ref_pending: dict[str, object] = {}
         # Rollout idle time: wall time with no group in flight (generation starved by admission).
         self.rollout_idle_s, self._idle_since = 0.0, time.perf_counter()
 
     # ------------------------------------------------------------ actors
 
     async def start(self) -> None:
+        from verimed.actors.reference import ReferenceGroup
         from verimed.actors.rubric_generator import RubricGeneratorActor
         from verimed.actors.simulator import SimulatorActor
         from verimed.actors.verifier import VerifierActor
@@ -95,11 +103,16 @@ class Controller:
         self.simulator = SimulatorActor.options(**options("simulator", 0)).remote(cfg.simulator)
         self.rubric_generator = RubricGeneratorActor.options(**options("rubric_generator", 0)).remote(cfg.rubrics)
         self.verifier = VerifierActor.options(**options("verifier", 0)).remote(cfg.judge)
+        if reference_needed(cfg):  # with kl_coef 0 in every stage no reference actor exists
+            self.reference = ReferenceGroup(cfg, reference_model_path(cfg, self.model_path),
+                                            [options("reference", r) for r in range(cfg.placement.reference.replicas)])
+            await self.reference.ready()
         await asyncio.gather(*[e.ready.remote() for e in self.engines])
         self.router = EngineRouter(self.engines)
         self.roles = Roles(simulator=Remote(self.simulator), rubrics=Remote(self.rubric_generator),
                            judge=Remote(self.verifier), generate=self._generate, tokenizer=self.tokenizer)
-        await self._init_weight_sync()
+        self.sync = WeightSyncCoordinator(cfg, self.learners, self.engines, self.tokenizer)
+        await self.sync.init()
 
     def _placement(self):
         """Placement groups for the plan of ``cfg.placement``; returns ``options(role, replica)``."""
@@ -107,7 +120,7 @@ class Controller:
         from verimed.core.placement import check_config_consistency, plan
 
         check_config_consistency(self.cfg, self.cfg.placement)
-        the_plan = plan(self.cfg.placement, kl_enabled=self.cfg.grpo.kl_coef > 0, cluster=cluster_resources_from_ray())
+        the_plan = plan(self.cfg.placement, kl_enabled=reference_needed(self.cfg), cluster=cluster_resources_from_ray())
         placements = create_placement_groups(the_plan)
         return lambda role, replica: actor_options(the_plan, placements, role, replica)
 
@@ -116,50 +129,84 @@ class Controller:
         self.counters["gen_tokens"] += sum(len(s.response_ids) for s in samples)
         return samples
 
-    async def _init_weight_sync(self) -> None:
-        backend = resolve_backend(self.cfg.weight_sync.backend)
-        host, port = node_ip(), free_port()
-        world = 1 + len(self.engines)
-        await asyncio.gather(
-            self.learners.actors[0].init_sync.remote(host, port, world, backend),
-            *[e.init_sync.remote(host, port, 1 + i, world, backend) for i, e in enumerate(self.engines)],
-        )
-        self.meta = await self.learners.weight_meta()
-        self.parity_ids = apply_chat_template(self.tokenizer, PARITY_MESSAGES, add_generation_prompt=False)
-
     # ------------------------------------------------------------ producer
+
+    @property
+    def current_stage(self) -> int:
+        return stage_at(self.stages, min(self.version, sum(s.steps for s in self.stages) - 1))[0]
 
     async def produce(self) -> None:
         """Start groups whenever admission control allows; never waits for training."""
         while True:
             while self.admission.can_start(self.version):
                 self.admission.started(1, version=self.version)
-                draw, item = self.retry.pop(0) if self.retry else self.cursor.next()
-                asyncio.create_task(self._run_group(draw, item))
+                draw = self.retry.pop(0) if self.retry else self.schedule.next_draw(self.current_stage)
+                asyncio.create_task(self._run_draw(draw))
                 self._track_idle()
             self.wake.clear()
             await self.wake.wait()
 
-    async def _run_group(self, draw: int, item: int) -> None:
+    async def _run_draw(self, draw: Draw) -> None:
+        stage, stage_cfg, item = self.stages[draw.stage], self.stage_cfgs[draw.stage], self.pools.item(draw)
+        if stage.kind == "multiturn":
+            return await self._run_dialogue(draw, stage, stage_cfg, item)
         try:
-            result = await consultation_group(self.roles, self.cfg, self.cases[item], draw)
+            result = await single_turn_group(self.roles, stage, stage_cfg, item, draw)
         except Exception as exc:  # a crashed actor must not kill the run: count, report, re-run the draw
             self.counters["groups_failed"] += 1
             if isinstance(exc, ray.exceptions.RayActorError):
-                # A restarted engine comes back on its initial weights and outside the sync group.
-                self.engines_need_resync = True
-            print(f"verimed: group {draw} failed ({type(exc).__name__}: {str(exc)[:200]}); it will be re-run",
+                self.sync.needs_rejoin = True  # a restarted engine is on its initial weights, outside the group
+            print(f"verimed: group {draw.draw} failed ({type(exc).__name__}: {str(exc)[:200]}); re-running it",
                   file=sys.stderr)
             self.admission.dropped(1)
-            self.retry.append((draw, item))
+            self.retry.append(draw)
         else:
-            if result.kept:
-                self.admission.finished(1)
-                self.buffer.put_nowait(result)
-            else:
-                self.counters["groups_dropped"] += 1
-                self.admission.dropped(1)
+            self._deliver(draw.stage, result)
         self._track_idle()
+        self.wake.set()
+
+    async def _run_dialogue(self, draw: Draw, stage: StageConfig, stage_cfg, case) -> None:
+        """Multi-turn draws: one group per dialogue slice, each slice admitted like a group."""
+        holds_slot = [True]  # slice 0 was admitted by the producer
+
+        async def admit() -> bool:
+            while True:
+                if self.current_stage != draw.stage:
+                    return False  # the run moved on: end the dialogue
+                if self.admission.can_start(self.version):
+                    self.admission.started(1, version=self.version)
+                    holds_slot[0] = True
+                    return True
+                self.wake.clear()
+                await self.wake.wait()
+
+        try:
+            async for result in dialogue_slices(self.roles, stage_cfg, case, draw.draw, admit=admit,
+                                                max_slices=stage.reward.max_slices or self.cfg.simulator.max_turns,
+                                                continuation=stage.reward.continuation):
+                holds_slot[0] = False
+                self._deliver(draw.stage, result)
+        except Exception as exc:  # delivered slices stay; the rest of the dialogue is lost, counted
+            self.counters["dialogues_failed"] += 1
+            if isinstance(exc, ray.exceptions.RayActorError):
+                self.sync.needs_rejoin = True
+            print(f"verimed: dialogue {draw.draw} failed ({type(exc).__name__}: {str(exc)[:200]})", file=sys.stderr)
+        if holds_slot[0]:
+            self.admission.dropped(1)  # an admitted slice that never produced a group
+        self._track_idle()
+        self.wake.set()
+
+    def _deliver(self, stage: int, result: GroupResult) -> None:
+        if not result.kept:
+            self.counters["groups_dropped"] += 1
+            self.admission.dropped(1)
+        else:
+            self.admission.finished(1)
+            if self.reference is not None:
+                # Reference log-probs start now, overlapping the learner's current step.
+                self.ref_pending[result.group.samples[0].uid] = self.reference.submit(
+                    build_train_batch([result.group], [result.advantages], self.version))
+            self.buffer.put_nowait((stage, result))
         self.wake.set()
 
     def _track_idle(self) -> None:
@@ -185,9 +232,9 @@ class Controller:
         print(f"verimed: actors ready in {time.perf_counter() - start:.1f}s", file=sys.stderr)
         producer = asyncio.create_task(self.produce())
         try:
-            for step in range(1, cfg.run.steps + 1):
+            while self.version < cfg.run.steps:
                 metrics = await self.step()
-                sink.log(step, metrics)
+                sink.log(self.version, metrics)
         finally:
             producer.cancel()
             report = sink.close()
@@ -196,87 +243,77 @@ class Controller:
         print(f"verimed: report {report}, final checkpoint {final}", file=sys.stderr)
         return self.run_dir
 
+    async def _take_batch(self, stage: int) -> list[GroupResult]:
+        """B buffered groups of ``stage`` not consumed before (others are dropped, counted)."""
+        results: list[GroupResult] = []
+        while len(results) < self.cfg.rollout.prompts_per_step:
+            group_stage, result = await self.buffer.get()
+            uids = [s.uid for s in result.group.samples]
+            reason = "groups_wrong_stage" if group_stage != stage else "duplicates_dropped" if self.ledger.duplicates(uids) else None
+            if reason:  # generated for the previous stage across a boundary / re-delivered after a restart
+                self.counters[reason] += 1
+                self.admission.dropped(1, buffered=True)
+                self.ref_pending.pop(uids[0], None)
+                continue
+            results.append(result)
+        return results
+
     async def step(self) -> dict[str, float]:
+        stage, step_in_stage = stage_at(self.stages, self.version)
         step_start = time.perf_counter()
-        gen_tokens_before = self.counters["gen_tokens"]
-        idle_before = self._rollout_idle_total()
+        gen_tokens_before, idle_before = self.counters["gen_tokens"], self._rollout_idle_total()
         # batch: wait for B finished groups (the trainer's only wait on generation)
-        results = [await self.buffer.get() for _ in range(self.cfg.rollout.prompts_per_step)]
+        results = await self._take_batch(stage)
         wait_s = time.perf_counter() - step_start
         self.admission.consumed(len(results))
         batch = build_train_batch([r.group for r in results], [r.advantages for r in results], self.version)
         self.ledger.consume(batch.uids)
         self.wake.set()
+        ref_wait = 0.0
+        if self.reference is not None:
+            batch, ref_wait = await self.reference.attach(
+                batch, [self.ref_pending.pop(r.group.samples[0].uid) for r in results])
         # train
         t0 = time.perf_counter()
         train = await self.learners.train_step(batch)
         train_s = time.perf_counter() - t0
         stale = staleness_stats(batch.versions.numpy(), self.version)
-        stale.update({f"staleness/hist_{k}": float(n) for k, n in
-                      staleness_histogram(batch.versions.numpy(), self.version).items()})
+        stale.update({f"staleness/hist_{k}": float(n) for k, n in staleness_histogram(batch.versions.numpy(), self.version).items()})
         self.version += 1
         # sync
-        sync = await self.sync_weights()
+        sync = await self.sync.sync(self.version)
         self.wake.set()
         step_s = time.perf_counter() - step_start
-        rewards = np.asarray([r for res in results for r in res.group.rewards])
-        rubric = np.asarray([s for res in results for s in res.group.rubric_scores])
-        return {
-            **train, **stale, **sync,
-            "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
-            "reward/rubric_mean": float(rubric.mean()),
+        metrics = {**train, **stale, **sync, **self._step_metrics(results, stage, step_in_stage)}
+        metrics.update({
             "time/step_s": step_s, "time/train_wait_s": wait_s, "time/train_s": train_s,
+            "time/sync_s": sync["sync/seconds"], "time/reference_wait_s": ref_wait,
+            "time/reference_wait_ratio": ref_wait / max(train_s, 1e-9),
             "time/trainer_idle_ratio": wait_s / step_s,
             "time/rollout_idle_ratio": (self._rollout_idle_total() - idle_before) / step_s,
-            "time/sync_s": sync["sync/seconds"],
-            # Mean wall time of one group's phases (groups run concurrently).
-            "time/generate_group_s": float(np.mean([r.seconds.get("generate", 0.0) for r in results])),
-            "time/judge_group_s": float(np.mean([r.seconds.get("judge", 0.0) for r in results])),
             "throughput/gen_tokens_per_s": (self.counters["gen_tokens"] - gen_tokens_before) / step_s,
             "throughput/train_tokens": float(batch.loss_mask.numpy().sum()),
+            "throughput/train_tokens_per_s": float(batch.loss_mask.numpy().sum()) / step_s,
             "version": float(self.version), "ledger/consumed": float(len(self.ledger)),
+            "counters/sync_failures": float(self.sync.failures), "counters/engine_restarts": float(self.sync.rejoins),
             **{f"counters/{k}": float(v) for k, v in self.counters.items()},
-        }
+        })
+        if step_in_stage == self.stages[stage].steps - 1 or self.version == self.cfg.run.steps:
+            metrics.update(await evaluate(self.roles, self.stage_cfgs[stage], self.pools, stage, self.cfg.stage_eval.max_slices))
+        return metrics
 
-    async def sync_weights(self) -> dict[str, float]:
-        """Broadcast version ``self.version`` to every engine; check log-prob parity."""
-        meta = msgspec.structs.replace(self.meta, version=self.version)
-        t0 = time.perf_counter()
-        if self.engines_need_resync:
-            await self._rejoin_engines()
-        bucket = int(self.cfg.weight_sync.bucket_mb * 2**20)
-        results = await asyncio.gather(self.learners.broadcast(bucket),
-                                       *[e.update_weights.remote(meta) for e in self.engines], return_exceptions=True)
-        out: dict[str, float] = {"sync/seconds": time.perf_counter() - t0}
-        failed = [r for r in results if isinstance(r, BaseException)]
-        if any(isinstance(r, ray.exceptions.RayActorError) for r in failed):
-            self.engines_need_resync = True
-        if failed:
-            # The engines keep serving their previous weights (WorkerExtension validates before loading).
-            self.counters["sync_failures"] += 1
-            print(f"verimed: weight sync to version {self.version} failed: {failed[0]}", file=sys.stderr)
-        if isinstance(results[0], dict):
-            out.update(results[0])
-        if self.cfg.weight_sync.check_parity:
-            out["sync/parity_max_abs"] = await self.parity_gap()
-            if out["sync/parity_max_abs"] > self.cfg.weight_sync.parity_tolerance:
-                print(f"verimed: engine/learner log-prob gap {out['sync/parity_max_abs']:.2e} exceeds "
-                      f"{self.cfg.weight_sync.parity_tolerance:g} at version {self.version}", file=sys.stderr)
+    def _step_metrics(self, results: list[GroupResult], stage: int, step_in_stage: int) -> dict[str, float]:
+        rewards = np.asarray([r for res in results for r in res.group.rewards])
+        rubric = np.asarray([s for res in results for s in res.group.rubric_scores])
+        out = {"stage/index": float(stage), "stage/step": float(step_in_stage),
+               "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
+               "reward/rubric_mean": float(rubric.mean()),
+               # Mean wall time of one group's phases (groups run concurrently).
+               "time/generate_group_s": float(np.mean([r.seconds.get("generate", 0.0) for r in results])),
+               "time/judge_group_s": float(np.mean([r.seconds.get("judge", 0.0) for r in results]))}
+        if self.stages[stage].kind == "rule":
+            out["reward/accuracy"] = float(rubric.mean())
         return out
-
-    async def _rejoin_engines(self) -> None:
-        """Rebuild the weight-sync group after an engine restart (a gloo/NCCL group cannot
-        re-admit one member): wait for every engine, then all join a fresh group."""
-        self.counters["engine_restarts"] += 1
-        await asyncio.gather(*[e.ready.remote() for e in self.engines])
-        await self._init_weight_sync()
-        self.engines_need_resync = False
-        print("verimed: engine restarted; weight-sync group rebuilt", file=sys.stderr)
-
-    async def parity_gap(self) -> float:
-        learner_lp, *engine_lps = await asyncio.gather(
-            self.learners.score(self.parity_ids), *[e.score.remote(self.parity_ids) for e in self.engines])
-        return float(max(np.abs(np.asarray(lp) - learner_lp).max() for lp in engine_lps))
 
 
 def run_training(cfg: Config, run_dir: Path, model_path: str) -> Path:

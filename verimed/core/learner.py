@@ -1,20 +1,29 @@
 """The learner: an FSDP2-sharded policy trained with the off-policy-corrected GRPO loss.
 
 Ray-free; :mod:`verimed.actors.learner` wraps one :class:`Learner` per rank.
-Each rank takes every ``world_size``-th sequence of a :class:`TrainBatch`,
-builds micro-batches by packing sequences under a token budget, and computes
-per-token log-probs with :func:`verimed.kernels.fused_logprob` (the N×V logits
-never exist in full). Losses are normalised by *global* batch constants, so
-micro-batch and rank contributions add up to the full-batch loss.
+Each rank takes every ``world_size``-th sequence of a :class:`TrainBatch` and
+packs them into micro-batches of at most ``trainer.micro_batch_tokens`` tokens.
+A micro-batch is ONE row of concatenated sequences (no padding): position ids
+restart at 0 at every sequence start, which transformers turns into a
+block-diagonal causal mask (``find_packed_sequence_indices``; sdpa / eager /
+flex, and varlen flash-attention on GPU). Per-token log-probs come from
+:func:`verimed.kernels.fused_logprob` (the N×V logits never exist in full).
+Losses are normalised by *global* batch constants, so micro-batch and rank
+contributions add up to the full-batch loss.
 
-The caller initialises ``torch.distributed`` (gloo on CPU, NCCL on GPU) first.
+Sharding: ``fully_shard`` on every transformer block, then on the root
+(:class:`FusedPolicy`, which holds embedding, final norm and the tied LM head).
+GPU: bf16 parameters in compute, fp32 gradient reduction; CPU: fp32 throughout.
+The caller initialises ``torch.distributed`` (gloo on CPU, NCCL on GPU) first;
+without a process group the model is left unsharded (the single-process
+reference of ``tests/test_learner.py``).
 """
 from __future__ import annotations
 
 import math
 import os
 import time
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -32,29 +41,48 @@ def init_distributed(rank: int, world_size: int, master_addr: str, master_port: 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if not dist.is_initialized():
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
         dist.init_process_group(backend, rank=rank, world_size=world_size)
     return backend
 
 
 def pack_micro_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
-    """Greedy first-fit-decreasing packing of sequence indices into micro-batches.
+    """First-fit-decreasing packing of sequence indices into micro-batches of <= ``token_budget`` tokens.
 
-    A micro-batch is padded to its longest sequence, so its cost is
-    ``len(members) * max_len``; that must stay within ``token_budget`` (a
-    sequence longer than the budget gets a micro-batch of its own).
-    Sorting by length keeps padding small.
+    A micro-batch is one packed row, so its cost is ``sum(lengths[members])``
+    (no padding). A sequence longer than the budget gets a micro-batch of its
+    own. Returns lists of indices into ``lengths``; every index appears once.
     """
+    if token_budget < 1:
+        raise ValueError(f"token_budget must be >= 1, got {token_budget}")
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches: list[list[int]] = []
+    used: list[int] = []
     for i in order:
-        for batch in batches:
-            # batch[0] is its longest member (decreasing order).
-            if (len(batch) + 1) * lengths[batch[0]] <= token_budget:
+        for b, batch in enumerate(batches):
+            if used[b] + lengths[i] <= token_budget:
                 batch.append(i)
+                used[b] += lengths[i]
                 break
         else:
             batches.append([i])
+            used.append(lengths[i])
     return batches
+
+
+def packed_layout(lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layout of sequences of ``lengths`` packed into one row of T = sum(lengths) tokens.
+
+    Returns ``position_ids`` [T] (restarting at 0 per sequence) and ``rows``
+    [T - S]: the packed positions that predict a next token of their own
+    sequence (every position but each sequence's last); position ``rows[j]``
+    predicts token ``rows[j] + 1``.
+    """
+    position_ids = torch.cat([torch.arange(n) for n in lengths])
+    starts = np.cumsum([0] + list(lengths))
+    rows = torch.cat([torch.arange(int(s), int(s) + n - 1) for s, n in zip(starts, lengths)])
+    return position_ids, rows
 
 
 class FusedPolicy(torch.nn.Module):
@@ -69,10 +97,13 @@ class FusedPolicy(torch.nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids, attention_mask, rows, targets, temperature: float):
-        hidden = self.lm.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [b, L, H]
-        flat = hidden.reshape(-1, hidden.shape[-1])[rows]  # [N, H]: positions that predict a target
-        return fused_logprob(flat, self.lm.lm_head.weight, targets, temperature)
+    def forward(self, input_ids, position_ids, rows, targets, temperature: float):
+        # input_ids, position_ids [1, T]; no attention mask: restarting position
+        # ids make transformers build the block-diagonal causal mask.
+        hidden = self.lm.model(input_ids=input_ids, position_ids=position_ids).last_hidden_state  # [1, T, H]
+        flat = hidden[0, rows]  # [N, H]: positions that predict a target
+        weight = self.lm.lm_head.weight
+        return fused_logprob(flat.to(weight.dtype), weight, targets, temperature)
 
 
 class Learner:
@@ -82,29 +113,34 @@ class Learner:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         torch.manual_seed(cfg.run.seed)
+        # GPU: fp32 master weights (bf16 compute through FSDP mixed precision); CPU: the configured dtype.
         model = load_causal_lm(model_path, cfg.model.dtype if self.device.type == "cpu" else "float32")
         model.config.use_cache = False
         self.hf_config = model.config
         if cfg.trainer.activation_checkpointing:
-            model.gradient_checkpointing_enable()
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = self._shard(FusedPolicy(model.to(self.device)))
         t = cfg.trainer
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.version = 0
 
-    def _shard(self, model: torch.nn.Module) -> torch.nn.Module:
+    def _shard(self, model: FusedPolicy) -> torch.nn.Module:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         if not dist.is_initialized():
             return model
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.device.type == "cuda" else MixedPrecisionPolicy()
+        if self.device.type == "cuda":
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        else:
+            mp = MixedPrecisionPolicy()
         for layer in model.lm.model.layers:
             fully_shard(layer, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
         return model
 
     def _lr_factor(self, step: int) -> float:
+        """Linear warm-up over ``warmup_steps``, then constant or cosine decay to 0 at ``run.steps``."""
         t = self.cfg.trainer
         if step < t.warmup_steps:
             return (step + 1) / t.warmup_steps
@@ -116,51 +152,43 @@ class Learner:
     # ------------------------------------------------------------ log-probs
 
     def _forward_logprobs(self, seqs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token (logprob, entropy) of packed ``seqs``: position t predicts token t.
+        """Per-token (logprob, entropy) of ``seqs`` packed in one row: position t predicts token t.
 
         Returns two float32 tensors [sum(len)] aligned with the packed tokens;
         position 0 of each sequence (no prediction) holds 0.
         """
-        width = max(len(s) for s in seqs)
-        ids = torch.zeros(len(seqs), width, dtype=torch.long)
-        mask = torch.zeros(len(seqs), width, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.from_numpy(s.astype(np.int64))
-            mask[i, : len(s)] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        rows = torch.cat([torch.arange(len(s) - 1) + i * width for i, s in enumerate(seqs)]).to(self.device)
-        targets = torch.cat([torch.from_numpy(s[1:].astype(np.int64)) for s in seqs]).to(self.device)
-        logprob, entropy = self.model(ids, mask, rows, targets, self.cfg.rollout.temperature)
-        # Re-insert a 0 at each sequence start to align with the packed layout.
-        out_lp, out_ent, offset = [], [], 0
-        zero = torch.zeros(1, device=self.device)
-        for s in seqs:
-            n = len(s) - 1
-            out_lp += [zero, logprob[offset : offset + n]]
-            out_ent += [zero, entropy[offset : offset + n]]
-            offset += n
-        return torch.cat(out_lp), torch.cat(out_ent)
+        lengths = [len(s) for s in seqs]
+        position_ids, rows = packed_layout(lengths)
+        ids = torch.from_numpy(np.concatenate(seqs).astype(np.int64))
+        ids, position_ids, rows = ids.to(self.device), position_ids.to(self.device), rows.to(self.device)
+        targets = ids[rows + 1]
+        logprob, entropy = self.model(ids[None], position_ids[None], rows, targets, self.cfg.rollout.temperature)
+        total = ids.shape[0]
+        zeros = torch.zeros(total, device=self.device, dtype=torch.float32)
+        # index_copy (out of place) keeps autograd: token rows+1 gets the log-prob predicted at rows.
+        return zeros.index_copy(0, rows + 1, logprob.float()), zeros.index_copy(0, rows + 1, entropy.float())
 
     @torch.no_grad()
     def score(self, token_ids: list[int]) -> np.ndarray:
-        """Log-probs [len-1] of ``token_ids[1:]`` (parity with the engines)."""
+        """Log-probs [len-1] of ``token_ids[1:]`` (parity with the engines); collective over ranks."""
         logprob, _ = self._forward_logprobs([np.asarray(token_ids)])
         return logprob[1:].float().cpu().numpy()
 
     # ------------------------------------------------------------ training
 
-    def _my_sequences(self, batch: TrainBatch) -> Iterator[int]:
+    def _my_sequences(self, batch: TrainBatch) -> list[int]:
         num = len(batch.cu_seqlens.numpy()) - 1
-        return iter(range(self.rank, num, self.world_size))
+        return list(range(self.rank, num, self.world_size))
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        """One optimizer step on ``batch``; returns reduced loss metrics."""
+        """One optimizer step on ``batch``; returns loss metrics reduced over micro-batches and ranks."""
         start = time.perf_counter()
         cu = batch.cu_seqlens.numpy()
         arrays = {k: getattr(batch, k).numpy() for k in ("input_ids", "loss_mask", "behaviour_logprobs", "advantages", "versions")}
         ref = batch.reference_logprobs.numpy() if batch.reference_logprobs is not None else None
-        mine = list(self._my_sequences(batch))
-        micro = [[mine[i] for i in mb] for mb in pack_micro_batches([int(cu[s + 1] - cu[s]) for s in mine], self.cfg.trainer.micro_batch_tokens)]
+        mine = self._my_sequences(batch)
+        lengths = [int(cu[s + 1] - cu[s]) for s in mine]
+        micro = [[mine[i] for i in mb] for mb in pack_micro_batches(lengths, self.cfg.trainer.micro_batch_tokens)]
         num_micro = self._max_over_ranks(len(micro))
         num_seqs = len(cu) - 1
         num_tokens = float(arrays["loss_mask"].sum())
@@ -170,16 +198,18 @@ class Learner:
         for k in range(num_micro):
             # Every rank runs the same number of forward/backward passes (FSDP
             # collectives); a rank out of sequences reruns one with weight 0.
-            seqs, weight = (micro[k], 1.0) if k < len(micro) else (micro[0] if micro else [mine[0] if mine else 0], 0.0)
+            seqs, weight = (micro[k], 1.0) if k < len(micro) else ([mine[0] if mine else 0], 0.0)
             loss, m = self._micro_loss(seqs, cu, arrays, ref, batch, num_seqs, num_tokens)
-            # FSDP averages gradients over ranks; losses are already globally normalised sums.
+            # FSDP averages gradients over ranks, while the per-rank losses are
+            # partial sums of one globally normalised loss: scale back to a sum.
             (loss * weight * self.world_size).backward()
             if weight:
-                metrics.append(m)
+                metrics.append({key: float(v) for key, v in m.items()})
         grad_norm = self._clip_and_step()
         self.version += 1
-        # "loss" is the sum of micro-batch losses = the batch loss (global normalisers).
-        out = {f"loss/{'policy' if k == 'loss' else k}": v for k, v in (grpo.reduce_metrics(metrics) if metrics else {}).items()}
+        # "loss" is the sum of micro-batch (and rank) losses = the batch loss (global normalisers).
+        reduced = grpo.reduce_metrics(self._gather_metrics(metrics))
+        out = {f"loss/{'policy' if k == 'loss' else k}": v for k, v in reduced.items()}
         out.update({"train/grad_norm": grad_norm, "train/lr": self.scheduler.get_last_lr()[0],
                     "train/step_seconds": time.perf_counter() - start, "train/version": float(self.version)})
         return out
@@ -198,12 +228,19 @@ class Learner:
             proximal = logprobs.detach()
         lengths = torch.tensor([e - b for b, e in spans])
         local_cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(self.device)
-        loss, metrics = grpo.policy_loss(
+        return grpo.policy_loss(
             logprobs, proximal, behaviour, gather(arrays["advantages"]), gather(arrays["loss_mask"]), local_cu, self.cfg.grpo,
             num_sequences_global=num_seqs, num_tokens_global=num_tokens, max_response_len=batch.max_response_len,
             reference_logprobs=gather(ref) if ref is not None else None, entropy=entropy,
         )
-        return loss, metrics
+
+    def _gather_metrics(self, metrics: list[dict[str, float]]) -> list[dict[str, float]]:
+        """Every rank's raw micro-batch metrics (small dicts), for one global reduction."""
+        if not dist.is_initialized() or self.world_size == 1:
+            return metrics
+        everyone: list[list[dict[str, float]] | None] = [None] * self.world_size
+        dist.all_gather_object(everyone, metrics)
+        return [m for rank_metrics in everyone for m in (rank_metrics or [])]
 
     def _clip_and_step(self) -> float:
         clip = self.cfg.trainer.grad_clip
@@ -228,23 +265,48 @@ class Learner:
 
     # ------------------------------------------------------------ weights
 
-    def full_named_parameters(self) -> list[tuple[str, torch.Tensor]]:
-        """Full (unsharded) parameters in checkpoint names; collective across ranks."""
-        out = []
+    def named_parameter_shapes(self) -> list[tuple[str, torch.Tensor]]:
+        """(checkpoint name, parameter) without gathering: a DTensor reports its global shape and dtype."""
+        return [(name.removeprefix("lm."), param) for name, param in self.model.named_parameters()]
+
+    def iter_full_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Full (unsharded) parameters in checkpoint names, one at a time; collective across ranks.
+
+        Every rank must consume the whole iterator in the same order (each
+        ``full_tensor()`` is an all-gather); only one full tensor is alive per
+        step, so a sync never needs the whole unsharded model in memory.
+        """
         for name, param in self.model.named_parameters():
-            name = name.removeprefix("lm.")
             tensor = param.full_tensor() if hasattr(param, "full_tensor") else param
-            out.append((name, tensor.detach()))
-        return out
+            yield name.removeprefix("lm."), tensor.detach()
 
-    def save_hf(self, out_dir: str, tokenizer_path: str) -> None:
-        """Export the policy as a Hugging Face directory (rank 0 writes)."""
-        from verimed.core.models import load_tokenizer
+    def full_named_parameters(self) -> list[tuple[str, torch.Tensor]]:
+        """All full parameters at once (collective); tests and small models."""
+        return list(self.iter_full_parameters())
 
-        state = {name: t.cpu() for name, t in self.full_named_parameters()}
-        if self.rank != 0:
-            return
-        model = load_causal_lm(tokenizer_path, "float32")
-        model.load_state_dict(state, strict=False)
-        model.save_pretrained(out_dir, safe_serialization=True)
-        load_tokenizer(tokenizer_path).save_pretrained(out_dir)
+    def save_hf(self, out_dir: str, base_model_path: str) -> None:
+        """Export the policy as a Hugging Face directory (collective; rank 0 writes)."""
+        from verimed.core.checkpoint import write_hf
+
+        state = {name: t.cpu() for name, t in self.iter_full_parameters()}
+        if self.rank == 0:
+            write_hf(state, base_model_path, out_dir, self.cfg.model.dtype)
+
+    # ------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, path: str) -> None:
+        """Sharded save (torch.distributed.checkpoint) of model, optimizer, scheduler, version, RNG; collective."""
+        from verimed.core.checkpoint import save_trainer_state
+
+        save_trainer_state(path, self.model, self.optimizer, self._trainer_extra(), self.rank)
+
+    def _trainer_extra(self) -> dict:
+        return {"scheduler": self.scheduler.state_dict(), "version": self.version}
+
+    def load_checkpoint(self, path: str) -> None:
+        """Restore what :meth:`save_checkpoint` wrote (any world size for model/optimizer); collective."""
+        from verimed.core.checkpoint import load_trainer_state
+
+        extra = load_trainer_state(path, self.model, self.optimizer, self.rank, self._trainer_extra())
+        self.scheduler.load_state_dict(extra["scheduler"])
+        self.version = int(extra["version"])

@@ -79,7 +79,8 @@ class PlacementConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, k
     simulator: RoleSpec = msgspec.field(default_factory=_cpu_helper)
     verifier: RoleSpec = msgspec.field(default_factory=_cpu_helper)
     rubric_generator: RoleSpec = msgspec.field(default_factory=_cpu_helper)
-    reference: RoleSpec = RoleSpec()  # planned only when grpo.kl_coef > 0
+    # Planned only when a KL term is on; 0 CPUs on the laptop default: a separate actor sharing the cores.
+    reference: RoleSpec = msgspec.field(default_factory=_cpu_helper)
 
     def __post_init__(self) -> None:
         for role in ("learner", "rollout"):

@@ -6,8 +6,11 @@ and the engines' own default groups. Gloo on CPU, NCCL on GPU: the same code.
 
 Wire format of one sync (both sides know the :class:`WeightVersion` message):
 tensors in ``names`` order, packed into flat per-dtype byte buckets of at most
-``bucket_bytes`` (a tensor larger than a bucket gets its own). The sender packs
-bucket k+1 while bucket k is in flight (async ``broadcast`` + ``wait``).
+``bucket_bytes``; a tensor of >= ``DIRECT_BYTES`` (1 MiB) is a bucket of its
+own and is sent in place, without a pack copy (:func:`bucket_plan`). The
+sender prepares bucket k+1 while bucket k is in flight (async ``broadcast`` +
+``wait``) and reuses its pack buffers across syncs (:class:`SendBuffers`);
+receivers land every bucket in one reusable :class:`ReceiveArena`.
 
 The receiver (:class:`WorkerExtension`, loaded into vLLM workers by
 ``worker_extension_cls``) receives *every* bucket before touching the model and
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import time
 from datetime import timedelta
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
@@ -53,29 +56,53 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
-def describe(named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, bucket_bytes: int) -> WeightVersion:
+def describe(named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, bucket_bytes: int,
+             dtype: str | None = None) -> WeightVersion:
+    """The :class:`WeightVersion` of one sync. No data is touched: a DTensor reports its global shape.
+
+    ``dtype`` (e.g. the engines' "bfloat16") sets the wire dtype of floating
+    tensors; the sender casts while packing. None keeps each tensor's dtype.
+    """
+    if bucket_bytes < 1:
+        raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
+    if dtype is not None and dtype not in _DTYPES:
+        raise ValueError(f"wire dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     names, shapes, dtypes, total = [], [], [], 0
     for name, tensor in named_tensors:
+        wire = dtype if dtype is not None and tensor.is_floating_point() else str(tensor.dtype).removeprefix("torch.")
         names.append(name)
         shapes.append(tuple(tensor.shape))
-        dtypes.append(str(tensor.dtype).removeprefix("torch."))
-        total += tensor.numel() * tensor.element_size()
+        dtypes.append(wire)
+        total += tensor.numel() * _DTYPES[wire].itemsize
     return WeightVersion(version=version, num_bytes=total, names=names, shapes=shapes, dtypes=dtypes, bucket_bytes=bucket_bytes)
 
 
-def bucket_plan(meta: WeightVersion) -> list[tuple[str, list[int]]]:
-    """Split tensor indices into buckets: ``[(dtype, [i, ...]), ...]``.
+# A tensor of at least this many bytes travels as a bucket of its own: the sender
+# broadcasts it in place (no pack copy, which costs as much as the transfer when
+# the transport is CPU-bound) and it still lands in the receiver's arena.
+DIRECT_BYTES = 2**20
 
-    Consecutive tensors of one dtype share a bucket until it would exceed
-    ``meta.bucket_bytes``; both sides compute the same plan from ``meta``.
+
+def bucket_plan(meta: WeightVersion) -> list[tuple[str, list[int]]]:
+    """Split tensor indices into buckets: ``[(dtype, [i, ...]), ...]``, in ``meta.names`` order.
+
+    A tensor of >= :data:`DIRECT_BYTES` (or larger than a bucket) gets a
+    bucket of its own; consecutive smaller tensors of one dtype share a
+    bucket until it would exceed ``meta.bucket_bytes``. Both sides compute
+    the same plan from ``meta``.
     """
     plan: list[tuple[str, list[int]]] = []
     size = 0
+    open_bucket = False  # whether plan[-1] may take more small tensors
     for i, (shape, dtype) in enumerate(zip(meta.shapes, meta.dtypes)):
         nbytes = _numel(shape) * _DTYPES[dtype].itemsize
-        if not plan or plan[-1][0] != dtype or (size + nbytes > meta.bucket_bytes and plan[-1][1]):
+        if nbytes >= min(DIRECT_BYTES, meta.bucket_bytes):
+            plan.append((dtype, [i]))
+            open_bucket = False
+            continue
+        if not open_bucket or plan[-1][0] != dtype or size + nbytes > meta.bucket_bytes:
             plan.append((dtype, []))
-            size = 0
+            size, open_bucket = 0, True
         plan[-1][1].append(i)
         size += nbytes
     return plan
@@ -88,35 +115,155 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _pack(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    return torch.cat([t.detach().reshape(-1).to(device) for t in tensors])
+class SendBuffers:
+    """Two reusable pack buffers (double buffering): bucket k+1 is packed while bucket k is in flight.
+
+    Keep one per sender across syncs: fresh buffers cost an allocation and,
+    on CPU, a page fault per 4 KiB on first touch (slower than the packing).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.raw = [torch.empty(0, dtype=torch.uint8, device=device) for _ in range(2)]
+
+    def reserve(self, nbytes: int) -> None:
+        if self.raw[0].numel() < nbytes:
+            pin = self.device.type == "cpu" and torch.cuda.is_available()
+            self.raw = [torch.empty(0, dtype=torch.uint8, device=self.device) for _ in range(2)]
+            self.raw = [torch.empty(nbytes, dtype=torch.uint8, device=self.device, pin_memory=pin) for _ in range(2)]
+
+    def view(self, k: int, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        return self.raw[k % 2][: numel * dtype.itemsize].view(dtype)
 
 
-def broadcast_weights(group, named_tensors: list[tuple[str, torch.Tensor]], meta: WeightVersion, device: torch.device) -> dict[str, float]:
-    """Sender (rank 0): broadcast every bucket, packing the next while one is in flight."""
+def broadcast_weights(group, named_tensors: Iterable[tuple[str, torch.Tensor]], meta: WeightVersion,
+                      device: torch.device, buffers: SendBuffers | None = None) -> dict[str, float]:
+    """Sender (rank 0 of ``group``): stream ``named_tensors`` (in ``meta.names`` order) bucket by bucket.
+
+    Tensors are consumed lazily (an FSDP gather per tensor can feed this).
+    A bucket of several tensors is packed (with the wire-dtype cast) into one
+    of two reusable buffers on ``device``; a bucket of one tensor that is
+    already contiguous, on ``device`` and in the wire dtype is sent as is
+    (no copy). Bucket k+1 is prepared while bucket k's async broadcast runs.
+    Returns per-sync metrics: bytes, seconds, GB/s, buckets.
+    """
     start = time.perf_counter()
-    tensors = [t for _, t in named_tensors]
+    plan = bucket_plan(meta)
+    buffers = buffers if buffers is not None else SendBuffers(device)
+    buffers.reserve(max((_bucket_bytes(meta, dt, idx) for dt, idx in plan if len(idx) > 1), default=0))
+    stream = iter(named_tensors)
     pending = None
-    for dtype, indices in bucket_plan(meta):
-        flat = _pack([tensors[i] for i in indices], device).to(_DTYPES[dtype])
+    for k, (dtype, indices) in enumerate(plan):
+        flat = _prepare_bucket(stream, meta, dtype, indices, buffers, k, device)
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()  # the pack is done before NCCL reads it
         if pending is not None:
-            pending.wait()
-        pending = group.broadcast(flat, 0)
-        keep = flat  # noqa: F841 - the buffer must outlive its async broadcast
+            pending[0].wait()  # bucket k-1 done: its buffer may be refilled by bucket k+1
+        pending = (group.broadcast(flat, 0), flat)  # keep the tensor alive while in flight
     if pending is not None:
-        pending.wait()
+        pending[0].wait()
     seconds = time.perf_counter() - start
-    return {"sync/bytes": float(meta.num_bytes), "sync/seconds": seconds, "sync/gbps": meta.num_bytes / max(seconds, 1e-9) / 1e9}
+    return {"sync/bytes": float(meta.num_bytes), "sync/seconds": seconds,
+            "sync/gbps": meta.num_bytes / max(seconds, 1e-9) / 1e9, "sync/buckets": float(len(plan))}
 
 
-def receive_weights(group, meta: WeightVersion, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
-    """Receiver: all buckets are received (into fresh buffers) before any tensor is yielded."""
+def _bucket_bytes(meta: WeightVersion, dtype: str, indices: list[int]) -> int:
+    return sum(_numel(meta.shapes[i]) for i in indices) * _DTYPES[dtype].itemsize
+
+
+def _prepare_bucket(stream, meta: WeightVersion, dtype: str, indices: list[int], buffers: SendBuffers, k: int,
+                    device: torch.device) -> torch.Tensor:
+    """The flat tensor to broadcast for bucket k, without a copy when its tensors already form one.
+
+    Zero-copy when the bucket's tensors are (in order) adjacent in one
+    storage, on ``device`` and in the wire dtype (a lone tensor, or a learner
+    that keeps its weights in a flat buffer); otherwise they are packed into
+    a reusable buffer (casting to the wire dtype).
+    """
+    wire = _DTYPES[dtype]
+    tensors = []
+    for i in indices:
+        name, tensor = next(stream)
+        if name != meta.names[i] or tuple(tensor.shape) != tuple(meta.shapes[i]):
+            raise WeightSyncError(f"sender: tensor {i} is {name} {tuple(tensor.shape)}, meta says "
+                                  f"{meta.names[i]} {tuple(meta.shapes[i])}")
+        tensors.append(tensor.detach())
+    span = _contiguous_span(tensors, wire, device)
+    if span is not None:
+        return span
+    if len(tensors) == 1:  # a lone tensor in another dtype/device/layout: one converted copy
+        return tensors[0].reshape(-1).to(device=device, dtype=wire).contiguous()
+    flat = buffers.view(k, wire, sum(t.numel() for t in tensors))
+    offset = 0
+    for tensor in tensors:
+        flat[offset : offset + tensor.numel()].copy_(tensor.reshape(-1), non_blocking=True)
+        offset += tensor.numel()
+    return flat
+
+
+def _contiguous_span(tensors: list[torch.Tensor], dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """A 1-D view covering ``tensors`` if they sit back to back in one storage, else None."""
+    first = tensors[0]
+    if any(t.dtype != dtype or t.device != device or not t.is_contiguous() for t in tensors):
+        return None
+    storage, end = first.untyped_storage().data_ptr(), first.data_ptr()
+    for t in tensors:
+        if t.untyped_storage().data_ptr() != storage or t.data_ptr() != end:
+            return None
+        end += t.numel() * t.element_size()
+    numel = sum(t.numel() for t in tensors)
+    return torch.empty(0, dtype=dtype, device=device).set_(first.untyped_storage(), first.storage_offset(), (numel,))
+
+
+class ReceiveArena:
+    """A reusable receive buffer: every bucket of a sync lands in one byte arena.
+
+    Reusing it across syncs avoids allocating (and, on CPU, page-faulting)
+    the model's size in fresh memory each time; it is safe because loading
+    copies the weights into the model. Grows when a sync needs more bytes.
+    """
+
+    ALIGN = 64
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.raw = torch.empty(0, dtype=torch.uint8, device=device)
+
+    def layout(self, meta: WeightVersion) -> list[tuple[int, int]]:
+        """(byte offset, numel) of each bucket, offsets aligned for any dtype."""
+        out, offset = [], 0
+        for dtype, indices in bucket_plan(meta):
+            numel = sum(_numel(meta.shapes[i]) for i in indices)
+            out.append((offset, numel))
+            offset += -(-numel * _DTYPES[dtype].itemsize // self.ALIGN) * self.ALIGN
+        if offset > self.raw.numel():
+            self.raw = torch.empty(0, dtype=torch.uint8, device=self.device)  # free the old one first
+            self.raw = torch.empty(offset, dtype=torch.uint8, device=self.device)
+        return out
+
+    def bucket(self, offset: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        return self.raw[offset : offset + numel * dtype.itemsize].view(dtype)
+
+
+def receive_weights(group, meta: WeightVersion, device: torch.device, fail_after_buckets: int = -1,
+                    arena: ReceiveArena | None = None) -> list[tuple[str, torch.Tensor]]:
+    """Receiver: every bucket lands (in ``arena``, or fresh memory) before any tensor is returned.
+
+    Returns ``(name, view)`` pairs over the received buckets; the views are
+    valid until ``arena`` receives the next sync. With ``fail_after_buckets =
+    k >= 0`` (test hook) the transfer breaks after bucket k: the rest is
+    drained (so the sender and other receivers finish and the group stays
+    usable) and :class:`WeightSyncError` is raised.
+    """
+    arena = arena if arena is not None else ReceiveArena(device)
+    plan = bucket_plan(meta)
     received: list[tuple[list[int], torch.Tensor]] = []
-    for dtype, indices in bucket_plan(meta):
-        numel = sum(_numel(meta.shapes[i]) for i in indices)
-        flat = torch.empty(numel, dtype=_DTYPES[dtype], device=device)
+    for (dtype, indices), (offset, numel) in zip(plan, arena.layout(meta)):
+        flat = arena.bucket(offset, numel, _DTYPES[dtype])
         group.broadcast(flat, 0).wait()
         received.append((indices, flat))
+    if 0 <= fail_after_buckets < len(received):
+        raise WeightSyncError(f"injected failure after bucket {fail_after_buckets} of version {meta.version}")
     out = []
     for indices, flat in received:
         offset = 0
@@ -124,7 +271,7 @@ def receive_weights(group, meta: WeightVersion, device: torch.device) -> Iterato
             n = _numel(meta.shapes[i])
             out.append((meta.names[i], flat[offset : offset + n].view(meta.shapes[i])))
             offset += n
-    return iter(out)
+    return out
 
 
 def check_against(meta: WeightVersion, expected: dict[str, tuple[tuple[int, ...], str]]) -> None:
@@ -179,10 +326,10 @@ class WorkerExtension:
 
         meta = msgspec.convert(meta_builtins, WeightVersion)
         start = time.perf_counter()
-        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        weights = list(receive_weights(self._verimed_group, meta, device))
-        if fail_after_buckets >= 0:  # test hook: a sync that breaks after the transfer
-            raise WeightSyncError(f"injected failure in version {meta.version}")
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        if getattr(self, "_verimed_arena", None) is None:
+            self._verimed_arena = ReceiveArena(device)  # reused by every sync (reload copies out of it)
+        weights = receive_weights(self._verimed_group, meta, device, fail_after_buckets, self._verimed_arena)
         if self._verimed_expected is not None:
             check_against(meta, self._verimed_expected)
         received = time.perf_counter()
@@ -190,4 +337,10 @@ class WorkerExtension:
         # there; reload_weights re-runs the loader's processing (DESIGN §5).
         self.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
         self._verimed_retie_embeddings()
-        return {"sync/receive_seconds": received - start, "sync/load_seconds": time.perf_counter() - received}
+        self._verimed_version = meta.version
+        return {"sync/receive_seconds": received - start, "sync/load_seconds": time.perf_counter() - received,
+                "sync/version": float(meta.version)}
+
+    def verimed_version(self) -> int:
+        """Policy version of the loaded weights (-1: the initial checkpoint, never synced)."""
+        return getattr(self, "_verimed_version", -1)

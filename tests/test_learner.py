@@ -1,0 +1,294 @@
+"""Learner: sequence packing, 2-rank FSDP2 (gloo) parity with an unsharded step, checkpoint/resume, HF export.
+
+The model is a tiny random Llama (2 layers, hidden 32) that shares the
+SmolLM2 tokenizer, so every test is fast; the 2-rank run happens once per
+module in two spawned processes.
+
+    .venv/bin/python -m pytest tests/test_learner.py -q
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from verimed.core import checkpoint as ckpt
+from verimed.core.batch import build_train_batch
+from verimed.core.config import load_config
+from verimed.core.learner import Learner, pack_micro_batches, packed_layout
+from verimed.core.staleness import Ledger
+from verimed.core.types import Array, Group, Prompt, Sample, Turn
+
+OVERRIDES = ["trainer.lr=1e-3", "trainer.micro_batch_tokens=48", "trainer.warmup_steps=1", "trainer.schedule=cosine",
+             "run.steps=4", "trainer.grad_clip=0.005"]  # clipping active (grad norm ~0.01)
+REL_TOL = 1e-6
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory, tiny_model_path) -> str:
+    """A random 2-layer Llama with SmolLM2's tokenizer (tied embeddings, like SmolLM2)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                         max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny")
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+def make_batch(seed: int, groups: int = 2, group_size: int = 3, vocab: int = 400):
+    """A TrainBatch of random prompts/responses of uneven lengths with off-policy behaviour log-probs."""
+    rng = np.random.default_rng(seed)
+    out_groups, advantages = [], []
+    for g in range(groups):
+        samples = []
+        prompt = rng.integers(0, vocab, int(rng.integers(3, 9))).astype(np.int32)
+        for i in range(group_size):
+            r = int(rng.integers(2, 15))
+            samples.append(Sample(
+                uid=f"{seed}/{g}/{i}", prompt_ids=Array.of(prompt),
+                response_ids=Array.of(rng.integers(0, vocab, r).astype(np.int32)),
+                response_logprobs=Array.of((-rng.uniform(3, 9, r)).astype(np.float32)),
+                response_versions=Array.of(np.zeros(r, np.int32)), text=""))
+        rewards = rng.uniform(0, 1, group_size).tolist()
+        out_groups.append(Group(prompt=Prompt(index=g, source="test", messages=[Turn("user", "x")]), samples=samples,
+                                rewards=rewards, rubric_scores=rewards))
+        advantages.append(np.asarray(rewards) - np.mean(rewards))
+    return build_train_batch(out_groups, advantages, 0), out_groups, advantages
+
+
+def full_state(learner: Learner) -> dict[str, torch.Tensor]:
+    return {name: t.detach().clone().cpu() for name, t in learner.iter_full_parameters()}
+
+
+def rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    num = sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in a)
+    den = sum(float(b[k].double().pow(2).sum()) for k in b)
+    return (num / den) ** 0.5
+
+
+# ------------------------------------------------------------------ packing
+
+
+def test_pack_micro_batches_respects_budget_and_covers_all():
+    lengths = [7, 3, 12, 5, 5, 30, 1, 9]
+    batches = pack_micro_batches(lengths, 16)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert sum(lengths[i] for i in b) <= 16 or len(b) == 1
+    assert [5] in batches  # longer than the budget: alone
+    assert len(batches) == 4  # FFD: [30] [12, 3, 1] [9, 7] [5, 5]
+    with pytest.raises(ValueError, match="token_budget"):
+        pack_micro_batches(lengths, 0)
+
+
+def test_packed_layout():
+    pos, rows = packed_layout([3, 1, 2])
+    assert pos.tolist() == [0, 1, 2, 0, 0, 1]
+    assert rows.tolist() == [0, 1, 4]  # last token of each sequence predicts nothing
+
+
+def test_packed_forward_matches_separate_sequences(tiny_path):
+    learner = Learner(load_config(None, OVERRIDES), tiny_path)
+    rng = np.random.default_rng(1)
+    seqs = [rng.integers(0, 400, n) for n in (5, 9, 1, 12)]
+    with torch.no_grad():
+        packed, _ = learner._forward_logprobs(seqs)
+        offset = 0
+        for s in seqs:
+            one = learner.model.lm(torch.as_tensor(s[None], dtype=torch.long)).logits[0].log_softmax(-1)
+            ref = one[:-1].gather(-1, torch.as_tensor(s[1:, None], dtype=torch.long))[:, 0]
+            got = packed[offset: offset + len(s)]
+            assert float(got[0]) == 0.0
+            torch.testing.assert_close(got[1:], ref, atol=1e-5, rtol=0)
+            offset += len(s)
+
+
+# ------------------------------------------------------------------ 2-rank FSDP2 vs unsharded
+
+
+def _rank_main(rank: int, world: int, port: int, model_path: str, out_dir: str) -> None:
+    from verimed.core.learner import init_distributed
+
+    torch.set_num_threads(1)
+    init_distributed(rank, world, "127.0.0.1", port)
+    cfg = load_config(None, OVERRIDES)
+    learner = Learner(cfg, model_path, rank, world)
+    batch1, batch2 = make_batch(1)[0], make_batch(2)[0]
+    m1 = learner.train_step(batch1)
+    after1 = full_state(learner)
+    learner.save_checkpoint(f"{out_dir}/learner")
+    rng_after_save = torch.rand(3)  # drawn from the saved RNG state
+    m2 = learner.train_step(batch2)
+    after2 = full_state(learner)
+    resumed = Learner(cfg, model_path, rank, world)
+    resumed.load_checkpoint(f"{out_dir}/learner")
+    rng_after_load = torch.rand(3)
+    r2 = resumed.train_step(batch2)
+    after2_resumed = full_state(resumed)
+    if rank == 0:
+        torch.save({"m1": m1, "m2": m2, "r2": r2, "after1": after1, "after2": after2, "after2_resumed": after2_resumed,
+                    "version": resumed.version, "lr": resumed.scheduler.get_last_lr(),
+                    "rng_restored": torch.equal(rng_after_save, rng_after_load)}, f"{out_dir}/rank0.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_rank(tiny_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp2")
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, 2, port, tiny_path, str(out))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return out, torch.load(out / "rank0.pt", weights_only=False)
+
+
+def test_two_rank_fsdp2_matches_unsharded_step(two_rank, tiny_path):
+    _, res = two_rank
+    ref = Learner(load_config(None, OVERRIDES), tiny_path)  # no process group: unsharded
+    before = full_state(ref)
+    m1 = ref.train_step(make_batch(1)[0])
+    after = full_state(ref)
+    assert rel_diff(after, before) > 1e-4  # the step moved the weights
+    loss_2, loss_1 = res["m1"]["loss/policy"], m1["loss/policy"]
+    assert abs(loss_2 - loss_1) <= REL_TOL * abs(loss_1)
+    assert res["m1"]["loss/tokens"] == m1["loss/tokens"]  # metrics reduced over both ranks
+    assert abs(res["m1"]["train/grad_norm"] - m1["train/grad_norm"]) <= 1e-5 * m1["train/grad_norm"]
+    assert rel_diff(res["after1"], after) <= REL_TOL
+
+
+def test_two_rank_resume_is_exact(two_rank):
+    _, res = two_rank
+    assert res["version"] == 2
+    assert res["r2"]["loss/policy"] == res["m2"]["loss/policy"]
+    for name, t in res["after2"].items():
+        assert torch.equal(t, res["after2_resumed"][name]), name
+    assert res["rng_restored"]
+
+
+def test_rng_restored(tiny_path, tmp_path):
+    learner = Learner(load_config(None, OVERRIDES), tiny_path)
+    learner.train_step(make_batch(3)[0])
+    learner.save_checkpoint(str(tmp_path / "learner"))
+    expected = (torch.rand(4), np.random.rand(2), __import__("random").random())
+    torch.manual_seed(99)
+    np.random.seed(99)
+    other = Learner(load_config(None, OVERRIDES), tiny_path)
+    other.load_checkpoint(str(tmp_path / "learner"))
+    assert torch.equal(torch.rand(4), expected[0])
+    assert np.array_equal(np.random.rand(2), expected[1])
+    assert __import__("random").random() == expected[2]
+    assert other.version == 1 and other.scheduler.last_epoch == learner.scheduler.last_epoch
+    assert rel_diff(full_state(other), full_state(learner)) == 0.0
+
+
+def test_two_rank_checkpoint_loads_unsharded_and_exports(two_rank, tiny_path, tmp_path):
+    out, res = two_rank
+    single = Learner(load_config(None, OVERRIDES), tiny_path)
+    single.load_checkpoint(str(out / "learner"))  # resharding 2 ranks -> 1
+    assert rel_diff(full_state(single), res["after1"]) == 0.0
+    assert single.version == 1
+    # HF export from a checkpoint directory laid out as the controller writes it
+    run = tmp_path / "run"
+    with ckpt.atomic_checkpoint_dir(run, 1) as tmp:
+        shutil.copytree(out / "learner", tmp / ckpt.LEARNER_SUBDIR)
+    ckpt.export_hf(run, tmp_path / "hf", tiny_path)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    exported = dict(model.named_parameters())
+    for name, t in res["after1"].items():
+        assert torch.equal(exported[name].detach(), t), name
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+# ------------------------------------------------------------------ run-level checkpoint files
+
+
+def test_controller_state_roundtrip(tmp_path):
+    _, groups, advantages = make_batch(5)
+    ledger = Ledger(["0/0/0", "0/0/1"])
+    state = ckpt.ControllerState(version=3, step=3, cursor_position=17, ledger=ledger.to_state(),
+                                 buffered_groups=groups, buffered_advantages=[a.tolist() for a in advantages], stage_index=1)
+    ckpt.save_controller_state(tmp_path, state)
+    back = ckpt.load_controller_state(tmp_path)
+    assert back == state
+    assert np.array_equal(back.buffered_groups[1].samples[2].response_ids.numpy(), groups[1].samples[2].response_ids.numpy())
+    with pytest.raises(ValueError, match="advantage"):
+        ckpt.save_controller_state(tmp_path, ckpt.ControllerState(version=0, step=0, cursor_position=0,
+                                                                  ledger=ledger.to_state(), buffered_groups=groups))
+    with pytest.raises(ckpt.CheckpointError, match="no controller state"):
+        ckpt.load_controller_state(tmp_path / "missing")
+
+
+def test_crash_mid_save_keeps_previous_checkpoint(tmp_path):
+    state = ckpt.ControllerState(version=1, step=1, cursor_position=4, ledger=Ledger().to_state())
+    with ckpt.atomic_checkpoint_dir(tmp_path, 1) as d:
+        ckpt.save_controller_state(d, state)
+    first = ckpt.latest_checkpoint(tmp_path)
+    assert first is not None and first.name == "step-000001"
+    pointer = (tmp_path / "checkpoints" / "latest").read_text()
+    with pytest.raises(RuntimeError, match="boom"):
+        with ckpt.atomic_checkpoint_dir(tmp_path, 2) as d:
+            (d / "half-written").write_bytes(b"x" * 100)
+            raise RuntimeError("boom")
+    assert ckpt.latest_checkpoint(tmp_path) == first
+    assert (tmp_path / "checkpoints" / "latest").read_text() == pointer
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-000001"]
+    assert ckpt.load_controller_state(first) == state
+    # a leftover temporary from a killed process is cleaned by the next save; keep prunes old steps
+    (tmp_path / "checkpoints" / ".tmp-step-000002-dead").mkdir()
+    for step in (2, 3):
+        with ckpt.atomic_checkpoint_dir(tmp_path, step, keep=2) as d:
+            ckpt.save_controller_state(d, state)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-000002", "step-000003"]
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-000003"
+
+
+def test_latest_checkpoint_without_pointer_and_errors(tmp_path):
+    assert ckpt.latest_checkpoint(tmp_path) is None
+    (tmp_path / "checkpoints" / "step-000002").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-000010").mkdir()
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-000010"
+    with pytest.raises(ckpt.CheckpointError, match="neither a checkpoint"):
+        ckpt.resolve_checkpoint(tmp_path / "nothing")
+    with pytest.raises(ValueError, match="step"):
+        ckpt.step_dirname(-1)
+
+
+def test_export_command(two_rank, tiny_path, tmp_path):
+    import argparse
+
+    out, _ = two_rank
+    run = tmp_path / "run"
+    with ckpt.atomic_checkpoint_dir(run, 1) as tmp:
+        shutil.copytree(out / "learner", tmp / ckpt.LEARNER_SUBDIR)
+    (run / "config.yaml").write_text(f"model:\n  path: {tiny_path}\n  dtype: bfloat16\n")
+    parser = argparse.ArgumentParser()
+    ckpt.add_export_arguments(parser)
+    assert ckpt.run_export(parser.parse_args([str(run), str(tmp_path / "hf")])) == 0
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert ckpt.run_export(parser.parse_args([str(tmp_path / "empty"), str(tmp_path / "hf2")])) == 2

@@ -1,0 +1,86 @@
+"""Weight-sync coordination between the learner group and the rollout engines (DESIGN §5).
+
+The transport (bucketed broadcast, validated receive) is in
+:mod:`verimed.core.weight_sync`; this module decides *when*: it builds the
+dedicated group (learner rank 0 + every engine worker), runs sender and
+receivers of a sync concurrently, rebuilds the group after an engine restart,
+and checks engine-vs-learner log-prob parity on fixed tokens after each sync.
+"""
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+import msgspec
+import numpy as np
+import ray
+
+from verimed.actors.learner import LearnerGroup, free_port, node_ip
+from verimed.core.config import Config
+from verimed.core.models import apply_chat_template
+from verimed.core.weight_sync import resolve_backend
+
+PARITY_MESSAGES = [
+    {"role": "user", "content": "I have had a headache and blurred vision for three days."},
+    {"role": "assistant", "content": "I am sorry to hear that. Have you had any fever, neck stiffness or weakness?"},
+]
+
+
+class WeightSyncCoordinator:
+    def __init__(self, cfg: Config, learners: LearnerGroup, engines: list, tokenizer):
+        self.cfg, self.learners, self.engines = cfg, learners, engines
+        self.parity_ids = apply_chat_template(tokenizer, PARITY_MESSAGES, add_generation_prompt=False)
+        self.needs_rejoin = False
+        self.failures = 0
+        self.rejoins = 0
+
+    async def init(self) -> None:
+        backend = resolve_backend(self.cfg.weight_sync.backend)
+        host, port = node_ip(), free_port()
+        world = 1 + len(self.engines)
+        await asyncio.gather(
+            self.learners.actors[0].init_sync.remote(host, port, world, backend),
+            *[e.init_sync.remote(host, port, 1 + i, world, backend) for i, e in enumerate(self.engines)],
+        )
+        self.meta = await self.learners.weight_meta()
+
+    async def rejoin(self) -> None:
+        """Rebuild the group after an engine restart: a gloo/NCCL group cannot re-admit
+        one member, so every engine (once ready) joins a fresh group."""
+        self.rejoins += 1
+        await asyncio.gather(*[e.ready.remote() for e in self.engines])
+        await self.init()
+        self.needs_rejoin = False
+        print("verimed: engine restarted; weight-sync group rebuilt", file=sys.stderr)
+
+    async def sync(self, version: int) -> dict[str, float]:
+        """Broadcast ``version`` into every engine; failures keep the engines on their old weights."""
+        if self.needs_rejoin:
+            await self.rejoin()
+        meta = msgspec.structs.replace(self.meta, version=version)
+        bucket = int(self.cfg.weight_sync.bucket_mb * 2**20)
+        t0 = time.perf_counter()
+        results = await asyncio.gather(self.learners.broadcast(bucket),
+                                       *[e.update_weights.remote(meta) for e in self.engines], return_exceptions=True)
+        out: dict[str, float] = {"sync/seconds": time.perf_counter() - t0}
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if any(isinstance(r, ray.exceptions.RayActorError) for r in failed):
+            self.needs_rejoin = True
+        if failed:
+            self.failures += 1
+            print(f"verimed: weight sync to version {version} failed: {str(failed[0])[:300]}", file=sys.stderr)
+        if isinstance(results[0], dict):
+            out.update(results[0])
+        if self.cfg.weight_sync.check_parity and not failed:
+            out["sync/parity_max_abs"] = gap = await self.parity_gap()
+            if gap > self.cfg.weight_sync.parity_tolerance:
+                print(f"verimed: engine/learner log-prob gap {gap:.2e} exceeds "
+                      f"{self.cfg.weight_sync.parity_tolerance:g} at version {version}", file=sys.stderr)
+        return out
+
+    async def parity_gap(self) -> float:
+        """max |log p_engine - log p_learner| over fixed tokens, across engines."""
+        learner_lp, *engine_lps = await asyncio.gather(
+            self.learners.score(self.parity_ids), *[e.score.remote(self.parity_ids) for e in self.engines])
+        return float(max(np.abs(np.asarray(lp) - learner_lp).max() for lp in engine_lps))
