@@ -42,6 +42,10 @@ from verimed.core.stages import Draw, Schedule, StageConfig, effective_config, s
 from verimed.core.work import DataPools, evaluate, single_turn_group
 
 
+class PromptTooLong(ValueError):
+    """A prompt leaves no room for ``rollout.max_tokens`` within ``model.max_model_len``: skipped, counted."""
+
+
 class Remote:
     """``await Remote(handle).method(*args)`` calls a Ray actor method (core code stays Ray-free)."""
 
@@ -78,7 +82,7 @@ class Controller:
         self.version = 0
         self.tokenizer = load_tokenizer(model_path)
         self.counters = {k: 0 for k in ("groups_failed", "groups_dropped", "groups_wrong_stage", "duplicates_dropped",
-                                        "gen_tokens", "dialogues_failed")}
+                                        "gen_tokens", "dialogues_failed", "prompts_too_long")}
         self.retry: list[Draw] = []  # failed single-turn draws, re-run first: no gaps in the ledger
         self.reference = None
         self.ref_pending: dict[str, object] = {}
@@ -125,6 +129,10 @@ class Controller:
         return lambda role, replica: actor_options(the_plan, placements, role, replica)
 
     async def _generate(self, uid_prefix, prompt_ids, n, seed):
+        limit = self.cfg.model.max_model_len - self.cfg.rollout.max_tokens
+        if len(prompt_ids) > limit:
+            raise PromptTooLong(f"prompt {uid_prefix} has {len(prompt_ids)} tokens; model.max_model_len - "
+                                f"rollout.max_tokens allows {limit}")
         samples = await self.router.call("generate", uid_prefix, prompt_ids, n, seed)
         self.counters["gen_tokens"] += sum(len(s.response_ids) for s in samples)
         return samples
@@ -152,14 +160,19 @@ class Controller:
             return await self._run_dialogue(draw, stage, stage_cfg, item)
         try:
             result = await single_turn_group(self.roles, stage, stage_cfg, item, draw)
-        except Exception as exc:  # a crashed actor must not kill the run: count, report, re-run the draw
-            self.counters["groups_failed"] += 1
-            if isinstance(exc, ray.exceptions.RayActorError):
-                self.sync.needs_rejoin = True  # a restarted engine is on its initial weights, outside the group
-            print(f"verimed: group {draw.draw} failed ({type(exc).__name__}: {str(exc)[:200]}); re-running it",
-                  file=sys.stderr)
+        except PromptTooLong as exc:
+            self.counters["prompts_too_long"] += 1
+            print(f"verimed: skipped: {exc}", file=sys.stderr)
             self.admission.dropped(1)
-            self.retry.append(draw)
+        except Exception as exc:  # a crashed actor must not kill the run: count, report, re-run once it is back
+            self.counters["groups_failed"] += 1
+            retry = isinstance(exc, ray.exceptions.RayActorError)
+            if retry:
+                self.sync.needs_rejoin = True  # a restarted engine is on its initial weights, outside the group
+                self.retry.append(draw)
+            print(f"verimed: group {draw.draw} failed ({type(exc).__name__}: {str(exc)[:300]})"
+                  f"{'; it will be re-run' if retry else '; skipped'}", file=sys.stderr)
+            self.admission.dropped(1)
         else:
             self._deliver(draw.stage, result)
         self._track_idle()
@@ -187,7 +200,7 @@ class Controller:
                 holds_slot[0] = False
                 self._deliver(draw.stage, result)
         except Exception as exc:  # delivered slices stay; the rest of the dialogue is lost, counted
-            self.counters["dialogues_failed"] += 1
+            self.counters["prompts_too_long" if isinstance(exc, PromptTooLong) else "dialogues_failed"] += 1
             if isinstance(exc, ray.exceptions.RayActorError):
                 self.sync.needs_rejoin = True
             print(f"verimed: dialogue {draw.draw} failed ({type(exc).__name__}: {str(exc)[:200]})", file=sys.stderr)
@@ -275,7 +288,7 @@ class Controller:
                 batch, [self.ref_pending.pop(r.group.samples[0].uid) for r in results])
         # train
         t0 = time.perf_counter()
-        train = await self.learners.train_step(batch)
+        train = await self.learners.train_step(batch, self.stage_cfgs[stage].grpo)
         train_s = time.perf_counter() - t0
         stale = staleness_stats(batch.versions.numpy(), self.version)
         stale.update({f"staleness/hist_{k}": float(n) for k, n in staleness_histogram(batch.versions.numpy(), self.version).items()})
@@ -299,8 +312,16 @@ class Controller:
             **{f"counters/{k}": float(v) for k, v in self.counters.items()},
         })
         if step_in_stage == self.stages[stage].steps - 1 or self.version == self.cfg.run.steps:
-            metrics.update(await evaluate(self.roles, self.stage_cfgs[stage], self.pools, stage, self.cfg.stage_eval.max_slices))
+            metrics.update(await self._evaluate(stage))
         return metrics
+
+    async def _evaluate(self, stage: int) -> dict[str, float]:
+        """Held-out evaluation; a failure is reported and never stops training."""
+        try:
+            return await evaluate(self.roles, self.stage_cfgs[stage], self.pools, stage, self.cfg.stage_eval.max_slices)
+        except Exception as exc:
+            print(f"verimed: stage {stage} evaluation failed ({type(exc).__name__}: {str(exc)[:300]})", file=sys.stderr)
+            return {"eval/failed": 1.0}
 
     def _step_metrics(self, results: list[GroupResult], stage: int, step_in_stage: int) -> dict[str, float]:
         rewards = np.asarray([r for res in results for r in res.group.rewards])

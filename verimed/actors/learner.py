@@ -6,12 +6,13 @@ all ranks; rank 0 also hosts the weight-sync group (DESIGN §5).
 """
 from __future__ import annotations
 
+import os
 import socket
 
 import numpy as np
 import ray
 
-from verimed.core.config import Config
+from verimed.core.config import Config, GRPOConfig
 from verimed.core.types import TrainBatch, WeightVersion
 from verimed.core import weight_sync
 
@@ -33,7 +34,8 @@ class LearnerActor:
 
         from verimed.core.learner import Learner, init_distributed
 
-        torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+        if not torch.cuda.is_available():
+            torch.set_num_threads(cfg.trainer.cpu_threads or os.cpu_count() or 1)
         init_distributed(rank, world_size, master_addr, master_port)
         self.learner = Learner(cfg, model_path, rank, world_size)
         self.cfg = cfg
@@ -41,8 +43,8 @@ class LearnerActor:
         self.send_buffers = None
         self.meta: WeightVersion | None = None
 
-    def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        return self.learner.train_step(batch)
+    def train_step(self, batch: TrainBatch, grpo_cfg: GRPOConfig | None = None) -> dict[str, float]:
+        return self.learner.train_step(batch, grpo_cfg)
 
     def score(self, token_ids: list[int]) -> np.ndarray:
         return self.learner.score(token_ids)
@@ -100,8 +102,8 @@ class LearnerGroup:
     def _all(self, method: str, *args):
         return [getattr(a, method).remote(*args) for a in self.actors]
 
-    async def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        return (await _gather(self._all("train_step", batch)))[0]
+    async def train_step(self, batch: TrainBatch, grpo_cfg: GRPOConfig | None = None) -> dict[str, float]:
+        return (await _gather(self._all("train_step", batch, grpo_cfg)))[0]
 
     async def broadcast(self, bucket_bytes: int) -> dict[str, float]:
         return (await _gather(self._all("broadcast", bucket_bytes)))[0]

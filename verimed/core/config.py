@@ -141,6 +141,9 @@ class TrainerConfig(_Section):
     micro_batch_tokens: PositiveInt = 2048  # token budget of one packed micro-batch
     world_size: PositiveInt = 1  # learner ranks (FSDP2)
     activation_checkpointing: bool = False
+    # torch threads of each learner rank on CPU; None = all cores of the machine (on a
+    # laptop the learner is the bottleneck and shares the cores with the engine).
+    cpu_threads: PositiveInt | None = None
 
 
 class AsyncConfig(_Section):

