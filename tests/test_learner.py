@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from verimed.core.stages import ScheduleState
 import torch
 
 from verimed.core import checkpoint as ckpt
@@ -228,21 +230,23 @@ def test_two_rank_checkpoint_loads_unsharded_and_exports(two_rank, tiny_path, tm
 def test_controller_state_roundtrip(tmp_path):
     _, groups, advantages = make_batch(5)
     ledger = Ledger(["0/0/0", "0/0/1"])
-    state = ckpt.ControllerState(version=3, step=3, cursor_position=17, ledger=ledger.to_state(),
-                                 buffered_groups=groups, buffered_advantages=[a.tolist() for a in advantages], stage_index=1)
+    state = ckpt.ControllerState(version=3, schedule=ScheduleState(step=3, draws=17, stage_draws=[9, 8]),
+                                 ledger=ledger.to_state(), buffered_groups=groups,
+                                 buffered_advantages=[a.tolist() for a in advantages], buffered_stages=[1] * len(groups),
+                                 in_flight=[(17, 1, "cases", 4)])
     ckpt.save_controller_state(tmp_path, state)
     back = ckpt.load_controller_state(tmp_path)
     assert back == state
     assert np.array_equal(back.buffered_groups[1].samples[2].response_ids.numpy(), groups[1].samples[2].response_ids.numpy())
     with pytest.raises(ValueError, match="advantage"):
-        ckpt.save_controller_state(tmp_path, ckpt.ControllerState(version=0, step=0, cursor_position=0,
+        ckpt.save_controller_state(tmp_path, ckpt.ControllerState(version=0, schedule=ScheduleState(0, 0, [0]),
                                                                   ledger=ledger.to_state(), buffered_groups=groups))
     with pytest.raises(ckpt.CheckpointError, match="no controller state"):
         ckpt.load_controller_state(tmp_path / "missing")
 
 
 def test_crash_mid_save_keeps_previous_checkpoint(tmp_path):
-    state = ckpt.ControllerState(version=1, step=1, cursor_position=4, ledger=Ledger().to_state())
+    state = ckpt.ControllerState(version=1, schedule=ScheduleState(1, 4, [4]), ledger=Ledger().to_state())
     with ckpt.atomic_checkpoint_dir(tmp_path, 1) as d:
         ckpt.save_controller_state(d, state)
     first = ckpt.latest_checkpoint(tmp_path)

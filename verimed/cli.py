@@ -20,6 +20,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="run config YAML (e.g. configs/default.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. grpo.eps_high=0.3 run.steps=4")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     from verimed.core import placement
 
     placement.add_plan_arguments(sub.add_parser("plan", help="resolve and check actor placement"))
+    from verimed.core import checkpoint
+
+    checkpoint.add_export_arguments(sub.add_parser("export", help="export a run's checkpoint as a Hugging Face model"))
     return parser
 
 
@@ -50,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(getattr(args, "overrides", []) or []) + extra
     from verimed.core.config import ConfigError
     from verimed.core.data import DataError
+    from verimed.core.checkpoint import CheckpointError
     from verimed.core.models import ModelError
 
     try:
@@ -63,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
             from verimed.core.simulator import cli as simulator_cli
 
             return simulator_cli.run(args)
+        if args.command == "export":
+            from verimed.core import checkpoint
+
+            return checkpoint.run_export(args)
         if args.command == "plan":
             from verimed.core import placement
 
@@ -72,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                 return cluster_resources_from_ray(address)
 
             return placement.run_plan(args, cluster_from_ray=from_ray)
-    except (ConfigError, DataError, ModelError) as exc:
+    except (ConfigError, DataError, ModelError, CheckpointError) as exc:
         print(f"verimed: error: {exc}", file=sys.stderr)
         return 2
     return 1
@@ -90,12 +99,12 @@ def train(args: argparse.Namespace) -> int:
 
     load_cases(cfg.data.cases_path, cfg.data.skip_invalid)  # fail on bad data before any actor starts
     model_path = resolve_model_path(cfg.model.path, cfg.model.cache_dir)
-    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    run_dir = Path(args.resume) if args.resume else Path(cfg.run.output_dir) / cfg.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
     init_ray(cfg)
     from verimed.actors.controller import run_training
 
-    run_training(cfg, run_dir, model_path)
+    run_training(cfg, run_dir, model_path, resume=bool(args.resume))
     print(run_dir.resolve())
     return 0
 

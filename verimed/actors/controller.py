@@ -31,6 +31,8 @@ from verimed.actors.learner import LearnerGroup
 from verimed.actors.rollout import EngineRouter, RolloutActor
 from verimed.actors.weight_sync import WeightSyncCoordinator
 from verimed.core.batch import build_train_batch
+from verimed.core.checkpoint import (LEARNER_SUBDIR, CheckpointError, ControllerState, atomic_checkpoint_dir,
+                                     latest_checkpoint, load_controller_state, save_controller_state)
 from verimed.core.config import Config, to_yaml
 from verimed.core.episodes import GroupResult, Roles
 from verimed.core.metrics import MetricsSink
@@ -69,8 +71,8 @@ def default_stages(cfg: Config) -> list[StageConfig]:
 
 
 class Controller:
-    def __init__(self, cfg: Config, run_dir: Path, model_path: str):
-        self.cfg, self.run_dir, self.model_path = cfg, run_dir, model_path
+    def __init__(self, cfg: Config, run_dir: Path, model_path: str, resume: bool = False):
+        self.cfg, self.run_dir, self.model_path, self.resume = cfg, run_dir, model_path, resume
         self.stages = cfg.stages or default_stages(cfg)
         self.stage_cfgs = [effective_config(cfg, st, i) for i, st in enumerate(self.stages)]
         self.pools = DataPools.load(cfg, self.stages)
@@ -84,6 +86,7 @@ class Controller:
         self.counters = {k: 0 for k in ("groups_failed", "groups_dropped", "groups_wrong_stage", "duplicates_dropped",
                                         "gen_tokens", "dialogues_failed", "prompts_too_long")}
         self.retry: list[Draw] = []  # failed single-turn draws, re-run first: no gaps in the ledger
+        self.in_flight: dict[int, Draw] = {}  # started, not finished: checkpointed and re-run on resume
         self.reference = None
         self.ref_pending: dict[str, object] = {}
         # Rollout idle time: wall time with no group in flight (generation starved by admission).
@@ -149,12 +152,21 @@ class Controller:
             while self.admission.can_start(self.version):
                 self.admission.started(1, version=self.version)
                 draw = self.retry.pop(0) if self.retry else self.schedule.next_draw(self.current_stage)
+                self.in_flight[draw.draw] = draw
                 asyncio.create_task(self._run_draw(draw))
                 self._track_idle()
             self.wake.clear()
             await self.wake.wait()
 
     async def _run_draw(self, draw: Draw) -> None:
+        try:
+            await self._run_work(draw)
+        finally:
+            self.in_flight.pop(draw.draw, None)
+            self._track_idle()
+            self.wake.set()
+
+    async def _run_work(self, draw: Draw) -> None:
         stage, stage_cfg, item = self.stages[draw.stage], self.stage_cfgs[draw.stage], self.pools.item(draw)
         if stage.kind == "multiturn":
             return await self._run_dialogue(draw, stage, stage_cfg, item)
@@ -175,8 +187,6 @@ class Controller:
             self.admission.dropped(1)
         else:
             self._deliver(draw.stage, result)
-        self._track_idle()
-        self.wake.set()
 
     async def _run_dialogue(self, draw: Draw, stage: StageConfig, stage_cfg, case) -> None:
         """Multi-turn draws: one group per dialogue slice, each slice admitted like a group."""
@@ -206,8 +216,6 @@ class Controller:
             print(f"verimed: dialogue {draw.draw} failed ({type(exc).__name__}: {str(exc)[:200]})", file=sys.stderr)
         if holds_slot[0]:
             self.admission.dropped(1)  # an admitted slice that never produced a group
-        self._track_idle()
-        self.wake.set()
 
     def _deliver(self, stage: int, result: GroupResult) -> None:
         if not result.kept:
@@ -242,12 +250,17 @@ class Controller:
         sink = MetricsSink(cfg, self.run_dir)
         start = time.perf_counter()
         await self.start()
+        if self.resume:
+            await self.restore()
         print(f"verimed: actors ready in {time.perf_counter() - start:.1f}s", file=sys.stderr)
         producer = asyncio.create_task(self.produce())
         try:
             while self.version < cfg.run.steps:
                 metrics = await self.step()
                 sink.log(self.version, metrics)
+                every = cfg.run.checkpoint_every
+                if self.version == cfg.run.steps or (every and self.version % every == 0):
+                    await self.save_checkpoint()
         finally:
             producer.cancel()
             report = sink.close()
@@ -255,6 +268,44 @@ class Controller:
         await self.learners.save_hf(str(final), self.model_path)
         print(f"verimed: report {report}, final checkpoint {final}", file=sys.stderr)
         return self.run_dir
+
+    # ------------------------------------------------------------ checkpoints
+
+    async def save_checkpoint(self) -> Path:
+        """Learner shards + controller state, atomically (a crash mid-save keeps the previous one)."""
+        buffered = list(self.buffer._queue)  # (stage, GroupResult), not consumed yet
+        state = ControllerState(
+            version=self.version, schedule=self.schedule.state(self.version), ledger=self.ledger.to_state(),
+            buffered_groups=[r.group for _, r in buffered], buffered_advantages=[r.advantages.tolist() for _, r in buffered],
+            buffered_stages=[st for st, _ in buffered],
+            in_flight=[tuple(d) for d in [*self.retry, *self.in_flight.values()]],
+        )
+        with atomic_checkpoint_dir(self.run_dir, self.version, keep=self.cfg.run.checkpoint_keep) as tmp:
+            await self.learners.save_checkpoint(str(tmp / LEARNER_SUBDIR))
+            save_controller_state(tmp, state)
+        return self.run_dir
+
+    async def restore(self) -> None:
+        """Continue from the newest checkpoint: learner, schedule, ledger, buffer, in-flight draws."""
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            raise CheckpointError(f"--resume {self.run_dir}: no checkpoint under {self.run_dir / 'checkpoints'}")
+        state = load_controller_state(ckpt)
+        self.version = await self.learners.load_checkpoint(str(ckpt / LEARNER_SUBDIR))
+        if self.version != state.version:
+            raise CheckpointError(f"{ckpt}: learner is at version {self.version}, controller state at {state.version}")
+        self.ledger = Ledger.from_state(state.ledger)
+        self.schedule = Schedule(self.stages, self.pools.sizes(), self.cfg.run.seed, self.cfg.data.shuffle, state=state.schedule)
+        # In-flight groups died with the old actors: count admission afresh from this version.
+        self.admission = AdmissionControl(self.cfg.rollout.prompts_per_step, self.cfg.async_.max_staleness,
+                                          base_version=self.version)
+        self.retry = [Draw(*d) for d in state.in_flight]
+        for group, advantages, stage in zip(state.buffered_groups, state.buffered_advantages, state.buffered_stages):
+            self.admission.started(1)
+            self._deliver(stage, GroupResult(group=group, advantages=np.asarray(advantages, np.float32), kept=True))
+        # The engines restarted on the base weights: serve the checkpointed version first.
+        await self.sync.sync(self.version)
+        print(f"verimed: resumed {ckpt} at version {self.version}", file=sys.stderr)
 
     async def _take_batch(self, stage: int) -> list[GroupResult]:
         """B buffered groups of ``stage`` not consumed before (others are dropped, counted)."""
@@ -269,7 +320,8 @@ class Controller:
                 self.ref_pending.pop(uids[0], None)
                 continue
             results.append(result)
-        return results
+        # Completion order varies from run to run; draw order makes batches reproducible.
+        return sorted(results, key=lambda r: [int(x) for x in r.group.samples[0].uid.split("/")[:2]])
 
     async def step(self) -> dict[str, float]:
         stage, step_in_stage = stage_at(self.stages, self.version)
@@ -337,7 +389,7 @@ class Controller:
         return out
 
 
-def run_training(cfg: Config, run_dir: Path, model_path: str) -> Path:
+def run_training(cfg: Config, run_dir: Path, model_path: str, resume: bool = False) -> Path:
     import uvloop
 
-    return uvloop.run(Controller(cfg, run_dir, model_path).run())
+    return uvloop.run(Controller(cfg, run_dir, model_path, resume).run())

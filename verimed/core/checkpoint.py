@@ -34,6 +34,7 @@ from typing import Any, Iterator
 
 import msgspec
 
+from verimed.core.stages import ScheduleState
 from verimed.core.staleness import LedgerState
 from verimed.core.types import Group
 
@@ -137,17 +138,18 @@ class ControllerState(msgspec.Struct, frozen=True, kw_only=True):
 
     Produced and consumed by ``actors/controller.py``. ``buffered_groups`` are
     finished groups not yet trained on, with their per-sample advantages
-    (``buffered_advantages[i][j]`` for sample j of group i).
+    (``buffered_advantages[i][j]`` for sample j of group i) and stage index;
+    ``in_flight`` are the draws started but not finished (re-run on resume, so
+    the consumed uids have no gaps).
     """
 
     version: int  # policy version (learner steps done)
-    step: int  # controller steps done
-    cursor_position: int  # dataset draws made (verimed.core.data.cursor.Cursor.position)
+    schedule: ScheduleState  # global draw counter and each stage's sampler position
     ledger: LedgerState  # consumed sample uids
     buffered_groups: list[Group] = []
     buffered_advantages: list[list[float]] = []
-    stage_index: int = 0
-    stage_step: int = 0
+    buffered_stages: list[int] = []
+    in_flight: list[tuple[int, int, str, int]] = []  # Draw(draw, stage, source, item)
 
 
 def save_controller_state(directory: str | Path, state: ControllerState) -> Path:

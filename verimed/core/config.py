@@ -45,6 +45,10 @@ class RunConfig(_Section):
     # `ray start` made (what `ray job submit` jobs use).
     ray_address: str | None = None
     ray_num_cpus: PositiveInt | None = None  # logical CPUs of a local cluster
+    # Save a checkpoint (learner shards + controller state) every N learner steps and at
+    # the last step; 0 = only at the last step. `verimed train CONFIG --resume RUN_DIR`.
+    checkpoint_every: NonNegInt = 0
+    checkpoint_keep: PositiveInt = 2  # newest checkpoints kept on disk
 
 
 class ModelConfig(_Section):
