@@ -103,8 +103,8 @@ class Controller:
         cfg = self.cfg
         options = self._placement()
         self.engines = [RolloutActor.options(**options("rollout", i)).remote(cfg, self.model_path, i)
-                        for i in range(cfg.rollout.num_engines)]
-        self.learners = LearnerGroup(cfg, self.model_path, [options("learner", r) for r in range(cfg.trainer.world_size)])
+                        for i in range(cfg.placement.rollout.replicas)]
+        self.learners = LearnerGroup(cfg, self.model_path, [options("learner", r) for r in range(cfg.placement.learner.replicas)])
         # Rules-backend roles are light: the CPU default gives them num_cpus=0 so they
         # never starve the queue (DESIGN §10); their placement says otherwise on a cluster.
         self.simulator = SimulatorActor.options(**options("simulator", 0)).remote(cfg.simulator)
@@ -124,9 +124,8 @@ class Controller:
     def _placement(self):
         """Placement groups for the plan of ``cfg.placement``; returns ``options(role, replica)``."""
         from verimed.actors.placement import actor_options, cluster_resources_from_ray, create_placement_groups
-        from verimed.core.placement import check_config_consistency, plan
+        from verimed.core.placement import plan
 
-        check_config_consistency(self.cfg, self.cfg.placement)
         the_plan = plan(self.cfg.placement, kl_enabled=reference_needed(self.cfg), cluster=cluster_resources_from_ray())
         placements = create_placement_groups(the_plan)
         return lambda role, replica: actor_options(the_plan, placements, role, replica)

@@ -1,6 +1,6 @@
 """Learner actors: a thin Ray shell over :class:`verimed.core.learner.Learner`.
 
-``LearnerGroup`` starts ``trainer.world_size`` actors that form one
+``LearnerGroup`` starts ``placement.learner.replicas`` actors that form one
 torch.distributed group (gloo on CPU, NCCL on GPU) and fans every call out to
 all ranks; rank 0 also hosts the weight-sync group (DESIGN §5).
 """
@@ -92,7 +92,7 @@ class LearnerGroup:
     """All learner ranks; methods return one result (rank 0's) after all ranks finish."""
 
     def __init__(self, cfg: Config, model_path: str, actor_options: list[dict] | None = None):
-        world = cfg.trainer.world_size
+        world = cfg.placement.learner.replicas
         addr, port = node_ip(), free_port()
         options = actor_options or [{"num_cpus": 1}] * world
         self.actors = [

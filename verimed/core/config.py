@@ -69,7 +69,6 @@ class DataConfig(_Section):
 
 class RolloutConfig(_Section):
     backend: Literal["vllm", "transformers"] = "vllm"
-    num_engines: PositiveInt = 1
     group_size: Annotated[int, Meta(ge=2)] = 4  # G responses per prompt
     prompts_per_step: PositiveInt = 4  # B groups consumed by one learner step
     max_tokens: PositiveInt = 64  # response tokens per sample
@@ -143,7 +142,6 @@ class TrainerConfig(_Section):
     schedule: Literal["constant", "cosine"] = "constant"
     grad_clip: NonNegFloat = 1.0  # max grad norm; 0 disables
     micro_batch_tokens: PositiveInt = 2048  # token budget of one packed micro-batch
-    world_size: PositiveInt = 1  # learner ranks (FSDP2)
     activation_checkpointing: bool = False
     # torch threads of each learner rank on CPU; None = all cores of the machine (on a
     # laptop the learner is the bottleneck and shares the cores with the engine).

@@ -440,7 +440,6 @@ def run_plan(args: argparse.Namespace, cluster_from_ray=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         placement = cfg.placement
-        check_config_consistency(cfg, placement)
         cluster = ClusterResources.parse(args.cluster_resources) if args.cluster_resources else local_cluster(cfg, cluster_from_ray)
         result = plan(placement, kl_enabled=cfg.grpo.kl_coef > 0, cluster=cluster)
     except (ConfigError, PlacementError, ValueError) as exc:
@@ -448,19 +447,6 @@ def run_plan(args: argparse.Namespace, cluster_from_ray=None) -> int:
         return 1
     print(format_plan(result))
     return 0
-
-
-def check_config_consistency(cfg, placement: PlacementConfig) -> None:
-    """The placement must agree with the sections that also count learners and engines."""
-    problems = []
-    if cfg.trainer.world_size != placement.learner.replicas:
-        problems.append(f"trainer.world_size is {cfg.trainer.world_size} but placement.learner.replicas is "
-                        f"{placement.learner.replicas}")
-    if cfg.rollout.num_engines != placement.rollout.replicas:
-        problems.append(f"rollout.num_engines is {cfg.rollout.num_engines} but placement.rollout.replicas is "
-                        f"{placement.rollout.replicas}")
-    if problems:
-        raise PlacementError("; ".join(problems))
 
 
 def local_cluster(cfg, cluster_from_ray=None) -> ClusterResources:
