@@ -18,12 +18,15 @@ from verimed.core.config import Config, to_dict
 
 # Panels of the end-of-run report: (title, metric keys).
 REPORT_PANELS = [
-    ("reward", ["reward/mean", "reward/rubric_mean"]),
+    ("reward (stage boundaries dashed)", ["reward/mean", "reward/rubric_mean", "reward/accuracy"]),
+    ("held-out eval (end of each stage)", ["eval/healthbench", "eval/consultation"]),
     ("loss", ["loss/policy"]),
     ("entropy", ["loss/entropy"]),
     ("staleness (tokens)", ["staleness/mean", "staleness/max"]),
     ("weight sync seconds", ["sync/seconds"]),
     ("engine-learner log-prob gap", ["sync/parity_max_abs"]),
+    ("step time breakdown (s)", ["time/step_s", "time/train_s", "time/train_wait_s", "time/sync_s"]),
+    ("idle ratios", ["time/trainer_idle_ratio", "time/rollout_idle_ratio"]),
 ]
 
 
@@ -119,7 +122,11 @@ def write_report(history: list[dict[str, Any]], path: Path, panels=REPORT_PANELS
     cols = 3
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.2 * rows), squeeze=False)
+    # A stage starts at the first step logged with a new stage/index.
+    boundaries = [h["step"] - 0.5 for prev, h in zip(history, history[1:]) if h.get("stage/index") != prev.get("stage/index")]
     for ax, (title, keys) in zip(axes.flat, panels):
+        for x in boundaries:
+            ax.axvline(x, color="grey", ls="--", lw=0.8)
         for key in keys:
             points = [(h["step"], h[key]) for h in history if h.get(key) is not None]
             if points:
