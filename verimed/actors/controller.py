@@ -44,6 +44,10 @@ from verimed.core.stages import Draw, Schedule, StageConfig, effective_config, s
 from verimed.core.work import DataPools, evaluate, single_turn_group
 
 
+# Give up (with the last error) when this many groups fail in a row with nothing succeeding.
+MAX_CONSECUTIVE_FAILURES = 50
+
+
 class PromptTooLong(ValueError):
     """A prompt leaves no room for ``rollout.max_tokens`` within ``model.max_model_len``: skipped, counted."""
 
@@ -87,6 +91,7 @@ class Controller:
                                         "gen_tokens", "dialogues_failed", "prompts_too_long")}
         self.retry: list[Draw] = []  # failed single-turn draws, re-run first: no gaps in the ledger
         self.in_flight: dict[int, Draw] = {}  # started, not finished: checkpointed and re-run on resume
+        self.consecutive_failures, self.last_failure = 0, ""
         self.reference = None
         self.ref_pending: dict[str, object] = {}
         # Rollout idle time: wall time with no group in flight (generation starved by admission).
@@ -177,14 +182,20 @@ class Controller:
             self.admission.dropped(1)
         except Exception as exc:  # a crashed actor must not kill the run: count, report, re-run once it is back
             self.counters["groups_failed"] += 1
+            self.consecutive_failures += 1
+            self.last_failure = f"{type(exc).__name__}: {str(exc)[:300]}"
             retry = isinstance(exc, ray.exceptions.RayActorError)
+            print(f"verimed: group {draw.draw} failed ({self.last_failure}){'; it will be re-run' if retry else '; skipped'}",
+                  file=sys.stderr)
             if retry:
                 self.sync.needs_rejoin = True  # a restarted engine is on its initial weights, outside the group
+                # Back off while holding the slot: a restarting actor needs time, and a dead
+                # node must not turn into a hot retry loop.
+                await asyncio.sleep(min(30.0, 0.5 * 2 ** min(self.consecutive_failures, 6)))
                 self.retry.append(draw)
-            print(f"verimed: group {draw.draw} failed ({type(exc).__name__}: {str(exc)[:300]})"
-                  f"{'; it will be re-run' if retry else '; skipped'}", file=sys.stderr)
             self.admission.dropped(1)
         else:
+            self.consecutive_failures = 0
             self._deliver(draw.stage, result)
 
     async def _run_dialogue(self, draw: Draw, stage: StageConfig, stage_cfg, case) -> None:
@@ -310,7 +321,13 @@ class Controller:
         """B buffered groups of ``stage`` not consumed before (others are dropped, counted)."""
         results: list[GroupResult] = []
         while len(results) < self.cfg.rollout.prompts_per_step:
-            group_stage, result = await self.buffer.get()
+            try:
+                group_stage, result = await asyncio.wait_for(self.buffer.get(), timeout=5.0)
+            except asyncio.TimeoutError:
+                if self.consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
+                    raise RuntimeError(f"generation failed {self.consecutive_failures} times in a row; "
+                                       f"last error: {self.last_failure}") from None
+                continue
             uids = [s.uid for s in result.group.samples]
             reason = "groups_wrong_stage" if group_stage != stage else "duplicates_dropped" if self.ledger.duplicates(uids) else None
             if reason:  # generated for the previous stage across a boundary / re-delivered after a restart

@@ -73,7 +73,9 @@ class WeightSyncCoordinator:
         if isinstance(results[0], dict):
             out.update(results[0])
         if self.cfg.weight_sync.check_parity and not failed:
+            t1 = time.perf_counter()
             out["sync/parity_max_abs"] = gap = await self.parity_gap()
+            out["time/parity_s"] = time.perf_counter() - t1
             if gap > self.cfg.weight_sync.parity_tolerance:
                 print(f"verimed: engine/learner log-prob gap {gap:.2e} exceeds "
                       f"{self.cfg.weight_sync.parity_tolerance:g} at version {version}", file=sys.stderr)
