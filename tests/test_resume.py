@@ -37,11 +37,10 @@ def _train(out: Path, name: str, extra: list[str], kill_after_steps: int | None 
         log, _ = proc.communicate(timeout=900)
         assert proc.returncode == 0, log[-3000:]
         return
-    metrics = out / name / "metrics.jsonl"
     deadline = time.time() + 900
-    while time.time() < deadline:
-        done = len(metrics.read_text().splitlines()) if metrics.exists() else 0
-        if done >= kill_after_steps or proc.poll() is not None:
+    while time.time() < deadline:  # kill as soon as the checkpoint of step k is on disk
+        ckpt = latest_checkpoint(out / name)
+        if (ckpt is not None and int(ckpt.name.split("-")[1]) >= kill_after_steps) or proc.poll() is not None:
             break
         time.sleep(0.2)
     # SIGKILL the driver, the local cluster it started and every process below it (vLLM's
