@@ -120,19 +120,6 @@ def test_kl_is_exactly_zero_at_step_zero_then_positive(run):
     assert np.isfinite(second["loss/policy"])
 
 
-def test_packed_logprobs_is_the_learners_forward(run):
-    from verimed.core.reference import packed_logprobs
-
-    learner, batch = run["learner"], run["batch"]
-    cu, ids = batch.cu_seqlens.numpy(), batch.input_ids.numpy()
-    seqs = [ids[cu[s] : cu[s + 1]] for s in range(len(cu) - 1)]
-    with torch.no_grad():
-        ours = packed_logprobs(learner.model, seqs, run["cfg"].rollout.temperature, learner.device)
-        theirs = learner._forward_logprobs(seqs)
-    for a, b in zip(ours, theirs):
-        torch.testing.assert_close(a, b, atol=0, rtol=0)
-
-
 def test_micro_batching_does_not_change_reference_logprobs(run):
     from verimed.core.reference import ReferenceModel
 

@@ -85,6 +85,27 @@ def packed_layout(lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     return position_ids, rows
 
 
+def packed_logprobs(policy: torch.nn.Module, seqs: list[np.ndarray], temperature: float,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token (logprob, entropy) of ``seqs`` packed into one row; position t predicts token t.
+
+    ``policy`` is a :class:`FusedPolicy` (possibly FSDP-wrapped). The S sequences
+    are concatenated into one row of T = sum(len) tokens with position ids
+    restarting per sequence (block-diagonal causal attention, no padding); the
+    kernel sees only the N = T - S positions that predict a token of their own
+    sequence. Returns two float32 tensors [T] in the packed layout, 0 at each
+    sequence start; differentiable when called under autograd.
+    """
+    position_ids, rows = packed_layout([len(s) for s in seqs])  # [T], [N]
+    ids = torch.from_numpy(np.concatenate(seqs).astype(np.int64))
+    ids, position_ids, rows = ids.to(device), position_ids.to(device), rows.to(device)
+    targets = ids[rows + 1]
+    logprob, entropy = policy(ids[None], position_ids[None], rows, targets, temperature)
+    zeros = torch.zeros(ids.shape[0], device=device, dtype=torch.float32)
+    # index_copy (out of place) keeps autograd: token rows+1 gets the log-prob predicted at rows.
+    return zeros.index_copy(0, rows + 1, logprob.float()), zeros.index_copy(0, rows + 1, entropy.float())
+
+
 class FusedPolicy(torch.nn.Module):
     """An HF causal LM whose forward returns per-token (logprob, entropy) via the fused kernel.
 
@@ -152,21 +173,7 @@ class Learner:
     # ------------------------------------------------------------ log-probs
 
     def _forward_logprobs(self, seqs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token (logprob, entropy) of ``seqs`` packed in one row: position t predicts token t.
-
-        Returns two float32 tensors [sum(len)] aligned with the packed tokens;
-        position 0 of each sequence (no prediction) holds 0.
-        """
-        lengths = [len(s) for s in seqs]
-        position_ids, rows = packed_layout(lengths)
-        ids = torch.from_numpy(np.concatenate(seqs).astype(np.int64))
-        ids, position_ids, rows = ids.to(self.device), position_ids.to(self.device), rows.to(self.device)
-        targets = ids[rows + 1]
-        logprob, entropy = self.model(ids[None], position_ids[None], rows, targets, self.cfg.rollout.temperature)
-        total = ids.shape[0]
-        zeros = torch.zeros(total, device=self.device, dtype=torch.float32)
-        # index_copy (out of place) keeps autograd: token rows+1 gets the log-prob predicted at rows.
-        return zeros.index_copy(0, rows + 1, logprob.float()), zeros.index_copy(0, rows + 1, entropy.float())
+        return packed_logprobs(self.model, seqs, self.cfg.rollout.temperature, self.device)
 
     @torch.no_grad()
     def score(self, token_ids: list[int]) -> np.ndarray:

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from verimed.core.config import Config
-from verimed.core.learner import FusedPolicy, pack_micro_batches, packed_layout
+from verimed.core.learner import FusedPolicy, pack_micro_batches, packed_logprobs
 from verimed.core.models import load_causal_lm
 from verimed.core.types import Array, TrainBatch
 
@@ -89,27 +89,6 @@ def with_reference(batch: TrainBatch, reference_logprobs: np.ndarray) -> TrainBa
 
 
 # ------------------------------------------------------------ the forward
-
-
-def packed_logprobs(policy: torch.nn.Module, seqs: list[np.ndarray], temperature: float,
-                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token (logprob, entropy) of ``seqs`` packed into one row; position t predicts token t.
-
-    ``policy`` is a :class:`FusedPolicy` (possibly FSDP-wrapped). The S sequences
-    are concatenated into one row of T = sum(len) tokens with position ids
-    restarting per sequence (block-diagonal causal attention, no padding); the
-    kernel sees only the N = T - S positions that predict a token of their own
-    sequence. Returns two float32 tensors [T] in the packed layout, 0 at each
-    sequence start; differentiable when called under autograd.
-    """
-    position_ids, rows = packed_layout([len(s) for s in seqs])  # [T], [N]
-    ids = torch.from_numpy(np.concatenate(seqs).astype(np.int64))
-    ids, position_ids, rows = ids.to(device), position_ids.to(device), rows.to(device)
-    targets = ids[rows + 1]
-    logprob, entropy = policy(ids[None], position_ids[None], rows, targets, temperature)
-    zeros = torch.zeros(ids.shape[0], device=device, dtype=torch.float32)
-    # index_copy (out of place) keeps autograd: token rows+1 gets the log-prob predicted at rows.
-    return zeros.index_copy(0, rows + 1, logprob.float()), zeros.index_copy(0, rows + 1, entropy.float())
 
 
 def _dummy_of(mine: list[int], lengths: list[int]) -> list[int]:
