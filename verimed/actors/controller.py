@@ -28,15 +28,16 @@ import numpy as np
 import ray
 
 from verimed.actors.learner import LearnerGroup
-from verimed.actors.rollout import EngineRouter, RolloutActor
+from verimed.actors.rollout import EngineGroupClient, EngineRouter, RolloutActor
 from verimed.actors.weight_sync import WeightSyncCoordinator
 from verimed.core.batch import build_train_batch
 from verimed.core.checkpoint import (LEARNER_SUBDIR, CheckpointError, ControllerState, atomic_checkpoint_dir,
                                      latest_checkpoint, load_controller_state, save_controller_state)
-from verimed.core.config import Config, to_yaml
+from verimed.core.config import Config, ConfigError, to_yaml
+from verimed.core.llm import OpenAIClient
 from verimed.core.episodes import GroupResult, Roles
 from verimed.core.metrics import MetricsSink
-from verimed.core.models import load_tokenizer
+from verimed.core.models import load_tokenizer, resolve_model_path
 from verimed.core.multiturn import dialogue_slices
 from verimed.core.reference import reference_model_path, reference_needed
 from verimed.core.staleness import AdmissionControl, Ledger, staleness_histogram, staleness_stats
@@ -110,11 +111,12 @@ class Controller:
         self.engines = [RolloutActor.options(**options("rollout", i)).remote(cfg, self.model_path, i)
                         for i in range(cfg.placement.rollout.replicas)]
         self.learners = LearnerGroup(cfg, self.model_path, [options("learner", r) for r in range(cfg.placement.learner.replicas)])
+        llm = await self._llm_client(options)
         # Rules-backend roles are light: the CPU default gives them num_cpus=0 so they
         # never starve the queue (DESIGN §10); their placement says otherwise on a cluster.
-        self.simulator = SimulatorActor.options(**options("simulator", 0)).remote(cfg.simulator)
-        self.rubric_generator = RubricGeneratorActor.options(**options("rubric_generator", 0)).remote(cfg.rubrics)
-        self.verifier = VerifierActor.options(**options("verifier", 0)).remote(cfg.judge)
+        self.simulator = SimulatorActor.options(**options("simulator", 0)).remote(cfg.simulator, llm)
+        self.rubric_generator = RubricGeneratorActor.options(**options("rubric_generator", 0)).remote(cfg.rubrics, llm)
+        self.verifier = VerifierActor.options(**options("verifier", 0)).remote(cfg.judge, llm)
         if reference_needed(cfg):  # with kl_coef 0 in every stage no reference actor exists
             self.reference = ReferenceGroup(cfg, reference_model_path(cfg, self.model_path),
                                             [options("reference", r) for r in range(cfg.placement.reference.replicas)])
@@ -125,6 +127,30 @@ class Controller:
                            judge=Remote(self.verifier), generate=self._generate, tokenizer=self.tokenizer)
         self.sync = WeightSyncCoordinator(cfg, self.learners, self.engines, self.tokenizer)
         await self.sync.init()
+
+    async def _llm_client(self, options):
+        """The LLMClient of the LLM-backed roles (``llm:`` section), or None when all use rules.
+
+        ``openai``: an OpenAI-compatible endpoint; ``policy``: the policy engines (the
+        router is shipped to the role actors, its handles are picklable); ``vllm``: a
+        separate engine group serving ``llm.model``, placed with the verifier's resources.
+        """
+        cfg = self.cfg
+        if "llm" not in (cfg.simulator.backend, cfg.judge.backend, cfg.rubrics.generator):
+            return None
+        if cfg.llm.type == "openai":
+            if not (cfg.llm.base_url and cfg.llm.model):
+                raise ConfigError("llm.type=openai needs llm.base_url and llm.model")
+            return OpenAIClient(cfg.llm.base_url, cfg.llm.model, cfg.llm.api_key_env)
+        if cfg.llm.type == "policy":
+            return EngineGroupClient(EngineRouter(self.engines))
+        if not cfg.llm.model:
+            raise ConfigError("llm.type=vllm needs llm.model (a local model directory or 'smollm2')")
+        path = resolve_model_path(cfg.llm.model, cfg.model.cache_dir)
+        self.llm_engines = [RolloutActor.options(**options("verifier", i)).remote(cfg, path, 1000 + i)
+                            for i in range(cfg.placement.verifier.replicas)]
+        await asyncio.gather(*[e.ready.remote() for e in self.llm_engines])
+        return EngineGroupClient(EngineRouter(self.llm_engines))
 
     def _placement(self):
         """Placement groups for the plan of ``cfg.placement``; returns ``options(role, replica)``."""

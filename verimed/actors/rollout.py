@@ -47,7 +47,7 @@ class RolloutActor:
 
     async def chat(self, messages: list[dict[str, str]], max_tokens: int = 256, temperature: float = 0.0) -> str:
         ids = apply_chat_template(self.tokenizer, messages)
-        outs = await self.engine.generate(ids, 1, max_tokens=max_tokens, temperature=max(temperature, 1e-6), top_p=1.0)
+        outs = await self.engine.generate(ids, 1, max_tokens=max_tokens, temperature=temperature, top_p=1.0)
         return outs[0].text
 
     async def score(self, token_ids: list[int]):

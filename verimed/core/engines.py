@@ -168,8 +168,13 @@ class TransformersEngine:
             for _ in range(max_tokens):
                 out = self.model(ids if past is None else ids[:, -1:], past_key_values=past, use_cache=True)
                 past = out.past_key_values
-                logp = torch.log_softmax(out.logits[0, -1].float() / temperature, -1)
-                tok = int(torch.multinomial(logp.exp(), 1, generator=self.generator))
+                logits = out.logits[0, -1].float()
+                if temperature == 0:  # greedy, as vLLM: log-probs of the unscaled distribution
+                    logp = torch.log_softmax(logits, -1)
+                    tok = int(logp.argmax())
+                else:
+                    logp = torch.log_softmax(logits / temperature, -1)
+                    tok = int(torch.multinomial(logp.exp(), 1, generator=self.generator))
                 tokens.append(tok)
                 logprobs.append(float(logp[tok]))
                 ids = torch.cat([ids, torch.tensor([[tok]])], 1)

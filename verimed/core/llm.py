@@ -72,7 +72,5 @@ class EngineClient:
         from verimed.core.models import apply_chat_template
 
         ids = apply_chat_template(self.tokenizer, messages)
-        # temperature 0 means greedy; engines take a positive temperature, so
-        # use a tiny one (vLLM treats < 1e-5 as greedy).
-        out = await self.engine.generate(ids, 1, max_tokens=max_tokens, temperature=max(temperature, 1e-6), top_p=1.0)
+        out = await self.engine.generate(ids, 1, max_tokens=max_tokens, temperature=temperature, top_p=1.0)  # 0 = greedy
         return out[0].text
