@@ -17,8 +17,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from typing import Any, Literal, Protocol, Sequence
+from typing import Any, Literal, Sequence
 
+from verimed.core.llm import LLMClient  # the one protocol; re-exported for the judge
 from verimed.core.rubrics.case_rubrics import case_rubric
 from verimed.core.rubrics.model import (
     DIMENSIONS, RubricError, check_dimensions, dialogue_hash, make_item, merge_duplicates, validate_rubric,
@@ -31,13 +32,6 @@ log = logging.getLogger(__name__)
 
 # Dimensions an llm rubric must cover unless configured otherwise.
 DEFAULT_REQUIRED = ("diagnostic_accuracy", "consultation_logic", "ethics_safety")
-
-
-class LLMClient(Protocol):
-    """What the generator and the judge need of an LLM backend (verimed.core.llm)."""
-
-    async def chat(self, messages: list[dict[str, str]], *, max_tokens: int = 256, temperature: float = 0.0,
-                   affinity_key: str | None = None) -> str: ...
 
 
 class RubricGenerationError(RuntimeError):
