@@ -1,6 +1,6 @@
 """Weight-sync throughput: the bucketed path against one raw broadcast of the same bytes.
 
-    .venv/bin/python bench/weight_sync.py                      # SmolLM2 (fp32) + synthetic 1.5B (bf16)
+    .venv/bin/python bench/weight_sync.py                      # SmolLM2 (fp32, both layouts) + synthetic 1.5B (bf16)
     .venv/bin/python bench/weight_sync.py --models smollm2 --buckets-mb 16,64 --repeats 2 --no-append
 
 Two processes (sender = learner rank 0, receiver = one engine worker) form
@@ -15,7 +15,12 @@ nccl``). Per state dict it times, in the same run:
   for each bucket size of the sweep.
 
 Each time runs from a barrier to a barrier (the receiver has everything),
-best of ``--repeats``. The synthetic 1.5B model has Qwen2.5-1.5B's shapes
+best of ``--repeats``. ``smollm2`` is the default model as the learner holds
+it on one CPU rank: parameters flattened into one buffer
+(:func:`verimed.core.learner.flatten_parameters`), so buckets are views;
+``smollm2-separate`` is the same weights as separate tensors (what FSDP's
+per-parameter ``full_tensor()`` yields with several ranks: packing is
+exercised). The synthetic 1.5B model has Qwen2.5-1.5B's shapes
 (hidden 1536, 28 layers, MLP 8960, GQA 2 kv heads, vocab 151936, tied) in
 bf16 (2.9 GiB), as separate tensors (packing is exercised; peak ~10 GB over
 both processes) or, as ``synthetic-1.5b-flat``, views into one buffer that the
@@ -90,10 +95,13 @@ def _numel(shape) -> int:
 def load_model_state(name: str) -> tuple[torch.Tensor | None, list[tuple[str, torch.Tensor]]]:
     if name in ("synthetic-1.5b", "synthetic-1.5b-flat"):
         return synthetic_state(qwen_1p5b_shapes(), torch.bfloat16, flat_layout=name.endswith("-flat"))
+    from verimed.core.learner import flatten_parameters
     from verimed.core.models import load_causal_lm, resolve_model_path
 
-    model = load_causal_lm(resolve_model_path(name), "float32")
-    return None, [(n, p.detach()) for n, p in model.named_parameters()]
+    separate = name.endswith("-separate")
+    model = load_causal_lm(resolve_model_path(name.removesuffix("-separate")), "float32")
+    flat = None if separate else flatten_parameters(model)  # the learner's layout on one CPU rank
+    return flat, [(n, p.detach()) for n, p in model.named_parameters()]
 
 
 def _barrier(group) -> None:
@@ -188,8 +196,9 @@ def table(results: list, args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="smollm2,synthetic-1.5b",
-                    help="comma list: smollm2 | synthetic-1.5b | synthetic-1.5b-flat | an HF directory")
+    ap.add_argument("--models", default="smollm2,smollm2-separate,synthetic-1.5b",
+                    help="comma list: smollm2 | smollm2-separate | synthetic-1.5b | synthetic-1.5b-flat | an HF "
+                         "directory (add -separate for separate tensors)")
     ap.add_argument("--buckets-mb", default="16,64,256", help="bucket-size sweep (MB)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--backend", choices=("gloo", "nccl"), default="gloo")

@@ -22,7 +22,7 @@ import torch
 from verimed.core import checkpoint as ckpt
 from verimed.core.batch import build_train_batch
 from verimed.core.config import load_config
-from verimed.core.learner import Learner, pack_micro_batches, packed_layout
+from verimed.core.learner import Learner, flatten_parameters, pack_micro_batches, packed_layout
 from verimed.core.staleness import Ledger
 from verimed.core.types import Array, Group, Prompt, Sample, Turn
 
@@ -120,6 +120,23 @@ def test_packed_forward_matches_separate_sequences(tiny_path):
             assert float(got[0]) == 0.0
             torch.testing.assert_close(got[1:], ref, atol=1e-5, rtol=0)
             offset += len(s)
+
+
+def test_unsharded_learner_keeps_parameters_in_one_buffer(tiny_path):
+    """One CPU rank: parameters are views of one buffer in named order (zero-copy weight sync), still tied, still trained."""
+    learner = Learner(load_config(None, OVERRIDES), tiny_path)
+    params = [p for _, p in learner.model.named_parameters()]
+    storage = params[0].untyped_storage().data_ptr()
+    offsets = [p.data_ptr() - storage for p in params]
+    assert all(p.untyped_storage().data_ptr() == storage for p in params)
+    assert offsets == list(np.cumsum([0] + [p.numel() * 4 for p in params[:-1]]))
+    lm = learner.model.lm
+    assert lm.lm_head.weight is lm.model.embed_tokens.weight  # tying survives
+    before = params[1].detach().clone()
+    learner.train_step(make_batch(0)[0])
+    assert not torch.equal(before, params[1]) and params[1].untyped_storage().data_ptr() == storage
+    with pytest.raises(ValueError, match="one dtype"):
+        flatten_parameters(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).to(torch.bfloat16)))
 
 
 # ------------------------------------------------------------------ 2-rank FSDP2 vs unsharded

@@ -94,6 +94,31 @@ def test_bucketed_roundtrip(groups, bucket_bytes, dtype):
     assert sent["sync/buckets"] == len(ws.bucket_plan(meta))
 
 
+def test_flat_sender_buckets_many_large_tensors_as_views(groups):
+    """Tensors back to back in one buffer (the unsharded learner): no solo tensors, buckets are views."""
+    flat = torch.randn(3 * 2**19 + 7)  # 6 MiB + 28 B of float32
+    sizes = [2**19, 2**19 + 3, 2**19 - 3, 7]  # three 2 MiB tensors (solo when separate) and a small one
+    named, offset = [], 0
+    for i, n in enumerate(sizes):
+        named.append((f"w{i}", flat[offset : offset + n]))
+        offset += n
+    meta = ws.describe(named, 1, bucket_bytes=5 * 2**20)
+    assert meta.solo_bytes == 0
+    assert [idx for _, idx in ws.bucket_plan(meta)] == [[0, 1], [2, 3]]
+    separate = ws.describe([(n, t.clone()) for n, t in named], 1, bucket_bytes=5 * 2**20)
+    assert separate.solo_bytes == ws.DIRECT_BYTES and len(ws.bucket_plan(separate)) == 4
+    buffers = ws.SendBuffers(torch.device("cpu"))
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("got", ws.receive_weights(groups[1], meta, torch.device("cpu"))))
+    t.start()
+    ws.broadcast_weights(groups[0], iter(named), meta, torch.device("cpu"), buffers)
+    t.join(timeout=30)
+    assert buffers.raw[0].numel() == 0  # nothing was packed
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(named, result["got"]))
+    # a wire-dtype cast cannot be a view: the layout counts as separate
+    assert ws.describe(named, 1, 5 * 2**20, dtype="bfloat16").solo_bytes == ws.DIRECT_BYTES
+
+
 def test_injected_failure_drains_and_group_stays_usable(groups):
     named = _tensors(5)
     meta = ws.describe(named, 2, 64)

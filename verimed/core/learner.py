@@ -14,9 +14,11 @@ contributions add up to the full-batch loss.
 Sharding: ``fully_shard`` on every transformer block, then on the root
 (:class:`FusedPolicy`, which holds embedding, final norm and the tied LM head).
 GPU: bf16 parameters in compute, fp32 gradient reduction; CPU: fp32 throughout.
-The caller initialises ``torch.distributed`` (gloo on CPU, NCCL on GPU) first;
-without a process group the model is left unsharded (the single-process
-reference of ``tests/test_learner.py``).
+The caller initialises ``torch.distributed`` (gloo on CPU, NCCL on GPU) first.
+A single CPU rank (or no process group: the single-process reference of
+``tests/test_learner.py``) is left unsharded — one rank has nothing to shard,
+as torchtitan also skips FSDP there — with its parameters in one flat buffer
+(:func:`flatten_parameters`), so weight sync sends views with no pack copy.
 """
 from __future__ import annotations
 
@@ -106,6 +108,30 @@ def packed_logprobs(policy: torch.nn.Module, seqs: list[np.ndarray], temperature
     return zeros.index_copy(0, rows + 1, logprob.float()), zeros.index_copy(0, rows + 1, entropy.float())
 
 
+def flatten_parameters(module: torch.nn.Module) -> torch.Tensor:
+    """Move every parameter of ``module`` into one buffer, back to back in ``named_parameters()`` order.
+
+    Parameters keep their identity (``param.data`` becomes a view of the
+    buffer), so tied weights stay tied and an optimizer built afterwards
+    sees the same objects. Weight sync then broadcasts bucket-sized views of
+    the buffer instead of packing copies (on a CPU-bound transport a pack copy
+    costs about as much as the transfer). Needs one dtype and one device.
+    """
+    params = [p for _, p in module.named_parameters()]
+    kinds = {(p.dtype, p.device) for p in params}
+    if len(kinds) != 1:
+        raise ValueError(f"flatten_parameters needs one dtype and device, got {sorted(map(str, kinds))}")
+    dtype, device = kinds.pop()
+    flat = torch.empty(sum(p.numel() for p in params), dtype=dtype, device=device)
+    offset = 0
+    for p in params:
+        view = flat[offset : offset + p.numel()].view(p.shape)
+        view.copy_(p.data)
+        p.data = view
+        offset += p.numel()
+    return flat
+
+
 class FusedPolicy(torch.nn.Module):
     """An HF causal LM whose forward returns per-token (logprob, entropy) via the fused kernel.
 
@@ -149,7 +175,8 @@ class Learner:
     def _shard(self, model: FusedPolicy) -> torch.nn.Module:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        if not dist.is_initialized():
+        if not dist.is_initialized() or (self.world_size == 1 and self.device.type == "cpu"):
+            flatten_parameters(model)
             return model
         if self.device.type == "cuda":
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

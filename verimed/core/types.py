@@ -200,3 +200,6 @@ class WeightVersion(msgspec.Struct, frozen=True):
     shapes: list[tuple[int, ...]]
     dtypes: list[str]
     bucket_bytes: int
+    # Tensors of >= solo_bytes travel as buckets of their own (sent in place);
+    # 0: none do (the sender's tensors sit back to back, so every bucket is a view).
+    solo_bytes: int = 2**20

@@ -7,7 +7,10 @@ and the engines' own default groups. Gloo on CPU, NCCL on GPU: the same code.
 Wire format of one sync (both sides know the :class:`WeightVersion` message):
 tensors in ``names`` order, packed into flat per-dtype byte buckets of at most
 ``bucket_bytes``; a tensor of >= ``DIRECT_BYTES`` (1 MiB) is a bucket of its
-own and is sent in place, without a pack copy (:func:`bucket_plan`). The
+own and is sent in place, without a pack copy (:func:`bucket_plan`) — unless
+the sender's tensors already sit back to back in one buffer (the unsharded
+learner's flat parameters), when every bucket is a view and nothing is copied
+(:func:`describe` detects it, ``WeightVersion.solo_bytes = 0``). The
 sender prepares bucket k+1 while bucket k is in flight (async ``broadcast`` +
 ``wait``) and reuses its pack buffers across syncs (:class:`SendBuffers`);
 receivers land every bucket in one reusable :class:`ReceiveArena`.
@@ -58,23 +61,29 @@ def resolve_backend(backend: str) -> str:
 
 def describe(named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, bucket_bytes: int,
              dtype: str | None = None) -> WeightVersion:
-    """The :class:`WeightVersion` of one sync. No data is touched: a DTensor reports its global shape.
+    """The :class:`WeightVersion` of one sync. No data is copied: a DTensor reports its global shape.
 
     ``dtype`` (e.g. the engines' "bfloat16") sets the wire dtype of floating
     tensors; the sender casts while packing. None keeps each tensor's dtype.
+    When the tensors already sit back to back in one buffer in the wire
+    dtype, ``solo_bytes`` is 0: buckets of many tensors cost no pack copy.
     """
     if bucket_bytes < 1:
         raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
     if dtype is not None and dtype not in _DTYPES:
         raise ValueError(f"wire dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    names, shapes, dtypes, total = [], [], [], 0
+    names, shapes, dtypes, tensors, total = [], [], [], [], 0
     for name, tensor in named_tensors:
         wire = dtype if dtype is not None and tensor.is_floating_point() else str(tensor.dtype).removeprefix("torch.")
         names.append(name)
         shapes.append(tuple(tensor.shape))
         dtypes.append(wire)
+        tensors.append(tensor)
         total += tensor.numel() * _DTYPES[wire].itemsize
-    return WeightVersion(version=version, num_bytes=total, names=names, shapes=shapes, dtypes=dtypes, bucket_bytes=bucket_bytes)
+    flat = (bool(tensors) and len(set(dtypes)) == 1 and not hasattr(tensors[0], "full_tensor")
+            and _contiguous_span(tensors, _DTYPES[dtypes[0]], tensors[0].device) is not None)
+    return WeightVersion(version=version, num_bytes=total, names=names, shapes=shapes, dtypes=dtypes,
+                         bucket_bytes=bucket_bytes, solo_bytes=0 if flat else DIRECT_BYTES)
 
 
 # A tensor of at least this many bytes travels as a bucket of its own: the sender
@@ -86,17 +95,18 @@ DIRECT_BYTES = 2**20
 def bucket_plan(meta: WeightVersion) -> list[tuple[str, list[int]]]:
     """Split tensor indices into buckets: ``[(dtype, [i, ...]), ...]``, in ``meta.names`` order.
 
-    A tensor of >= :data:`DIRECT_BYTES` (or larger than a bucket) gets a
-    bucket of its own; consecutive smaller tensors of one dtype share a
-    bucket until it would exceed ``meta.bucket_bytes``. Both sides compute
+    A tensor of >= ``meta.solo_bytes`` (when not 0) or of at least a bucket
+    gets a bucket of its own; consecutive smaller tensors of one dtype share
+    a bucket until it would exceed ``meta.bucket_bytes``. Both sides compute
     the same plan from ``meta``.
     """
     plan: list[tuple[str, list[int]]] = []
     size = 0
     open_bucket = False  # whether plan[-1] may take more small tensors
+    solo = min(meta.solo_bytes or meta.bucket_bytes, meta.bucket_bytes)
     for i, (shape, dtype) in enumerate(zip(meta.shapes, meta.dtypes)):
         nbytes = _numel(shape) * _DTYPES[dtype].itemsize
-        if nbytes >= min(DIRECT_BYTES, meta.bucket_bytes):
+        if nbytes >= solo:
             plan.append((dtype, [i]))
             open_bucket = False
             continue
@@ -150,11 +160,11 @@ def broadcast_weights(group, named_tensors: Iterable[tuple[str, torch.Tensor]], 
     start = time.perf_counter()
     plan = bucket_plan(meta)
     buffers = buffers if buffers is not None else SendBuffers(device)
-    buffers.reserve(max((_bucket_bytes(meta, dt, idx) for dt, idx in plan if len(idx) > 1), default=0))
+    pack_bytes = max((_bucket_bytes(meta, dt, idx) for dt, idx in plan if len(idx) > 1), default=0)
     stream = iter(named_tensors)
     pending = None
     for k, (dtype, indices) in enumerate(plan):
-        flat = _prepare_bucket(stream, meta, dtype, indices, buffers, k, device)
+        flat = _prepare_bucket(stream, meta, dtype, indices, buffers, k, device, pack_bytes)
         if device.type == "cuda":
             torch.cuda.current_stream(device).synchronize()  # the pack is done before NCCL reads it
         if pending is not None:
@@ -172,13 +182,14 @@ def _bucket_bytes(meta: WeightVersion, dtype: str, indices: list[int]) -> int:
 
 
 def _prepare_bucket(stream, meta: WeightVersion, dtype: str, indices: list[int], buffers: SendBuffers, k: int,
-                    device: torch.device) -> torch.Tensor:
+                    device: torch.device, pack_bytes: int) -> torch.Tensor:
     """The flat tensor to broadcast for bucket k, without a copy when its tensors already form one.
 
     Zero-copy when the bucket's tensors are (in order) adjacent in one
     storage, on ``device`` and in the wire dtype (a lone tensor, or a learner
     that keeps its weights in a flat buffer); otherwise they are packed into
-    a reusable buffer (casting to the wire dtype).
+    a reusable buffer (casting to the wire dtype), sized ``pack_bytes`` (the
+    largest bucket) the first time one is needed.
     """
     wire = _DTYPES[dtype]
     tensors = []
@@ -193,6 +204,7 @@ def _prepare_bucket(stream, meta: WeightVersion, dtype: str, indices: list[int],
         return span
     if len(tensors) == 1:  # a lone tensor in another dtype/device/layout: one converted copy
         return tensors[0].reshape(-1).to(device=device, dtype=wire).contiguous()
+    buffers.reserve(pack_bytes)
     flat = buffers.view(k, wire, sum(t.numel() for t in tensors))
     offset = 0
     for tensor in tensors:
