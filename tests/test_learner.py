@@ -122,6 +122,29 @@ def test_packed_forward_matches_separate_sequences(tiny_path):
             offset += len(s)
 
 
+def test_segment_attention_matches_block_diagonal_sdpa(tiny_path):
+    """Per-sequence attention (CPU default) = transformers' sdpa with the block-diagonal mask: values and gradients."""
+    from verimed.core.learner import packed_logprobs
+
+    learner = Learner(load_config(None, OVERRIDES), tiny_path)
+    assert learner.model.lm.config._attn_implementation == "verimed_segments"
+    rng = np.random.default_rng(2)
+    seqs = [rng.integers(0, 400, n) for n in (7, 1, 12, 3)]
+    results = []
+    for impl in ("verimed_segments", "sdpa"):
+        learner.model.lm.set_attn_implementation(impl)
+        learner.model.zero_grad(set_to_none=True)
+        logprob, entropy = packed_logprobs(learner.model, seqs, 1.0, torch.device("cpu"))
+        (logprob.sum() + entropy.sum()).backward()
+        grads = [p.grad.clone() for p in learner.model.parameters()]
+        results.append((logprob.detach(), entropy.detach(), grads))
+    (lp_a, ent_a, g_a), (lp_b, ent_b, g_b) = results
+    torch.testing.assert_close(lp_a, lp_b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent_a, ent_b, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g_a, g_b):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_unsharded_learner_keeps_parameters_in_one_buffer(tiny_path):
     """One CPU rank: parameters are views of one buffer in named order (zero-copy weight sync), still tied, still trained."""
     learner = Learner(load_config(None, OVERRIDES), tiny_path)

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from verimed.core import grpo
+from verimed.core.attention import SEGMENTS_KWARG, use_segment_attention
 from verimed.core.config import Config, GRPOConfig
 from verimed.core.models import load_causal_lm
 from verimed.core.types import TrainBatch
@@ -88,21 +89,27 @@ def packed_layout(lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def packed_logprobs(policy: torch.nn.Module, seqs: list[np.ndarray], temperature: float,
-                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+                    device: torch.device, wanted: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token (logprob, entropy) of ``seqs`` packed into one row; position t predicts token t.
 
     ``policy`` is a :class:`FusedPolicy` (possibly FSDP-wrapped). The S sequences
     are concatenated into one row of T = sum(len) tokens with position ids
     restarting per sequence (block-diagonal causal attention, no padding); the
     kernel sees only the N = T - S positions that predict a token of their own
-    sequence. Returns two float32 tensors [T] in the packed layout, 0 at each
-    sequence start; differentiable when called under autograd.
+    sequence — and of those only the ones whose token is ``wanted`` (bool [T],
+    e.g. the loss mask: prompt tokens then cost no LM-head work, which on the
+    default workload is most of it). Returns two float32 tensors [T] in the
+    packed layout, 0 at each sequence start and at unwanted tokens;
+    differentiable when called under autograd.
     """
     position_ids, rows = packed_layout([len(s) for s in seqs])  # [T], [N]
+    if wanted is not None:
+        rows = rows[torch.from_numpy(np.asarray(wanted, dtype=bool))[rows + 1]]
     ids = torch.from_numpy(np.concatenate(seqs).astype(np.int64))
     ids, position_ids, rows = ids.to(device), position_ids.to(device), rows.to(device)
     targets = ids[rows + 1]
-    logprob, entropy = policy(ids[None], position_ids[None], rows, targets, temperature)
+    cu_seqlens = np.cumsum([0] + [len(s) for s in seqs]).tolist()
+    logprob, entropy = policy(ids[None], position_ids[None], rows, targets, temperature, cu_seqlens)
     zeros = torch.zeros(ids.shape[0], device=device, dtype=torch.float32)
     # index_copy (out of place) keeps autograd: token rows+1 gets the log-prob predicted at rows.
     return zeros.index_copy(0, rows + 1, logprob.float()), zeros.index_copy(0, rows + 1, entropy.float())
@@ -138,16 +145,21 @@ class FusedPolicy(torch.nn.Module):
     Wrapping it as the FSDP root puts the embedding, final norm and (tied)
     LM head in one FSDP group that is unsharded during this forward, so the
     kernel sees full weights and their gradients take FSDP's normal path.
+    On CPU attention runs per packed sequence (:mod:`verimed.core.attention`).
     """
 
     def __init__(self, lm: torch.nn.Module):
         super().__init__()
         self.lm = lm
+        if next(lm.parameters()).device.type == "cpu":
+            use_segment_attention(lm)
 
-    def forward(self, input_ids, position_ids, rows, targets, temperature: float):
-        # input_ids, position_ids [1, T]; no attention mask: restarting position
-        # ids make transformers build the block-diagonal causal mask.
-        hidden = self.lm.model(input_ids=input_ids, position_ids=position_ids).last_hidden_state  # [1, T, H]
+    def forward(self, input_ids, position_ids, rows, targets, temperature: float, cu_seqlens: list[int] | None = None):
+        # input_ids, position_ids [1, T]; no attention mask: restarting position ids
+        # make transformers build the block-diagonal causal mask (flash / sdpa on
+        # GPU), and segment attention takes the sequence bounds from cu_seqlens.
+        hidden = self.lm.model(input_ids=input_ids, position_ids=position_ids,
+                               **{SEGMENTS_KWARG: cu_seqlens}).last_hidden_state  # [1, T, H]
         flat = hidden[0, rows]  # [N, H]: positions that predict a target
         weight = self.lm.lm_head.weight
         return fused_logprob(flat.to(weight.dtype), weight, targets, temperature)
@@ -199,8 +211,8 @@ class Learner:
 
     # ------------------------------------------------------------ log-probs
 
-    def _forward_logprobs(self, seqs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        return packed_logprobs(self.model, seqs, self.cfg.rollout.temperature, self.device)
+    def _forward_logprobs(self, seqs: list[np.ndarray], wanted: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return packed_logprobs(self.model, seqs, self.cfg.rollout.temperature, self.device, wanted)
 
     @torch.no_grad()
     def score(self, token_ids: list[int]) -> np.ndarray:
@@ -255,7 +267,8 @@ class Learner:
     def _micro_loss(self, seqs, cu, arrays, ref, batch: TrainBatch, num_seqs: int, num_tokens: float, grpo_cfg: GRPOConfig):
         spans = [(int(cu[s]), int(cu[s + 1])) for s in seqs]
         gather = lambda a: torch.from_numpy(np.concatenate([a[b:e] for b, e in spans]).astype(np.float32)).to(self.device)
-        logprobs, entropy = self._forward_logprobs([arrays["input_ids"][b:e] for b, e in spans])
+        mask = np.concatenate([arrays["loss_mask"][b:e] for b, e in spans]) > 0
+        logprobs, entropy = self._forward_logprobs([arrays["input_ids"][b:e] for b, e in spans], mask)
         behaviour = gather(arrays["behaviour_logprobs"])
         if grpo_cfg.proximal == "interpolate":
             # AReaL's log-linear interpolation by versions (proximal one version behind pi_theta).

@@ -170,7 +170,7 @@ class ReferenceModel:
     # ------------------------------------------------------------ log-probs
 
     def logprobs(self, batch: TrainBatch) -> np.ndarray:
-        """Reference log-probs float32 [T] of ``batch`` in its packed layout (0 at sequence starts).
+        """Reference log-probs float32 [T] of ``batch``'s loss tokens in its packed layout (0 elsewhere).
 
         Collective when sharded: every replica must call it with the same batch;
         each scores its own sequences and an all-reduce assembles the full array.
@@ -178,6 +178,7 @@ class ReferenceModel:
         start = time.perf_counter()
         cu = batch.cu_seqlens.numpy()
         ids = batch.input_ids.numpy()
+        loss_mask = batch.loss_mask.numpy()
         if len(cu) < 1 or int(cu[0]) != 0 or int(cu[-1]) != len(ids):
             raise ValueError(f"batch cu_seqlens must run from 0 to {len(ids)}, got {cu[:1]}..{cu[-1:]}")
         lengths = [int(cu[s + 1] - cu[s]) for s in range(len(cu) - 1)]
@@ -192,7 +193,9 @@ class ReferenceModel:
                 seqs = micro[k] if real else _dummy_of(mine, lengths)
                 if not seqs:
                     continue  # nothing to score anywhere (all sequences shorter than 2)
-                lp, _ = packed_logprobs(self.model, [ids[cu[s] : cu[s + 1]] for s in seqs], self.cfg.rollout.temperature, self.device)
+                wanted = np.concatenate([loss_mask[cu[s] : cu[s + 1]] for s in seqs]) > 0  # the KL's tokens
+                lp, _ = packed_logprobs(self.model, [ids[cu[s] : cu[s + 1]] for s in seqs], self.cfg.rollout.temperature,
+                                        self.device, wanted)
                 if real:
                     lp, offset = lp.float().cpu(), 0
                     for s in seqs:
