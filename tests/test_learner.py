@@ -22,7 +22,7 @@ import torch
 from verimed.core import checkpoint as ckpt
 from verimed.core.batch import build_train_batch
 from verimed.core.config import load_config
-from verimed.core.learner import Learner, flatten_parameters, pack_micro_batches, packed_layout
+from verimed.core.learner import Learner, flatten_parameters, pack_micro_batches, packed_layout, segment_masks
 from verimed.core.staleness import Ledger
 from verimed.core.types import Array, Group, Prompt, Sample, Turn
 
@@ -101,9 +101,44 @@ def test_pack_micro_batches_respects_budget_and_covers_all():
 
 
 def test_packed_layout():
-    pos, rows = packed_layout([3, 1, 2])
-    assert pos.tolist() == [0, 1, 2, 0, 0, 1]
-    assert rows.tolist() == [0, 1, 4]  # last token of each sequence predicts nothing
+    seqs = [np.array([5, 6, 7]), np.array([8]), np.array([9, 10])]
+    row = packed_layout(seqs)
+    assert row.ids.tolist() == [5, 6, 7, 8, 9, 10] and row.position_ids.tolist() == [0, 1, 2, 0, 0, 1]
+    assert row.tokens.tolist() == [1, 2, 5] and row.rows.tolist() == [0, 1, 4]  # a sequence's first token is not scored
+    assert row.segments == [(0, 3, 0, ()), (3, 4, 0, ()), (4, 6, 0, ())]
+
+
+def test_packed_layout_shares_prompts():
+    """Two samples of one prompt [1 2 3] + an unrelated sequence; wanted = the responses."""
+    seqs = [np.array([1, 2, 3, 40, 41]), np.array([7, 8, 9]), np.array([1, 2, 3, 50])]
+    wanted = np.array([0, 0, 0, 1, 1, 0, 1, 1, 0, 0, 0, 1], bool)
+    row = packed_layout(seqs, wanted, share_prefixes=True)
+    assert row.ids.tolist() == [1, 2, 3, 40, 41, 50, 7, 8, 9]  # the prompt once, then each response
+    assert row.position_ids.tolist() == [0, 1, 2, 3, 4, 3, 0, 1, 2]
+    assert row.segments == [(0, 6, 3, (2, 1)), (6, 9, 0, ())]
+    assert row.tokens.tolist() == [3, 4, 6, 7, 11]
+    assert row.rows.tolist() == [2, 3, 6, 7, 2]  # both first response tokens are predicted by the prompt's last row
+    mask = segment_masks(row.segments, torch.device("cpu"))[0][2].int().tolist()
+    assert mask == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0],
+                    [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 1]]  # 50 does not see 40, 41
+    # different prompts, or nothing wanted: nothing shared
+    assert all(not sfx for *_, sfx in packed_layout(seqs, None, share_prefixes=True).segments)
+
+
+def test_shared_prompt_training_equals_plain_packing(tiny_path):
+    """A GRPO step with prompts shared inside micro-batches = the same step with every sequence packed whole."""
+    batch = make_batch(3, groups=3, group_size=3)[0]
+    cu, ids, mask = batch.cu_seqlens.numpy(), batch.input_ids.numpy(), batch.loss_mask.numpy() > 0
+    shared = packed_layout([ids[cu[s] : cu[s + 1]] for s in range(3)], mask[: cu[3]], share_prefixes=True)
+    assert len(shared.ids) < cu[3]  # group 0's three samples share their prompt
+    steps = []
+    for segment_attention in (True, False):
+        learner = Learner(load_config(None, OVERRIDES), tiny_path)
+        learner.model.segment_attention = segment_attention  # False: plain layout (still per-sequence attention)
+        metrics = learner.train_step(batch)
+        steps.append((metrics["loss/policy"], full_state(learner)))
+    assert abs(steps[0][0] - steps[1][0]) <= 1e-6 * max(1.0, abs(steps[1][0]))
+    assert rel_diff(steps[0][1], steps[1][1]) <= REL_TOL
 
 
 def test_packed_forward_matches_separate_sequences(tiny_path):

@@ -7,9 +7,11 @@ computes all T² scores; on CPU that is most of a training step (SDPA forward
 and backward were a third of a SmolLM2 step at T ≈ 2k, S = 16). Here each
 sequence attends only to itself:
 
-    out[b:e] = softmax(Q[b:e] K[b:e]^T · scale + causal) V[b:e]   for each (b, e) in cu_seqlens
+    out[b:e] = softmax(Q[b:e] K[b:e]^T · scale + mask) V[b:e]   for each segment (b, e)
 
-so the cost is Σ n_i² instead of T². Same numbers as the masked path (tested).
+so the cost is Σ n_i² instead of T², and a segment may hold a prompt shared
+by G responses (a tree mask; :func:`verimed.core.learner.packed_layout`).
+Same numbers as the masked path (tested).
 On CUDA the model keeps its configured implementation (flash / sdpa varlen).
 """
 from __future__ import annotations
@@ -26,19 +28,21 @@ SEGMENTS_KWARG = "verimed_cu_seqlens"
 def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: Any, dropout: float = 0.0, scaling: float | None = None,
                       **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """transformers attention function: query [1, Hq, T, D], key/value [1, Hkv, T, D] -> [1, T, Hq, D].
+    """transformers attention function: query [1, Hq, R, D], key/value [1, Hkv, R, D] -> [1, R, Hq, D].
 
-    ``kwargs[SEGMENTS_KWARG]``: cu_seqlens (S+1 ints, 0 .. T) of the packed
-    row; without it the whole row is one causal sequence. GQA heads are
+    ``kwargs[SEGMENTS_KWARG]``: ``(start, end, mask)`` per segment of the row
+    (:func:`verimed.core.learner.segment_masks`); ``mask`` None is plain causal,
+    else a bool [n, n] (True = may attend; a shared prompt and its responses).
+    Without segments the whole row is one causal sequence. GQA heads are
     shared by ``enable_gqa``; no dropout (the policy trains without it).
     """
     if query.shape[0] != 1:
         raise ValueError(f"segment attention takes one packed row, got batch {query.shape[0]}")
-    cu: Sequence[int] = kwargs.get(SEGMENTS_KWARG) or (0, query.shape[2])
+    segments: Sequence[tuple[int, int, Any]] = kwargs.get(SEGMENTS_KWARG) or [(0, query.shape[2], None)]
     gqa = query.shape[1] != key.shape[1]
-    outs = [F.scaled_dot_product_attention(query[:, :, b:e], key[:, :, b:e], value[:, :, b:e], is_causal=True,
-                                           scale=scaling, enable_gqa=gqa)
-            for b, e in zip(cu[:-1], cu[1:])]
+    outs = [F.scaled_dot_product_attention(query[:, :, b:e], key[:, :, b:e], value[:, :, b:e], attn_mask=mask,
+                                           is_causal=mask is None, scale=scaling, enable_gqa=gqa)
+            for b, e, mask in segments]
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -74,45 +74,122 @@ def pack_micro_batches(lengths: list[int], token_budget: int) -> list[list[int]]
     return batches
 
 
-def packed_layout(lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Layout of sequences of ``lengths`` packed into one row of T = sum(lengths) tokens.
+class PackedRow(NamedTuple):
+    """S sequences laid out as one row of R tokens (see :func:`packed_layout`)."""
 
-    Returns ``position_ids`` [T] (restarting at 0 per sequence) and ``rows``
-    [T - S]: the packed positions that predict a next token of their own
-    sequence (every position but each sequence's last); position ``rows[j]``
-    predicts token ``rows[j] + 1``.
+    ids: np.ndarray  # int64 [R]
+    position_ids: np.ndarray  # int64 [R]
+    # attention segments (start, end, prefix_len, suffix_lens): rows [start, end) are one
+    # causal sequence when suffix_lens is empty, else a shared prefix of prefix_len rows
+    # followed by suffixes that each see the whole prefix and, causally, only themselves
+    segments: list[tuple[int, int, int, tuple[int, ...]]]
+    rows: np.ndarray  # int64 [N]: the row whose hidden state predicts each scored token
+    tokens: np.ndarray  # int64 [N]: index of each scored token in the concatenated sequences [T]
+
+
+def packed_layout(seqs: list[np.ndarray], wanted: np.ndarray | None = None, share_prefixes: bool = False) -> PackedRow:
+    """Lay ``seqs`` (T tokens in all) out as one row; score token t (> its sequence start) when ``wanted[t]``.
+
+    Without sharing the row is the concatenation (R = T), position ids restart
+    at 0 per sequence and token t is predicted by row t - 1. With
+    ``share_prefixes``, sequences whose tokens before their first wanted token
+    (the prompt) are identical — the G samples of a GRPO group, or the G
+    candidates of a dialogue slice — put that prefix in the row once, then
+    each suffix (positions continuing after the prefix):
+
+        [prompt | response_1 | ... | response_G]   R = p + sum(len_i - p)
+
+    A response's first token is predicted by the prompt's last row (shared).
+    The hidden states are the same as in the plain layout (each response sees
+    exactly its own prompt and itself), so log-probs and gradients are equal
+    while the prompt costs one forward/backward instead of G.
     """
-    position_ids = torch.cat([torch.arange(n) for n in lengths])
-    starts = np.cumsum([0] + list(lengths))
-    rows = torch.cat([torch.arange(int(s), int(s) + n - 1) for s, n in zip(starts, lengths)])
-    return position_ids, rows
+    lengths = [len(x) for x in seqs]
+    starts = np.cumsum([0] + lengths)
+    flat = np.concatenate(seqs).astype(np.int64) if seqs else np.zeros(0, np.int64)
+    want = np.ones(len(flat), bool) if wanted is None else np.asarray(wanted, dtype=bool)
+    groups: dict[object, list[int]] = {}
+    for i, seq in enumerate(seqs):
+        p = int(np.argmax(want[starts[i] : starts[i + 1]])) if want[starts[i] : starts[i + 1]].any() else len(seq)
+        key = (p, seq[:p].tobytes()) if share_prefixes and p > 0 else i
+        groups.setdefault(key, []).append(i)
+    ids, pos, segments, row_of = [], [], [], np.empty(len(flat), np.int64)
+    width = 0
+    for key, members in groups.items():
+        p = key[0] if isinstance(key, tuple) and len(members) > 1 else 0
+        seg_start = width
+        if p:
+            ids.append(seqs[members[0]][:p])
+            pos.append(np.arange(p))
+            for m in members:
+                row_of[starts[m] : starts[m] + p] = seg_start + np.arange(p)
+            width += p
+        for m in members:
+            n = lengths[m] - p
+            ids.append(seqs[m][p:])
+            pos.append(np.arange(p, lengths[m]))
+            row_of[starts[m] + p : starts[m + 1]] = width + np.arange(n)
+            if not p:
+                segments.append((width, width + n, 0, ()))
+            width += n
+        if p:
+            segments.append((seg_start, width, p, tuple(lengths[m] - p for m in members)))
+    first = np.zeros(len(flat), bool)
+    first[starts[:-1][np.asarray(lengths) > 0]] = True
+    tokens = np.flatnonzero(want & ~first)
+    return PackedRow(ids=np.concatenate(ids).astype(np.int64) if ids else flat, position_ids=np.concatenate(pos).astype(np.int64) if pos else flat,
+                     segments=segments, rows=row_of[tokens - 1], tokens=tokens)
+
+
+def _prompt_len(s: int, cu: np.ndarray, loss_mask: np.ndarray) -> int:
+    """Tokens of sequence ``s`` before its first loss token (its whole length when it has none)."""
+    span = loss_mask[cu[s] : cu[s + 1]] > 0
+    return int(np.argmax(span)) if span.any() else len(span)
+
+
+def segment_masks(segments: list[tuple[int, int, int, tuple[int, ...]]], device: torch.device) -> list[tuple[int, int, torch.Tensor | None]]:
+    """(start, end, bool mask or None) per segment for :func:`verimed.core.attention.segment_attention`.
+
+    None: plain causal. A shared-prefix segment of n rows gets mask[i, j] =
+    j <= i and (j in the prefix or j in i's own suffix).
+    """
+    out = []
+    for start, end, p, suffixes in segments:
+        if not suffixes:
+            out.append((start, end, None))
+            continue
+        owner = torch.cat([torch.full((p,), -1)] + [torch.full((n,), k) for k, n in enumerate(suffixes)]).to(device)
+        idx = torch.arange(end - start, device=device)
+        mask = (idx[None, :] <= idx[:, None]) & ((owner[None, :] == -1) | (owner[None, :] == owner[:, None]))
+        out.append((start, end, mask))
+    return out
 
 
 def packed_logprobs(policy: torch.nn.Module, seqs: list[np.ndarray], temperature: float,
                     device: torch.device, wanted: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token (logprob, entropy) of ``seqs`` packed into one row; position t predicts token t.
+    """Per-token (logprob, entropy) of ``seqs`` packed into one row; entry t is token t's.
 
     ``policy`` is a :class:`FusedPolicy` (possibly FSDP-wrapped). The S sequences
-    are concatenated into one row of T = sum(len) tokens with position ids
-    restarting per sequence (block-diagonal causal attention, no padding); the
-    kernel sees only the N = T - S positions that predict a token of their own
-    sequence — and of those only the ones whose token is ``wanted`` (bool [T],
-    e.g. the loss mask: prompt tokens then cost no LM-head work, which on the
-    default workload is most of it). Returns two float32 tensors [T] in the
-    packed layout, 0 at each sequence start and at unwanted tokens;
-    differentiable when called under autograd.
+    (T tokens) go through the model as one row without padding
+    (:func:`packed_layout`; shared prompts computed once when the policy runs
+    segment attention); the kernel sees only the rows that predict a token of
+    their own sequence that is ``wanted`` (bool [T], e.g. the loss mask: prompt
+    tokens then cost no LM-head work, which on the default workload is most of
+    it). Returns two float32 tensors [T] in the concatenated layout, 0 at each
+    sequence start and at unwanted tokens; differentiable under autograd.
     """
-    position_ids, rows = packed_layout([len(s) for s in seqs])  # [T], [N]
-    if wanted is not None:
-        rows = rows[torch.from_numpy(np.asarray(wanted, dtype=bool))[rows + 1]]
-    ids = torch.from_numpy(np.concatenate(seqs).astype(np.int64))
-    ids, position_ids, rows = ids.to(device), position_ids.to(device), rows.to(device)
-    targets = ids[rows + 1]
-    cu_seqlens = np.cumsum([0] + [len(s) for s in seqs]).tolist()
-    logprob, entropy = policy(ids[None], position_ids[None], rows, targets, temperature, cu_seqlens)
-    zeros = torch.zeros(ids.shape[0], device=device, dtype=torch.float32)
-    # index_copy (out of place) keeps autograd: token rows+1 gets the log-prob predicted at rows.
-    return zeros.index_copy(0, rows + 1, logprob.float()), zeros.index_copy(0, rows + 1, entropy.float())
+    share = bool(getattr(policy, "segment_attention", False)) and wanted is not None
+    layout = packed_layout(seqs, wanted, share_prefixes=share)
+    ids = torch.from_numpy(layout.ids).to(device)
+    rows = torch.from_numpy(layout.rows).to(device)
+    tokens = torch.from_numpy(layout.tokens).to(device)
+    flat = torch.from_numpy(np.concatenate(seqs).astype(np.int64)).to(device)
+    position_ids = torch.from_numpy(layout.position_ids).to(device)
+    logprob, entropy = policy(ids[None], position_ids[None], rows, flat[tokens], temperature,
+                              segment_masks(layout.segments, device))
+    zeros = torch.zeros(flat.shape[0], device=device, dtype=torch.float32)
+    # index_copy (out of place) keeps autograd: entry t gets the log-prob of token t.
+    return zeros.index_copy(0, tokens, logprob.float()), zeros.index_copy(0, tokens, entropy.float())
 
 
 def flatten_parameters(module: torch.nn.Module) -> torch.Tensor:
@@ -151,15 +228,16 @@ class FusedPolicy(torch.nn.Module):
     def __init__(self, lm: torch.nn.Module):
         super().__init__()
         self.lm = lm
-        if next(lm.parameters()).device.type == "cpu":
+        self.segment_attention = next(lm.parameters()).device.type == "cpu"
+        if self.segment_attention:
             use_segment_attention(lm)
 
-    def forward(self, input_ids, position_ids, rows, targets, temperature: float, cu_seqlens: list[int] | None = None):
-        # input_ids, position_ids [1, T]; no attention mask: restarting position ids
+    def forward(self, input_ids, position_ids, rows, targets, temperature: float, segments=None):
+        # input_ids, position_ids [1, R]; no attention mask: restarting position ids
         # make transformers build the block-diagonal causal mask (flash / sdpa on
-        # GPU), and segment attention takes the sequence bounds from cu_seqlens.
+        # GPU), and segment attention takes the segments of segment_masks().
         hidden = self.lm.model(input_ids=input_ids, position_ids=position_ids,
-                               **{SEGMENTS_KWARG: cu_seqlens}).last_hidden_state  # [1, T, H]
+                               **{SEGMENTS_KWARG: segments}).last_hidden_state  # [1, R, H]
         flat = hidden[0, rows]  # [N, H]: positions that predict a target
         weight = self.lm.lm_head.weight
         return fused_logprob(flat.to(weight.dtype), weight, targets, temperature)
@@ -223,8 +301,41 @@ class Learner:
     # ------------------------------------------------------------ training
 
     def _my_sequences(self, batch: TrainBatch) -> list[int]:
-        num = len(batch.cu_seqlens.numpy()) - 1
-        return list(range(self.rank, num, self.world_size))
+        """This rank's sequences: whole groups (round robin), so a group's shared prompt stays on one rank."""
+        return [s for s, g in enumerate(batch.group_ids.numpy()) if int(g) % self.world_size == self.rank]
+
+    def _micro_batches(self, mine: list[int], cu: np.ndarray, ids: np.ndarray, loss_mask: np.ndarray,
+                       group_ids: np.ndarray) -> list[list[int]]:
+        """Micro-batches of sequence indices within ``trainer.micro_batch_tokens`` row tokens.
+
+        With segment attention a group whose sequences share their prompt
+        costs p + Σ(len_i - p) row tokens (:func:`packed_layout`), so its
+        sequences are kept together (split into chunks when over budget);
+        units are then packed first-fit-decreasing.
+        """
+        budget = self.cfg.trainer.micro_batch_tokens
+        by_group: dict[int, list[int]] = {}
+        for s in mine:
+            by_group.setdefault(int(group_ids[s]), []).append(s)
+        units, costs = [], []
+        for members in by_group.values():
+            p = _prompt_len(members[0], cu, loss_mask)
+            shared = getattr(self.model, "segment_attention", False) and p > 0 and all(
+                _prompt_len(s, cu, loss_mask) == p and np.array_equal(ids[cu[s] : cu[s] + p], ids[cu[members[0]] : cu[members[0]] + p])
+                for s in members)
+            p = p if shared else 0
+            chunk, cost = [], p
+            for s in members:
+                n = int(cu[s + 1] - cu[s]) - p
+                if chunk and (cost + n > budget or not shared):
+                    units.append(chunk)
+                    costs.append(cost)
+                    chunk, cost = [], p
+                chunk.append(s)
+                cost += n
+            units.append(chunk)
+            costs.append(cost)
+        return [[s for u in mb for s in units[u]] for mb in pack_micro_batches(costs, budget)]
 
     def train_step(self, batch: TrainBatch, grpo_cfg: GRPOConfig | None = None) -> dict[str, float]:
         """One optimizer step on ``batch``; returns loss metrics reduced over micro-batches and ranks.
@@ -237,8 +348,7 @@ class Learner:
         arrays = {k: getattr(batch, k).numpy() for k in ("input_ids", "loss_mask", "behaviour_logprobs", "advantages", "versions")}
         ref = batch.reference_logprobs.numpy() if batch.reference_logprobs is not None else None
         mine = self._my_sequences(batch)
-        lengths = [int(cu[s + 1] - cu[s]) for s in mine]
-        micro = [[mine[i] for i in mb] for mb in pack_micro_batches(lengths, self.cfg.trainer.micro_batch_tokens)]
+        micro = self._micro_batches(mine, cu, arrays["input_ids"], arrays["loss_mask"], batch.group_ids.numpy())
         num_micro = self._max_over_ranks(len(micro))
         num_seqs = len(cu) - 1
         num_tokens = float(arrays["loss_mask"].sum())
