@@ -110,7 +110,7 @@ def packed_layout(seqs: list[np.ndarray], wanted: np.ndarray | None = None, shar
     want = np.ones(len(flat), bool) if wanted is None else np.asarray(wanted, dtype=bool)
     groups: dict[object, list[int]] = {}
     for i, seq in enumerate(seqs):
-        p = int(np.argmax(want[starts[i] : starts[i + 1]])) if want[starts[i] : starts[i + 1]].any() else len(seq)
+        p = _prefix_len(want[starts[i] : starts[i + 1]])
         key = (p, seq[:p].tobytes()) if share_prefixes and p > 0 else i
         groups.setdefault(key, []).append(i)
     ids, pos, segments, row_of = [], [], [], np.empty(len(flat), np.int64)
@@ -141,10 +141,9 @@ def packed_layout(seqs: list[np.ndarray], wanted: np.ndarray | None = None, shar
                      segments=segments, rows=row_of[tokens - 1], tokens=tokens)
 
 
-def _prompt_len(s: int, cu: np.ndarray, loss_mask: np.ndarray) -> int:
-    """Tokens of sequence ``s`` before its first loss token (its whole length when it has none)."""
-    span = loss_mask[cu[s] : cu[s + 1]] > 0
-    return int(np.argmax(span)) if span.any() else len(span)
+def _prefix_len(wanted: np.ndarray) -> int:
+    """Tokens of one sequence before its first wanted (loss) token; all of them when none is."""
+    return int(np.argmax(wanted)) if wanted.any() else len(wanted)
 
 
 def segment_masks(segments: list[tuple[int, int, int, tuple[int, ...]]], device: torch.device) -> list[tuple[int, int, torch.Tensor | None]]:
@@ -319,10 +318,10 @@ class Learner:
             by_group.setdefault(int(group_ids[s]), []).append(s)
         units, costs = [], []
         for members in by_group.values():
-            p = _prompt_len(members[0], cu, loss_mask)
+            prompt = lambda s: _prefix_len(loss_mask[cu[s] : cu[s + 1]] > 0)
+            p, head = prompt(members[0]), cu[members[0]]
             shared = getattr(self.model, "segment_attention", False) and p > 0 and all(
-                _prompt_len(s, cu, loss_mask) == p and np.array_equal(ids[cu[s] : cu[s] + p], ids[cu[members[0]] : cu[members[0]] + p])
-                for s in members)
+                prompt(s) == p and np.array_equal(ids[cu[s] : cu[s] + p], ids[head : head + p]) for s in members)
             p = p if shared else 0
             chunk, cost = [], p
             for s in members:
