@@ -228,3 +228,33 @@ def test_failed_sync_keeps_serving_the_previous_version(rig):
     _, received = rig.sync(version=version + 1)  # the group survived the failure
     assert isinstance(received, dict), received
     assert np.abs(rig.engine_logprobs() - rig.learner.score(rig.ids)).max() <= 1e-3
+
+
+def test_rejoin_waits_while_an_engine_restarts_and_gives_up_on_a_dead_one():
+    """An engine Ray reports as restarting is polled until ready; a dead one (or a deadline) raises."""
+    import ray
+
+    from verimed.actors.weight_sync import _until_ready
+
+    class Engine:  # stands in for a Ray actor handle: engine.ready.remote() -> awaitable
+        def __init__(self, unavailable: int, dead: bool = False):
+            self.unavailable, self.dead, self.calls = unavailable, dead, 0
+            self.ready = self
+
+        def remote(self):
+            async def call():
+                self.calls += 1
+                if self.dead:
+                    raise ray.exceptions.ActorDiedError()
+                if self.unavailable:
+                    self.unavailable -= 1
+                    raise ray.exceptions.ActorUnavailableError("restarting", None)
+            return call()
+
+    restarting = Engine(unavailable=2)
+    asyncio.run(_until_ready(restarting, timeout_s=30))
+    assert restarting.calls == 3
+    with pytest.raises(ray.exceptions.ActorDiedError):
+        asyncio.run(_until_ready(Engine(0, dead=True), timeout_s=30))
+    with pytest.raises(ray.exceptions.ActorUnavailableError):
+        asyncio.run(_until_ready(Engine(unavailable=10), timeout_s=0))

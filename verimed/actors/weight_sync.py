@@ -45,11 +45,11 @@ class WeightSyncCoordinator:
         )
         self.meta = await self.learners.weight_meta()
 
-    async def rejoin(self) -> None:
+    async def rejoin(self, timeout_s: float = 600.0) -> None:
         """Rebuild the group after an engine restart: a gloo/NCCL group cannot re-admit
         one member, so every engine (once ready) joins a fresh group."""
         self.rejoins += 1
-        await asyncio.gather(*[e.ready.remote() for e in self.engines])
+        await asyncio.gather(*[_until_ready(e, timeout_s) for e in self.engines])
         await self.init()
         self.needs_rejoin = False
         print("verimed: engine restarted; weight-sync group rebuilt", file=sys.stderr)
@@ -57,7 +57,13 @@ class WeightSyncCoordinator:
     async def sync(self, version: int) -> dict[str, float]:
         """Broadcast ``version`` into every engine; failures keep the engines on their old weights."""
         if self.needs_rejoin:
-            await self.rejoin()
+            try:
+                await self.rejoin()
+            except Exception as exc:  # engines stay on their old weights; the next sync tries again
+                self.failures += 1
+                print(f"verimed: weight-sync group not rebuilt ({type(exc).__name__}: {str(exc)[:200]}); "
+                      f"version {version} not synced", file=sys.stderr)
+                return {}
         meta = msgspec.structs.replace(self.meta, version=version)
         bucket = int(self.cfg.weight_sync.bucket_mb * 2**20)
         t0 = time.perf_counter()
@@ -86,3 +92,16 @@ class WeightSyncCoordinator:
         learner_lp, *engine_lps = await asyncio.gather(
             self.learners.score(self.parity_ids), *[e.score.remote(self.parity_ids) for e in self.engines])
         return float(max(np.abs(np.asarray(lp) - learner_lp).max() for lp in engine_lps))
+
+
+async def _until_ready(engine, timeout_s: float) -> None:
+    """Await ``engine.ready()``, retrying while Ray reports the actor as restarting (unavailable)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            await engine.ready.remote()
+            return
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(1.0)
