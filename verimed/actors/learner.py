@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 
+import msgspec
 import numpy as np
 import ray
 
@@ -50,8 +51,12 @@ class LearnerActor:
         return self.learner.score(token_ids)
 
     def weight_meta(self) -> WeightVersion:
-        """What a sync carries: names, global shapes, the engines' dtype (no gather)."""
-        return self._meta(int(self.cfg.weight_sync.bucket_mb * 2**20))
+        """What a sync carries: names, global shapes, the engines' dtype, the bucket plan's inputs (no gather).
+
+        Kept: every later sync uses this plan (the engines were given it), only the version changes.
+        """
+        self.meta = self._meta(int(self.cfg.weight_sync.bucket_mb * 2**20))
+        return self.meta
 
     def _meta(self, bucket_bytes: int) -> WeightVersion:
         return weight_sync.describe(self.learner.named_parameter_shapes(), self.learner.version, bucket_bytes,
@@ -71,8 +76,9 @@ class LearnerActor:
             return {}
         if self.send_buffers is None:
             self.send_buffers = weight_sync.SendBuffers(self.learner.device)  # reused by every sync
-        return weight_sync.broadcast_weights(self.sync_group, params, self._meta(bucket_bytes), self.learner.device,
-                                             self.send_buffers)
+        meta = self.meta if self.meta is not None and self.meta.bucket_bytes == bucket_bytes else self._meta(bucket_bytes)
+        meta = msgspec.structs.replace(meta, version=self.learner.version)
+        return weight_sync.broadcast_weights(self.sync_group, params, meta, self.learner.device, self.send_buffers)
 
     def version(self) -> int:
         return self.learner.version
