@@ -316,9 +316,9 @@ class Learner:
         by_group: dict[int, list[int]] = {}
         for s in mine:
             by_group.setdefault(int(group_ids[s]), []).append(s)
+        prompt = lambda s: _prefix_len(loss_mask[cu[s] : cu[s + 1]] > 0)
         units, costs = [], []
         for members in by_group.values():
-            prompt = lambda s: _prefix_len(loss_mask[cu[s] : cu[s + 1]] > 0)
             p, head = prompt(members[0]), cu[members[0]]
             shared = getattr(self.model, "segment_attention", False) and p > 0 and all(
                 prompt(s) == p and np.array_equal(ids[cu[s] : cu[s] + p], ids[head : head + p]) for s in members)
