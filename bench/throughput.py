@@ -48,7 +48,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import shlex
 import shutil
 import signal
@@ -59,6 +58,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ helpers, also when loaded by path
+from machine_info import cpu_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 KL_COEF = 0.05
@@ -300,13 +302,8 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        model = platform.processor() or "unknown CPU"
     nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip() or os.cpu_count()
-    return f"{model}, nproc {nproc}"
+    return f"{cpu_model()}, nproc {nproc}"
 
 
 def record(text: str, args: argparse.Namespace, runs: list[RunSpec], paths: dict[str, Path], loads: dict[str, str],
