@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import socket
 
-import msgspec
 import numpy as np
 import ray
 
@@ -42,7 +41,6 @@ class LearnerActor:
         self.cfg = cfg
         self.sync_group = None
         self.send_buffers = None
-        self.meta: WeightVersion | None = None
 
     def train_step(self, batch: TrainBatch, grpo_cfg: GRPOConfig | None = None) -> dict[str, float]:
         return self.learner.train_step(batch, grpo_cfg)
@@ -51,24 +49,18 @@ class LearnerActor:
         return self.learner.score(token_ids)
 
     def weight_meta(self) -> WeightVersion:
-        """What a sync carries: names, global shapes, the engines' dtype, the bucket plan's inputs (no gather).
-
-        Kept: every later sync uses this plan (the engines were given it), only the version changes.
-        """
-        self.meta = self._meta(int(self.cfg.weight_sync.bucket_mb * 2**20))
-        return self.meta
-
-    def _meta(self, bucket_bytes: int) -> WeightVersion:
-        return weight_sync.describe(self.learner.named_parameter_shapes(), self.learner.version, bucket_bytes,
-                                    dtype=self.cfg.model.dtype)
+        """What a sync carries: names, global shapes, the engines' dtype, the bucket plan's inputs (no gather)."""
+        return weight_sync.describe(self.learner.named_parameter_shapes(), self.learner.version,
+                                    int(self.cfg.weight_sync.bucket_mb * 2**20), dtype=self.cfg.model.dtype)
 
     def init_sync(self, host: str, port: int, world_size: int, backend: str) -> None:
         """Rank 0 joins the weight-sync group as its rank 0 (the TCPStore host)."""
         if self.learner.rank == 0:
             self.sync_group = weight_sync.make_group(host, port, 0, world_size, backend)
 
-    def broadcast(self, bucket_bytes: int) -> dict[str, float]:
-        """Gather full weights one tensor at a time (all ranks) and broadcast them from rank 0."""
+    def broadcast(self, meta: WeightVersion) -> dict[str, float]:
+        """Gather full weights one tensor at a time (all ranks) and broadcast them from rank 0 as ``meta`` plans
+        (the same message the engines receive, so sender and receivers cut the same buckets)."""
         params = self.learner.iter_full_parameters()
         if self.sync_group is None:
             for _ in params:  # the other ranks take part in every all-gather
@@ -76,8 +68,6 @@ class LearnerActor:
             return {}
         if self.send_buffers is None:
             self.send_buffers = weight_sync.SendBuffers(self.learner.device)  # reused by every sync
-        meta = self.meta if self.meta is not None and self.meta.bucket_bytes == bucket_bytes else self._meta(bucket_bytes)
-        meta = msgspec.structs.replace(meta, version=self.learner.version)
         return weight_sync.broadcast_weights(self.sync_group, params, meta, self.learner.device, self.send_buffers)
 
     def version(self) -> int:
@@ -111,8 +101,8 @@ class LearnerGroup:
     async def train_step(self, batch: TrainBatch, grpo_cfg: GRPOConfig | None = None) -> dict[str, float]:
         return (await _gather(self._all("train_step", batch, grpo_cfg)))[0]
 
-    async def broadcast(self, bucket_bytes: int) -> dict[str, float]:
-        return (await _gather(self._all("broadcast", bucket_bytes)))[0]
+    async def broadcast(self, meta: WeightVersion) -> dict[str, float]:
+        return (await _gather(self._all("broadcast", meta)))[0]
 
     async def weight_meta(self) -> WeightVersion:
         return (await _gather(self._all("weight_meta")))[0]

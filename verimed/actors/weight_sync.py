@@ -65,9 +65,8 @@ class WeightSyncCoordinator:
                       f"version {version} not synced", file=sys.stderr)
                 return {}
         meta = msgspec.structs.replace(self.meta, version=version)
-        bucket = int(self.cfg.weight_sync.bucket_mb * 2**20)
         t0 = time.perf_counter()
-        results = await asyncio.gather(self.learners.broadcast(bucket),
+        results = await asyncio.gather(self.learners.broadcast(meta),
                                        *[e.update_weights.remote(meta) for e in self.engines], return_exceptions=True)
         out: dict[str, float] = {"sync/seconds": time.perf_counter() - t0}
         failed = [r for r in results if isinstance(r, BaseException)]
