@@ -146,6 +146,41 @@ def _prefix_len(wanted: np.ndarray) -> int:
     return int(np.argmax(wanted)) if wanted.any() else len(wanted)
 
 
+def group_micro_batches(seqs: list[int], batch: TrainBatch, token_budget: int, share_prompts: bool) -> list[list[int]]:
+    """Micro-batches of the sequence indices ``seqs`` of ``batch``, each within ``token_budget`` row tokens.
+
+    With ``share_prompts`` (segment attention) a group whose sequences share
+    their prompt costs p + Σ(len_i - p) row tokens (:func:`packed_layout`), so
+    its sequences are kept together (split into chunks when over budget);
+    otherwise every sequence is a unit of its own length. Units are packed
+    first-fit-decreasing (:func:`pack_micro_batches`).
+    """
+    cu, ids, loss_mask = batch.cu_seqlens.numpy(), batch.input_ids.numpy(), batch.loss_mask.numpy()
+    group_ids = batch.group_ids.numpy()
+    by_group: dict[int, list[int]] = {}
+    for s in seqs:
+        by_group.setdefault(int(group_ids[s]), []).append(s)
+    prompt = lambda s: _prefix_len(loss_mask[cu[s] : cu[s + 1]] > 0)
+    units, costs = [], []
+    for members in by_group.values():
+        p, head = prompt(members[0]), cu[members[0]]
+        shared = share_prompts and p > 0 and all(
+            prompt(s) == p and np.array_equal(ids[cu[s] : cu[s] + p], ids[head : head + p]) for s in members)
+        p = p if shared else 0
+        chunk, cost = [], p
+        for s in members:
+            n = int(cu[s + 1] - cu[s]) - p
+            if chunk and (cost + n > token_budget or not shared):
+                units.append(chunk)
+                costs.append(cost)
+                chunk, cost = [], p
+            chunk.append(s)
+            cost += n
+        units.append(chunk)
+        costs.append(cost)
+    return [[s for u in mb for s in units[u]] for mb in pack_micro_batches(costs, token_budget)]
+
+
 def segment_masks(segments: list[tuple[int, int, int, tuple[int, ...]]], device: torch.device) -> list[tuple[int, int, torch.Tensor | None]]:
     """(start, end, bool mask or None) per segment for :func:`verimed.core.attention.segment_attention`.
 
@@ -303,39 +338,6 @@ class Learner:
         """This rank's sequences: whole groups (round robin), so a group's shared prompt stays on one rank."""
         return [s for s, g in enumerate(batch.group_ids.numpy()) if int(g) % self.world_size == self.rank]
 
-    def _micro_batches(self, mine: list[int], cu: np.ndarray, ids: np.ndarray, loss_mask: np.ndarray,
-                       group_ids: np.ndarray) -> list[list[int]]:
-        """Micro-batches of sequence indices within ``trainer.micro_batch_tokens`` row tokens.
-
-        With segment attention a group whose sequences share their prompt
-        costs p + Σ(len_i - p) row tokens (:func:`packed_layout`), so its
-        sequences are kept together (split into chunks when over budget);
-        units are then packed first-fit-decreasing.
-        """
-        budget = self.cfg.trainer.micro_batch_tokens
-        by_group: dict[int, list[int]] = {}
-        for s in mine:
-            by_group.setdefault(int(group_ids[s]), []).append(s)
-        prompt = lambda s: _prefix_len(loss_mask[cu[s] : cu[s + 1]] > 0)
-        units, costs = [], []
-        for members in by_group.values():
-            p, head = prompt(members[0]), cu[members[0]]
-            shared = getattr(self.model, "segment_attention", False) and p > 0 and all(
-                prompt(s) == p and np.array_equal(ids[cu[s] : cu[s] + p], ids[head : head + p]) for s in members)
-            p = p if shared else 0
-            chunk, cost = [], p
-            for s in members:
-                n = int(cu[s + 1] - cu[s]) - p
-                if chunk and (cost + n > budget or not shared):
-                    units.append(chunk)
-                    costs.append(cost)
-                    chunk, cost = [], p
-                chunk.append(s)
-                cost += n
-            units.append(chunk)
-            costs.append(cost)
-        return [[s for u in mb for s in units[u]] for mb in pack_micro_batches(costs, budget)]
-
     def train_step(self, batch: TrainBatch, grpo_cfg: GRPOConfig | None = None) -> dict[str, float]:
         """One optimizer step on ``batch``; returns loss metrics reduced over micro-batches and ranks.
 
@@ -347,7 +349,8 @@ class Learner:
         arrays = {k: getattr(batch, k).numpy() for k in ("input_ids", "loss_mask", "behaviour_logprobs", "advantages", "versions")}
         ref = batch.reference_logprobs.numpy() if batch.reference_logprobs is not None else None
         mine = self._my_sequences(batch)
-        micro = self._micro_batches(mine, cu, arrays["input_ids"], arrays["loss_mask"], batch.group_ids.numpy())
+        micro = group_micro_batches(mine, batch, self.cfg.trainer.micro_batch_tokens,
+                                    getattr(self.model, "segment_attention", False))
         num_micro = self._max_over_ranks(len(micro))
         num_seqs = len(cu) - 1
         num_tokens = float(arrays["loss_mask"].sum())

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from verimed.core.config import Config
-from verimed.core.learner import FusedPolicy, pack_micro_batches, packed_logprobs
+from verimed.core.learner import FusedPolicy, group_micro_batches, packed_logprobs
 from verimed.core.models import load_causal_lm
 from verimed.core.types import Array, TrainBatch
 
@@ -184,7 +184,8 @@ class ReferenceModel:
         lengths = [int(cu[s + 1] - cu[s]) for s in range(len(cu) - 1)]
         # Sequences of one token predict nothing (their log-prob is the 0 at the start).
         mine = [s for s in range(self.rank, len(lengths), self.world_size) if lengths[s] >= 2]
-        micro = [[mine[i] for i in mb] for mb in pack_micro_batches([lengths[s] for s in mine], self.cfg.trainer.micro_batch_tokens)]
+        micro = group_micro_batches(mine, batch, self.cfg.trainer.micro_batch_tokens,
+                                    getattr(self.model, "segment_attention", False))
         num_micro = self._max_over_ranks(len(micro))
         out = torch.zeros(len(ids), dtype=torch.float32)
         with torch.inference_mode(), self._loaded():
