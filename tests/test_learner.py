@@ -279,6 +279,41 @@ def test_rng_restored(tiny_path, tmp_path):
     assert rel_diff(full_state(other), full_state(learner)) == 0.0
 
 
+def test_checkpoint_on_a_full_disk_fails_clearly_and_keeps_the_previous_one(tiny_path, tmp_path, monkeypatch):
+    learner = Learner(load_config(None, OVERRIDES), tiny_path)
+    state = ckpt.ControllerState(version=0, schedule=ScheduleState(0, 0, [0]), ledger=Ledger().to_state())
+    with ckpt.atomic_checkpoint_dir(tmp_path, 0) as d:
+        learner.save_checkpoint(str(d / ckpt.LEARNER_SUBDIR))
+        ckpt.save_controller_state(d, state)
+    first = ckpt.latest_checkpoint(tmp_path)
+    learner.train_step(make_batch(3)[0])
+    # What DCP will write: the parameters plus Adam's two moments (fp32), all on this one rank.
+    params = sum(p.numel() * p.element_size() for p in learner.model.parameters())
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda _: usage._replace(free=2 * params))
+    with pytest.raises(ckpt.CheckpointError, match=r"learner.*not enough disk space.*needs ~.*GiB.*previous checkpoint"):
+        with ckpt.atomic_checkpoint_dir(tmp_path, 1) as d:
+            learner.save_checkpoint(str(d / ckpt.LEARNER_SUBDIR))
+    assert ckpt.latest_checkpoint(tmp_path) == first
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-000000"]
+    # A write that fails part-way (torch's zip writer on a full disk) names the directory too.
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda _: usage)
+    import torch.distributed.checkpoint as dcp
+
+    def short_write(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(dcp, "save", short_write)
+    with pytest.raises(ckpt.CheckpointError, match=r"learner: writing the learner checkpoint failed .*unexpected pos"):
+        with ckpt.atomic_checkpoint_dir(tmp_path, 1) as d:
+            learner.save_checkpoint(str(d / ckpt.LEARNER_SUBDIR))
+    assert ckpt.latest_checkpoint(tmp_path) == first
+    monkeypatch.undo()
+    with ckpt.atomic_checkpoint_dir(tmp_path, 1) as d:  # the real disk has room: saved
+        learner.save_checkpoint(str(d / ckpt.LEARNER_SUBDIR))
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-000001"
+
+
 def test_two_rank_checkpoint_loads_unsharded_and_exports(two_rank, tiny_path, tmp_path):
     out, res = two_rank
     single = Learner(load_config(None, OVERRIDES), tiny_path)

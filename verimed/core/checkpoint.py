@@ -211,8 +211,53 @@ def save_trainer_state(path: str | Path, model, optimizer, extra: dict[str, Any]
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd, "trainer": extra}, checkpoint_id=str(path))
-    torch.save(capture_rng(), path / f"rng-rank{rank:05d}.pt")
+    state = {"model": model_sd, "optim": optim_sd, "trainer": extra}
+    # A full disk makes torch's zip writer fail with "unexpected pos N vs M"; say what happened
+    # instead, before writing anything. Every rank checks and all agree, so none is left
+    # waiting in DCP's collective while another raises.
+    needed, free = _local_bytes(state), shutil.disk_usage(path).free
+    fits = free >= needed * DISK_MARGIN
+    if not _all_ranks_agree(fits):
+        short = f"needs ~{needed / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free" if not fits else "another rank is short"
+        raise CheckpointError(f"{path}: not enough disk space for the learner checkpoint (rank {rank} {short}); "
+                              "the previous checkpoint is kept")
+    try:
+        dcp.save(state, checkpoint_id=str(path))
+        torch.save(capture_rng(), path / f"rng-rank{rank:05d}.pt")
+    except Exception as exc:
+        free = shutil.disk_usage(path).free
+        raise CheckpointError(f"{path}: writing the learner checkpoint failed ({free / 2**30:.2f} GiB free): {exc}; "
+                              "the previous checkpoint is kept") from exc
+
+
+DISK_MARGIN = 1.05  # DCP metadata, RNG states and zip headers on top of the tensor bytes
+
+
+def _local_bytes(tree) -> int:
+    """Bytes of the tensors this rank writes (a DTensor counts its local shard only)."""
+    import torch
+
+    if isinstance(tree, dict):
+        return sum(_local_bytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(_local_bytes(v) for v in tree)
+    if isinstance(tree, torch.Tensor):
+        local = tree.to_local() if hasattr(tree, "to_local") else tree
+        return local.numel() * local.element_size()
+    return 0
+
+
+def _all_ranks_agree(ok: bool) -> bool:
+    """True when ``ok`` holds on every rank of the default process group (or there is none)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return ok
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces device tensors only
+    flag = torch.tensor([int(ok)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def load_trainer_state(path: str | Path, model, optimizer, rank: int, extra_template: dict[str, Any]) -> dict[str, Any]:
