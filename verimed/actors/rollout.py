@@ -15,7 +15,8 @@ import ray
 
 from verimed.core.config import Config
 from verimed.core.engines import TransformersEngine, VLLMEngine
-from verimed.core.models import apply_chat_template, load_tokenizer
+from verimed.core.llm import EngineClient
+from verimed.core.models import load_tokenizer
 from verimed.core.types import Sample, WeightVersion
 
 
@@ -28,7 +29,7 @@ class RolloutActor:
         _kill_stale_engine(pidfile)  # a restarted actor: its predecessor's engine processes outlive it
         self.engine = kind(model_path, dtype=m.dtype, max_model_len=m.max_model_len, kv_cache_bytes=r.kv_cache_bytes,
                            max_num_seqs=r.max_num_seqs, enforce_eager=r.enforce_eager, seed=cfg.run.seed + replica)
-        self.tokenizer = load_tokenizer(model_path)
+        self.chat_client = EngineClient(self.engine, load_tokenizer(model_path))
         self.cfg = cfg
         pidfile.write_text("\n".join(str(p.pid) for p in psutil.Process().children(recursive=True)))
 
@@ -46,9 +47,7 @@ class RolloutActor:
         return [o.to_sample(f"{uid_prefix}/{i}", prompt_ids) for i, o in enumerate(outs)]
 
     async def chat(self, messages: list[dict[str, str]], max_tokens: int = 256, temperature: float = 0.0) -> str:
-        ids = apply_chat_template(self.tokenizer, messages)
-        outs = await self.engine.generate(ids, 1, max_tokens=max_tokens, temperature=temperature, top_p=1.0)
-        return outs[0].text
+        return await self.chat_client.chat(messages, max_tokens=max_tokens, temperature=temperature)
 
     async def score(self, token_ids: list[int]):
         return await self.engine.score(token_ids)

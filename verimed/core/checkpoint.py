@@ -197,6 +197,9 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+DISK_MARGIN = 1.05  # DCP metadata, RNG states and zip headers on top of the tensor bytes
+
+
 def save_trainer_state(path: str | Path, model, optimizer, extra: dict[str, Any], rank: int) -> None:
     """DCP save of ``{"model", "optim", "trainer": extra}`` plus this rank's RNG; collective over ranks.
 
@@ -228,9 +231,6 @@ def save_trainer_state(path: str | Path, model, optimizer, extra: dict[str, Any]
         free = shutil.disk_usage(path).free
         raise CheckpointError(f"{path}: writing the learner checkpoint failed ({free / 2**30:.2f} GiB free): {exc}; "
                               "the previous checkpoint is kept") from exc
-
-
-DISK_MARGIN = 1.05  # DCP metadata, RNG states and zip headers on top of the tensor bytes
 
 
 def _local_bytes(tree) -> int:

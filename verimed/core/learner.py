@@ -110,9 +110,8 @@ def packed_layout(seqs: list[np.ndarray], wanted: np.ndarray | None = None, shar
     want = np.ones(len(flat), bool) if wanted is None else np.asarray(wanted, dtype=bool)
     groups: dict[object, list[int]] = {}
     for i, seq in enumerate(seqs):
-        p = _prefix_len(want[starts[i] : starts[i + 1]])
-        key = (p, seq[:p].tobytes()) if share_prefixes and p > 0 else i
-        groups.setdefault(key, []).append(i)
+        key = prompt_key(seq, want[starts[i] : starts[i + 1]]) if share_prefixes else None
+        groups.setdefault(key if key else i, []).append(i)
     ids, pos, segments, row_of = [], [], [], np.empty(len(flat), np.int64)
     width = 0
     for key, members in groups.items():
@@ -141,36 +140,34 @@ def packed_layout(seqs: list[np.ndarray], wanted: np.ndarray | None = None, shar
                      segments=segments, rows=row_of[tokens - 1], tokens=tokens)
 
 
-def _prefix_len(wanted: np.ndarray) -> int:
-    """Tokens of one sequence before its first wanted (loss) token; all of them when none is."""
-    return int(np.argmax(wanted)) if wanted.any() else len(wanted)
+def prompt_key(seq: np.ndarray, wanted: np.ndarray) -> tuple[int, bytes] | None:
+    """(p, the p tokens before the first wanted one): sequences with equal keys share that prompt
+    in a packed row (:func:`packed_layout`). None when there is no prompt (p = 0)."""
+    p = int(np.argmax(wanted)) if wanted.any() else len(wanted)
+    return (p, seq[:p].tobytes()) if p else None
 
 
 def group_micro_batches(seqs: list[int], batch: TrainBatch, token_budget: int, share_prompts: bool) -> list[list[int]]:
     """Micro-batches of the sequence indices ``seqs`` of ``batch``, each within ``token_budget`` row tokens.
 
-    With ``share_prompts`` (segment attention) a group whose sequences share
-    their prompt costs p + Σ(len_i - p) row tokens (:func:`packed_layout`), so
-    its sequences are kept together (split into chunks when over budget);
-    otherwise every sequence is a unit of its own length. Units are packed
+    With ``share_prompts`` (segment attention) sequences with one
+    :func:`prompt_key` (a GRPO group) cost p + Σ(len_i - p) row tokens
+    (:func:`packed_layout`), so they are kept together (split into chunks when
+    over budget); otherwise every sequence is a unit of its own length. Units are packed
     first-fit-decreasing (:func:`pack_micro_batches`).
     """
     cu, ids, loss_mask = batch.cu_seqlens.numpy(), batch.input_ids.numpy(), batch.loss_mask.numpy()
-    group_ids = batch.group_ids.numpy()
-    by_group: dict[int, list[int]] = {}
+    sharing: dict[object, list[int]] = {}  # the sequences packed_layout will give one prompt
     for s in seqs:
-        by_group.setdefault(int(group_ids[s]), []).append(s)
-    prompt = lambda s: _prefix_len(loss_mask[cu[s] : cu[s + 1]] > 0)
+        key = prompt_key(ids[cu[s] : cu[s + 1]], loss_mask[cu[s] : cu[s + 1]] > 0) if share_prompts else None
+        sharing.setdefault(key if key else s, []).append(s)
     units, costs = [], []
-    for members in by_group.values():
-        p, head = prompt(members[0]), cu[members[0]]
-        shared = share_prompts and p > 0 and all(
-            prompt(s) == p and np.array_equal(ids[cu[s] : cu[s] + p], ids[head : head + p]) for s in members)
-        p = p if shared else 0
+    for key, members in sharing.items():
+        p = key[0] if isinstance(key, tuple) and len(members) > 1 else 0
         chunk, cost = [], p
         for s in members:
             n = int(cu[s + 1] - cu[s]) - p
-            if chunk and (cost + n > token_budget or not shared):
+            if chunk and cost + n > token_budget:
                 units.append(chunk)
                 costs.append(cost)
                 chunk, cost = [], p
