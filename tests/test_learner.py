@@ -223,6 +223,9 @@ def _rank_main(rank: int, world: int, port: int, model_path: str, out_dir: str) 
         torch.save({"m1": m1, "m2": m2, "r2": r2, "after1": after1, "after2": after2, "after2_resumed": after2_resumed,
                     "version": resumed.version, "lr": resumed.scheduler.get_last_lr(),
                     "rng_restored": torch.equal(rng_after_save, rng_after_load)}, f"{out_dir}/rank0.pt")
+    # Both ranks finish their gloo work before either tears the group down: rank 1 once aborted
+    # ("terminate called without an active exception") when rank 0 (the store host) left first.
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
