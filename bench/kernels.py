@@ -40,8 +40,13 @@ def _rel(x, y) -> float:
     return ((x.double() - y.double()).norm() / y.double().norm().clamp_min(1e-30)).item()
 
 
-def check_logprob(device: str, backend: str, shapes, dtype=torch.float32, tol=1e-5) -> list[str]:
-    """Outputs and gradients of fused_logprob vs the float64 naive path; returns failures."""
+def check_logprob(device: str, backend: str, shapes, dtype=torch.float32, tol=1e-5, **triton_opts) -> list[str]:
+    """Outputs and gradients of fused_logprob vs the float64 naive path; returns failures.
+
+    ``triton_opts`` (v_per_split, dz_chunk_cols) call the Triton path directly with
+    small splits / chunks, so the split combine and the d_hidden accumulation over
+    backward chunks are checked at shapes where the defaults would use one of each.
+    """
     failures = []
     for n, h, v in shapes:
         gen = torch.Generator().manual_seed(n * 31 + v)
@@ -55,12 +60,18 @@ def check_logprob(device: str, backend: str, shapes, dtype=torch.float32, tol=1e
         h64, w64 = hx.detach().double().requires_grad_(), wx.detach().double().requires_grad_()
         lp64, ent64 = naive_logprob(h64, w64, targets, 0.8)
         (lp64 * g1 + ent64 * g2).sum().backward()
-        lp, ent = fused_logprob(hx, wx, targets, 0.8, backend=backend)
+        if triton_opts:
+            from verimed.kernels.fused_logprob_triton import fused_logprob_triton
+
+            lp, ent = fused_logprob_triton(hx, wx, targets, 0.8, **triton_opts)
+        else:
+            lp, ent = fused_logprob(hx, wx, targets, 0.8, backend=backend)
         (lp * g1.float() + ent * g2.float()).sum().backward()
         errs = {"logprob": _rel(lp, lp64), "entropy": _rel(ent, ent64), "d_hidden": _rel(hx.grad, h64.grad), "d_weight": _rel(wx.grad, w64.grad)}
         worst = max(errs, key=errs.get)
         status = "ok" if errs[worst] <= tol else "FAIL"
-        print(f"  fused_logprob[{backend}, {str(dtype).split('.')[-1]}] N={n} H={h} V={v}: worst rel err {worst} {errs[worst]:.2e} (tol {tol:g}) {status}")
+        opts = "".join(f", {k}={x}" for k, x in triton_opts.items())
+        print(f"  fused_logprob[{backend}, {str(dtype).split('.')[-1]}{opts}] N={n} H={h} V={v}: worst rel err {worst} {errs[worst]:.2e} (tol {tol:g}) {status}")
         if status != "ok":
             failures.append(f"fused_logprob {backend} {dtype} {(n, h, v)} {worst}={errs[worst]:.2e}")
     return failures
@@ -95,6 +106,9 @@ def run_checks(device: str, triton_backend: bool) -> list[str]:
         if device == "cuda":
             failures += check_logprob(device, "triton", [(513, 512, 32011), (64, 1024, 151936)])
             failures += check_logprob(device, "triton", [(257, 256, 5003)], dtype=torch.bfloat16, tol=2e-3)
+            chunked = dict(v_per_split=1024, dz_chunk_cols=768)  # 5 splits, 7 backward chunks
+            failures += check_logprob(device, "triton", [(300, 256, 5003)], **chunked)
+            failures += check_logprob(device, "triton", [(300, 256, 5003)], dtype=torch.bfloat16, tol=2e-3, **chunked)
         failures += check_advantages(device, "triton")
     return failures
 
@@ -116,13 +130,14 @@ def _median_ms(fn, repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def _peak_extra_gib(fn) -> float:
+def _peak_extra_gib(fn, result_bytes=lambda: 0) -> float:
+    """Peak allocated above what was allocated before ``fn``, less ``result_bytes()`` after it."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     fn()
     torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / GiB
+    return (torch.cuda.max_memory_allocated() - base - result_bytes()) / GiB
 
 
 def matmul_tflops(repeats: int = 10) -> float:
@@ -141,7 +156,11 @@ def _fused(hidden, weight, targets):
 
 
 def bench_method(fn, hidden, weight, targets, g_lp, g_ent, repeats):
-    """(fwd ms, fwd+bwd ms, fwd GiB, fwd+bwd GiB, logprob) or None entries on OOM."""
+    """(fwd ms, fwd+bwd ms, fwd GiB, fwd+bwd GiB, logprob) or None entries on OOM.
+
+    fwd+bwd GiB leaves out the hidden and weight grads themselves (1.5 GiB at the
+    first paper shape), which every method must return: it is the workspace.
+    """
     def fwd():
         with torch.no_grad():
             return fn(hidden, weight, targets)
@@ -151,10 +170,15 @@ def bench_method(fn, hidden, weight, targets, g_lp, g_ent, repeats):
         lp, ent = fn(hidden, weight, targets)
         (lp * g_lp + ent * g_ent).sum().backward()
 
+    def grad_bytes():
+        return sum(g.numel() * g.element_size() for g in (hidden.grad, weight.grad) if g is not None)
+
     out = {}
     for name, step in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
         try:
-            out[name + "_gib"] = _peak_extra_gib(step)
+            step()  # compile / autotune (Triton's benchmarking buffers) before measuring memory
+            hidden.grad = weight.grad = None
+            out[name + "_gib"] = _peak_extra_gib(step, grad_bytes if name == "fwd_bwd" else lambda: 0)
             out[name + "_ms"] = _median_ms(step, repeats)
         except torch.cuda.OutOfMemoryError:
             out[name + "_gib"] = out[name + "_ms"] = None
@@ -199,9 +223,19 @@ def _fmt_row(r):
             f"fwd+bwd {_f(r.get('fwd_bwd_ms'), '.2f')} ms / {_f(r.get('fwd_bwd_gib'), '.2f')} GiB")
 
 
+def tuned_configs_line() -> str:
+    """The tiles Triton's autotuner chose per hidden size (a diagnostic for the next tuning pass)."""
+    from verimed.kernels import fused_logprob_triton as ft
+
+    fwd, bwd = ft._kernels("tuned")
+    chosen = [f"{name} {key[0]}: {cfg}" for name, kern in (("fwd", fwd), ("bwd_dz", bwd))
+              for key, cfg in getattr(kern, "cache", {}).items()]
+    return "\nAutotuned tiles (by H): " + ("; ".join(chosen) or "none recorded") + "\n"
+
+
 def markdown_table(results, tflops, gpu, header) -> str:
     lines = [header, "", f"bf16 matmul rate measured: {tflops:.0f} TFLOP/s (8192^3 GEMM). Floor = 2NHV (fwd) / 6NHV (fwd+bwd) flops at that rate.",
-             "Peak extra memory = max allocated above the inputs (fwd+bwd includes the hidden/weight grads).", "",
+             "Peak extra memory = max allocated above the inputs; fwd+bwd leaves out the hidden/weight grads every method returns (the workspace).", "",
              "| N, H, V | method | fwd ms | fwd+bwd ms | fwd extra GiB | fwd+bwd extra GiB | max abs Δlogp vs fused |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for (n, h, v), rows in results.items():
@@ -245,7 +279,7 @@ def main(argv=None) -> int:
 
     header = (f"## fused_logprob on {gpu} — {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC "
               f"(torch {torch.__version__}, triton {triton.__version__}, median of {args.repeats})")
-    table = markdown_table(results, tflops, gpu, header)
+    table = markdown_table(results, tflops, gpu, header) + tuned_configs_line()
     print("\n" + table)
     with open(args.results, "a") as fh:
         fh.write("\n" + table)

@@ -177,6 +177,37 @@ def test_triton_interpreted_matches_fp64(interpreted_triton, n, h, v):
     _check_against_fp64(fn, n, h, v, seed=n + v)
 
 
+def test_triton_interpreted_half_inputs(interpreted_triton):
+    # fp16 covers the low-precision backward: dz stored in the input dtype, d_weight written
+    # straight into it by the GEMM, d_hidden accumulated in fp32 over several chunks.
+    # (bf16 tl.dot is wrong in the interpreter itself, so bf16 is checked on CUDA only.)
+    hidden, weight, targets, g_lp, g_ent = _problem(37, 40, 300, seed=4)
+    hx, wx = hidden.half().requires_grad_(), weight.half().requires_grad_()
+    lp, ent = interpreted_triton.fused_logprob_triton(hx, wx, targets, 0.7, v_per_split=48, dz_chunk_cols=64)
+    (lp * g_lp.float() + ent * g_ent.float()).sum().backward()
+    assert hx.grad.dtype == torch.float16 and wx.grad.dtype == torch.float16
+    h64, w64 = hx.detach().double().requires_grad_(), wx.detach().double().requires_grad_()
+    lp64, ent64 = naive_logprob(h64, w64, targets, 0.7)
+    (lp64 * g_lp + ent64 * g_ent).sum().backward()
+    for name, got, want, tol in [("logprob", lp, lp64, 1e-6), ("entropy", ent, ent64, 1e-6),
+                                 ("d_hidden", hx.grad, h64.grad, 2e-3), ("d_weight", wx.grad, w64.grad, 2e-3)]:
+        assert _rel(got, want) <= tol, (name, _rel(got, want))
+
+
+def test_default_v_per_split_fills_the_gpu_with_few_splits(interpreted_triton):
+    split = interpreted_triton.default_v_per_split
+    for n, v in [(1, 37), (7, 1000), (512, 151936), (8192, 152064), (16384, 151936), (32768, 151936), (10**6, 32000)]:
+        per = split(n, v)
+        n_splits = -(-v // per)
+        assert per % 256 == 0 and per >= min(v, 256)
+        assert n_splits * per >= v and (n_splits - 1) * per < v  # every split has columns
+        row_blocks = -(-n // 128)
+        # enough programs when the vocabulary allows it, and never more splits than needed
+        assert row_blocks * n_splits >= min(interpreted_triton.TARGET_PROGRAMS, row_blocks * (-(-v // 1024))) * 0.9
+        assert n_splits == 1 or row_blocks * (n_splits - 1) < interpreted_triton.TARGET_PROGRAMS
+    assert split(8192, 152064) == 9728  # 16 splits x 64 row blocks = 1024 programs
+
+
 def test_triton_dispatch_and_default_split(interpreted_triton, monkeypatch):
     monkeypatch.setenv("VERIMED_KERNELS", "triton")
     _check_against_fp64(lambda *a: fused_logprob(*a), 5, 20, 131, seed=11, temperature=1.0)

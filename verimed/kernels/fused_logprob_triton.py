@@ -4,24 +4,33 @@ Same maths and contract as the torch reference in ``fused_logprob.py``:
 hidden [N, H], weight [V, H] (bf16/fp16/fp32, fp32 accumulation), targets [N]
 -> (logprob [N] fp32, entropy [N] fp32), ignore_index rows -> 0, no gradient.
 
-Forward (``_fwd_kernel``), grid (row blocks, vocabulary splits): each program
+Forward (``_fwd_body``), one program per (row block, vocabulary split): it
 computes logit tiles z = h @ w.T / T for BLOCK_N rows over its split of the
 vocabulary (V_PER_SPLIT columns, tile by tile) and keeps running
 
     m = max z,  s = sum exp(z - m),  t = sum exp(z - m) * (z - m),  z_y (target logit)
 
 rescaling when the max grows: t <- a (t + s (m_old - m_new)), s <- a s with
-a = exp(m_old - m_new) (t relative to m keeps entropy free of cancellation). The splits give
-enough programs to fill the GPU at small N; a [splits, N] combine finishes
+a = exp(m_old - m_new) (t relative to m keeps entropy free of cancellation). A
+[splits, N] combine finishes
 (M = max m_i, S = sum s_i e^(m_i - M), T = sum e^(m_i - M) (t_i + s_i (m_i - M)))
 lse = M + log S, entropy = log S - T / S, logprob = z_y - lse. Only O(N * splits)
 floats are stored, never N x V.
 
-Backward, per vocabulary chunk of Vc columns: ``_bwd_dz_kernel`` recomputes
+Backward, per vocabulary chunk of Vc columns: ``_bwd_dz_body`` recomputes
 the logit tiles and writes dL/dz for the chunk ([N, Vc] in the input dtype,
-Vc sized to a memory budget), then two tensor-core GEMMs give
-d_hidden += dz @ w[chunk] (fp32 accumulator) and d_weight[chunk] = dz.T @ h.
+Vc sized to a memory budget), then two cuBLAS GEMMs give
+d_hidden += dz @ w[chunk] (fp32 accumulator, in place) and d_weight[chunk] = dz.T @ h.
 So the backward is one fused recompute plus two matmuls, with no atomics.
+
+Launch order is what keeps these kernels compute-bound: h ([N, H], 84 MB at
+N = 8192, H = 5120) is larger than an H100's L2, so the programs running at one
+time must share a few row blocks. The forward puts a row block's splits next to
+each other (a wave streams W once for the row blocks it holds, h stays in L2) and
+uses as few splits as fill the GPU; the dz kernel walks GROUP_N row blocks across
+all column blocks before moving on (the grouped order of Triton's matmul tutorial).
+Without that every column block re-reads all of h from HBM, ~100 GB per pass at
+the first benchmark shape, more than the matmul itself takes.
 
 Runs on CUDA; under ``TRITON_INTERPRET=1`` it also runs on CPU tensors with a
 fixed small config (autotune does not work in the interpreter).
@@ -37,8 +46,10 @@ import triton.language as tl
 
 from verimed.kernels.fused_logprob import check_inputs
 
-DZ_CHUNK_BYTES = 512 * 2**20  # budget of the [N, Vc] dz buffer in backward
-V_PER_SPLIT_GPU = 4096
+DZ_CHUNK_BYTES = 384 * 2**20  # budget of the [N, Vc] dz buffer in backward
+TARGET_PROGRAMS = 1024  # forward programs to aim for (~8 per SM on an H100/H200)
+SPLIT_ROWS = 128  # row block assumed when choosing splits (the tuned configs' usual BLOCK_N)
+MIN_V_PER_SPLIT = 1024
 
 
 def interpreted() -> bool:
@@ -73,8 +84,11 @@ def _logits_tile(h_ptr, w_ptr, rows, cols, row_mask, col_mask, HD, stride_hn, st
 @triton.jit
 def _fwd_body(h_ptr, w_ptr, t_ptr, m_ptr, s_ptr, ez_ptr, zt_ptr, N, V, HD, stride_hn, stride_wv, inv_temp,
               V_PER_SPLIT, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, IEEE: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
+    # 1-D grid, a row block's splits adjacent: programs that run together share h rows
+    pid = tl.program_id(0)
+    n_splits = tl.cdiv(V, V_PER_SPLIT)
+    pid_n = pid // n_splits
+    pid_v = pid % n_splits
     rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_mask = rows < N
     tgt = tl.load(t_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
@@ -112,9 +126,16 @@ def _fwd_body(h_ptr, w_ptr, t_ptr, m_ptr, s_ptr, ez_ptr, zt_ptr, N, V, HD, strid
 @triton.jit
 def _bwd_dz_body(h_ptr, w_ptr, t_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, dz_ptr, N, HD, stride_hn, stride_wv,
                  stride_dz, v_lo, v_hi, inv_temp,
-                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, IEEE: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
+                 IEEE: tl.constexpr):
+    # grouped order: GROUP_N row blocks sweep every column block before the next group
+    pid = tl.program_id(0)
+    n_row_blocks = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_N * tl.cdiv(v_hi - v_lo, BLOCK_V)
+    first = (pid // per_group) * GROUP_N
+    group_size = tl.minimum(n_row_blocks - first, GROUP_N)
+    pid_n = first + (pid % per_group) % group_size
+    pid_v = (pid % per_group) // group_size
     rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_mask = rows < N
     cols = (v_lo + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
@@ -135,19 +156,23 @@ def _bwd_dz_body(h_ptr, w_ptr, t_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, dz_pt
     tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
-def _configs() -> list[triton.Config]:
-    return [
-        triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh}, num_warps=w, num_stages=st)
-        for bn, bv, bh, w, st in [
-            (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
-            (128, 128, 32, 4, 4), (64, 256, 64, 8, 3), (128, 64, 64, 4, 4),
-        ]
-    ]
-
-
+# (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages); 128 x 128 / 128 x 256 tiles with 8
+# warps are the Hopper wgmma shapes, the smaller ones cover register pressure at large H.
+TILE_CONFIGS = [
+    (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4),
+    (128, 128, 32, 4, 4), (64, 256, 64, 8, 3), (64, 128, 64, 4, 4),
+]
+GROUP_N = 8
 INTERPRET_CONFIG = {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_H": 16}
+INTERPRET_GROUP_N = 2  # several groups and a partial one at test shapes
 FIXED_GPU_CONFIG = {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 32}
 TUNE_MIN_WORK = 2**26  # N * V below this: fixed config (tuning tiny problems costs more than it saves)
+
+
+def _configs(grouped: bool) -> list[triton.Config]:
+    extra = {"GROUP_N": GROUP_N} if grouped else {}
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh, **extra}, num_warps=w, num_stages=st)
+            for bn, bv, bh, w, st in TILE_CONFIGS]
 
 
 def _mode(n_rows: int, vocab: int) -> str:
@@ -162,27 +187,41 @@ def _kernels(mode: str):
     if mode != "tuned":
         return _fwd_body, _bwd_dz_body
     # Key on what drives tile choice; N varies per micro-batch and is left out.
-    tune = triton.autotune(configs=_configs(), key=["HD", "IEEE"])
-    return tune(_fwd_body), tune(_bwd_dz_body)
+    fwd = triton.autotune(configs=_configs(grouped=False), key=["HD", "IEEE"])(_fwd_body)
+    bwd = triton.autotune(configs=_configs(grouped=True), key=["HD", "IEEE"])(_bwd_dz_body)
+    return fwd, bwd
 
 
-def _launch_cfg(mode: str) -> dict:
+def _launch_cfg(mode: str, grouped: bool) -> dict:
+    if mode == "tuned":
+        return {}
     if mode == "interp":
-        return dict(INTERPRET_CONFIG)
-    if mode == "fixed":
-        return dict(FIXED_GPU_CONFIG, num_warps=4, num_stages=2)
-    return {}
+        return dict(INTERPRET_CONFIG, **({"GROUP_N": INTERPRET_GROUP_N} if grouped else {}))
+    return dict(FIXED_GPU_CONFIG, num_warps=4, num_stages=2, **({"GROUP_N": GROUP_N} if grouped else {}))
 
 
-def _grid(mode: str, n_rows: int, second):
-    """Grid (row blocks, second); ``second`` is an int or a function of BLOCK_V."""
-    def make(block_n, block_v):
-        return (triton.cdiv(n_rows, block_n), second(block_v) if callable(second) else second)
+def _grid(mode: str, n_rows: int, blocks_per_row_block):
+    """1-D grid: row blocks x ``blocks_per_row_block`` (an int or a function of BLOCK_V)."""
+    def size(block_n, block_v):
+        per = blocks_per_row_block(block_v) if callable(blocks_per_row_block) else blocks_per_row_block
+        return (triton.cdiv(n_rows, block_n) * per,)
 
     if mode == "tuned":
-        return lambda meta: make(meta["BLOCK_N"], meta["BLOCK_V"])
-    cfg = _launch_cfg(mode)
-    return make(cfg["BLOCK_N"], cfg["BLOCK_V"])
+        return lambda meta: size(meta["BLOCK_N"], meta["BLOCK_V"])
+    cfg = _launch_cfg(mode, grouped=False)
+    return size(cfg["BLOCK_N"], cfg["BLOCK_V"])
+
+
+def default_v_per_split(n_rows: int, vocab: int) -> int:
+    """Vocabulary columns per forward program: as few splits as give ~TARGET_PROGRAMS programs.
+
+    Each wave of programs streams W once for the row blocks it holds, so fewer
+    splits (more row blocks per wave) means less W traffic; small N needs more
+    splits to fill the GPU. Rounded up to 256 (the largest BLOCK_V).
+    """
+    row_blocks = triton.cdiv(max(n_rows, 1), SPLIT_ROWS)
+    splits = max(1, min(triton.cdiv(TARGET_PROGRAMS, row_blocks), triton.cdiv(vocab, MIN_V_PER_SPLIT)))
+    return triton.cdiv(triton.cdiv(vocab, splits), 256) * 256
 
 
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -196,6 +235,35 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             pass  # older torch: no out_dtype overload; fall through
         return (a @ b).float()
     return a.float() @ b.float()
+
+
+@functools.lru_cache(maxsize=None)
+def _inplace_addmm_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``addmm(acc, a, b, out_dtype=fp32, out=acc)`` exists and is right on this device.
+
+    Checked once on a small problem against an fp32 GEMM: torch versions differ in
+    whether the out_dtype overload exists and accepts ``out`` aliasing ``acc``.
+    """
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(64, 96, device=device, generator=gen).to(dtype)
+    b = torch.randn(96, 80, device=device, generator=gen).to(dtype)
+    acc = torch.randn(64, 80, device=device, generator=gen)
+    want = acc + a.float() @ b.float()
+    try:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+    return bool(torch.allclose(acc, want, rtol=1e-3, atol=1e-2))
+
+
+def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b, fp32 accumulation; in place (no [N, H] temporary) where torch allows."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif a.is_cuda and _inplace_addmm_ok(a.device, a.dtype):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc += _mm_fp32(a, b)
 
 
 class _TritonLogprob(torch.autograd.Function):
@@ -214,7 +282,7 @@ class _TritonLogprob(torch.autograd.Function):
             fwd[_grid(mode, n_rows, n_splits)](
                 hidden, weight, tgt, part[0], part[1], part[2], part[3], n_rows, vocab, hd,
                 hidden.stride(0), weight.stride(0), 1.0 / temperature, v_per_split,
-                IEEE=hidden.dtype == torch.float32, **_launch_cfg(mode))
+                IEEE=hidden.dtype == torch.float32, **_launch_cfg(mode, grouped=False))
         m, s, ez, zt = part.unbind(0)
         big_m = m.max(dim=0).values
         scale = torch.exp(m - big_m)
@@ -232,14 +300,15 @@ class _TritonLogprob(torch.autograd.Function):
         hidden, weight, tgt, valid, lse, entropy = ctx.saved_tensors
         n_rows, hd = hidden.shape
         vocab = weight.shape[0]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         zeros = torch.zeros_like(lse)
         g_lp = zeros if grad_logprob is None else torch.where(valid, grad_logprob.float(), 0.0).contiguous()
         g_ent = zeros if grad_entropy is None else torch.where(valid, grad_entropy.float(), 0.0).contiguous()
         cols = ctx.dz_chunk_cols or max(256, (DZ_CHUNK_BYTES // max(1, n_rows * hidden.element_size())) // 256 * 256)
         cols = min(cols, vocab)
         dz = torch.empty((n_rows, cols), dtype=hidden.dtype, device=hidden.device)
-        d_hidden = torch.zeros((n_rows, hd), dtype=torch.float32, device=hidden.device)
-        d_weight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
+        d_hidden = torch.zeros((n_rows, hd), dtype=torch.float32, device=hidden.device) if need_h else None
+        d_weight = torch.empty_like(weight) if need_w else None
         mode = _mode(n_rows, vocab)
         _, bwd = _kernels(mode)
         for v_lo in range(0, vocab, cols):
@@ -249,13 +318,15 @@ class _TritonLogprob(torch.autograd.Function):
                 grid = _grid(mode, n_rows, lambda block_v, w=width: triton.cdiv(w, block_v))
                 bwd[grid](hidden, weight, tgt, lse, entropy, g_lp, g_ent, dz, n_rows, hd, hidden.stride(0),
                           weight.stride(0), dz.stride(0), v_lo, v_hi, 1.0 / ctx.temperature,
-                          IEEE=hidden.dtype == torch.float32, **_launch_cfg(mode))
+                          IEEE=hidden.dtype == torch.float32, **_launch_cfg(mode, grouped=True))
             chunk = dz[:, :width]
-            if ctx.needs_input_grad[0]:
-                d_hidden += _mm_fp32(chunk, weight[v_lo:v_hi])
-            if ctx.needs_input_grad[1]:
-                d_weight[v_lo:v_hi] = _mm_fp32(chunk.T, hidden).to(weight.dtype)
-        d_hidden = d_hidden.to(hidden.dtype) if ctx.needs_input_grad[0] else None
+            if need_h:
+                _accumulate_mm(d_hidden, chunk, weight[v_lo:v_hi])
+            if need_w:
+                # straight into the weight dtype: the GEMM accumulates in fp32 and rounds once,
+                # as .to(dtype) of an fp32 result would, without a [Vc, H] fp32 temporary
+                torch.mm(chunk.T, hidden, out=d_weight[v_lo:v_hi])
+        d_hidden = d_hidden.to(hidden.dtype) if need_h else None
         return d_hidden, d_weight, None, None, None, None, None
 
 
@@ -272,7 +343,8 @@ def fused_logprob_triton(
 
     hidden [N, H], weight [V, H] in bf16/fp16/fp32 (fp64 is not supported: use the
     reference); ``v_per_split`` / ``dz_chunk_cols`` override the vocabulary split of the
-    forward and the dz chunk of the backward (tests use small values to cover the combine).
+    forward (default: ``default_v_per_split``) and the dz chunk of the backward (tests
+    use small values to cover the combine and the accumulation over chunks).
     """
     check_inputs(hidden, weight, targets, temperature)
     if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -280,7 +352,7 @@ def fused_logprob_triton(
     if not hidden.is_cuda and not interpreted():
         raise ValueError("fused_logprob (triton): CPU tensors need TRITON_INTERPRET=1")
     if v_per_split is None:
-        v_per_split = 2 * INTERPRET_CONFIG["BLOCK_V"] if interpreted() else V_PER_SPLIT_GPU
+        v_per_split = 2 * INTERPRET_CONFIG["BLOCK_V"] if interpreted() else default_v_per_split(hidden.shape[0], weight.shape[0])
     if v_per_split < 1:
         raise ValueError(f"fused_logprob (triton): v_per_split must be >= 1, got {v_per_split}")
     return _TritonLogprob.apply(hidden, weight, targets, float(temperature), int(ignore_index), int(v_per_split), dz_chunk_cols)
