@@ -8,10 +8,11 @@ Forward (``_fwd_body``), one program per (row block, vocabulary split): it
 computes logit tiles z = h @ w.T / T for BLOCK_N rows over its split of the
 vocabulary (V_PER_SPLIT columns, tile by tile) and keeps running
 
-    m = max z,  s = sum exp(z - m),  t = sum exp(z - m) * (z - m),  z_y (target logit)
+    m = max z,  s = sum exp(z - m),  t = sum exp(z - m) * (z - m)
 
 rescaling when the max grows: t <- a (t + s (m_old - m_new)), s <- a s with
-a = exp(m_old - m_new) (t relative to m keeps entropy free of cancellation). A
+a = exp(m_old - m_new) (t relative to m keeps entropy free of cancellation).
+The programs of split 0 also gather the target logit z_y = h . w[y] / T. A
 [splits, N] combine finishes
 (M = max m_i, S = sum s_i e^(m_i - M), T = sum e^(m_i - M) (t_i + s_i (m_i - M)))
 lse = M + log S, entropy = log S - T / S, logprob = z_y - lse. Only O(N * splits)
@@ -62,6 +63,7 @@ def interpreted() -> bool:
 
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+NEG_BIG = tl.constexpr(-1.0e30)  # a constexpr object: jit code may read it as a global
 
 
 @triton.jit
@@ -91,36 +93,46 @@ def _fwd_body(h_ptr, w_ptr, t_ptr, m_ptr, s_ptr, ez_ptr, zt_ptr, N, V, HD, strid
     pid_v = pid % n_splits
     rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_mask = rows < N
-    tgt = tl.load(t_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
-    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    # Finite stand-in for -inf (masked columns, the empty running max): exp() of it is 0
+    # and 0 * it is 0, so the tile update needs no NaN guards. Registers bound the tile
+    # size here; this and gathering z_y outside the loop took a 128 x 128 tile from
+    # 255 registers (spilling) to ~200 on sm_90.
+    m = tl.full((BLOCK_N,), NEG_BIG, tl.float32)
     s = tl.zeros((BLOCK_N,), tl.float32)
     t = tl.zeros((BLOCK_N,), tl.float32)
-    zt = tl.zeros((BLOCK_N,), tl.float32)
     v_start = pid_v * V_PER_SPLIT
     v_end = tl.minimum(v_start + V_PER_SPLIT, V)
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+        # cols < v_end: a tile may run past this split's end into the next split's columns
         col_mask = cols < v_end
         z = _logits_tile(h_ptr, w_ptr, rows, cols, row_mask, col_mask, HD, stride_hn, stride_wv,
-                         BLOCK_N, BLOCK_V, BLOCK_H, IEEE) * inv_temp
-        z = tl.where(col_mask[None, :], z, float("-inf"))
+                         BLOCK_N, BLOCK_V, BLOCK_H, IEEE)
+        z = tl.where(col_mask[None, :], z * inv_temp, NEG_BIG)
         m_new = tl.maximum(m, tl.max(z, axis=1))
         alpha = tl.exp(m - m_new)
-        shift = tl.where(m == float("-inf"), 0.0, m - m_new)  # first tile: s = t = 0
-        zc = tl.where(col_mask[None, :], z - m_new[:, None], 0.0)
-        p = tl.where(col_mask[None, :], tl.exp(zc), 0.0)
+        zc = z - m_new[:, None]
+        p = tl.exp(zc)
         # t is kept relative to the running max: t = sum exp(z - m) (z - m)
-        t = alpha * (t + s * shift) + tl.sum(p * zc, axis=1)
+        t = alpha * (t + s * (m - m_new)) + tl.sum(p * zc, axis=1)
         s = s * alpha + tl.sum(p, axis=1)
-        # col_mask: a tile may run past this split's end into the next split's columns
-        hit = (cols[None, :] == tgt[:, None]) & col_mask[None, :]
-        zt += tl.sum(tl.where(hit, z, 0.0), axis=1)
         m = m_new
     out = pid_v * N + rows
     tl.store(m_ptr + out, m, mask=row_mask)
     tl.store(s_ptr + out, s, mask=row_mask)
     tl.store(ez_ptr + out, t, mask=row_mask)
-    tl.store(zt_ptr + out, zt, mask=row_mask)
+    if pid_v == 0:
+        # target logit z_y = h . w[y] / T, once per row (a gather, not a compare on every tile)
+        tgt = tl.load(t_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
+        has_t = row_mask & (tgt >= 0)
+        zt = tl.zeros((BLOCK_N,), tl.float32)
+        for k0 in range(0, HD, BLOCK_H):
+            ks = k0 + tl.arange(0, BLOCK_H)
+            kmask = ks < HD
+            h = tl.load(h_ptr + rows[:, None] * stride_hn + ks[None, :], mask=has_t[:, None] & kmask[None, :], other=0.0)
+            w = tl.load(w_ptr + tgt[:, None] * stride_wv + ks[None, :], mask=has_t[:, None] & kmask[None, :], other=0.0)
+            zt += tl.sum(h.to(tl.float32) * w.to(tl.float32), axis=1)
+        tl.store(zt_ptr + rows, zt * inv_temp, mask=row_mask)
 
 
 @triton.jit
@@ -138,41 +150,50 @@ def _bwd_dz_body(h_ptr, w_ptr, t_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, dz_pt
     pid_v = (pid % per_group) // group_size
     rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_mask = rows < N
-    cols = (v_lo + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
-    col_mask = cols < v_hi
+    cols32 = v_lo + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    cols = cols32.to(tl.int64)
+    col_mask = cols32 < v_hi
     z = _logits_tile(h_ptr, w_ptr, rows, cols, row_mask, col_mask, HD, stride_hn, stride_wv,
                      BLOCK_N, BLOCK_V, BLOCK_H, IEEE) * inv_temp
-    tgt = tl.load(t_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
+    tgt = tl.load(t_ptr + rows, mask=row_mask, other=-1).to(tl.int32)  # vocabulary ids fit int32
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     ent = tl.load(ent_ptr + rows, mask=row_mask, other=0.0)
     g_lp = tl.load(glp_ptr + rows, mask=row_mask, other=0.0)  # host zeroed ignored rows
     g_ent = tl.load(gent_ptr + rows, mask=row_mask, other=0.0)
+    # dz = -p (g_lp + g_ent (log p + ent)) + g_lp [v = y], with the per-row part folded first
+    row_coef = g_lp + g_ent * ent
     logp = z - lse[:, None]
-    p = tl.exp(logp)
-    dz = -p * (g_lp[:, None] + g_ent[:, None] * (logp + ent[:, None]))
-    dz += tl.where(cols[None, :] == tgt[:, None], g_lp[:, None], 0.0)
-    dz = dz * inv_temp
+    dz = -tl.exp(logp) * (row_coef[:, None] + g_ent[:, None] * logp)
+    dz += tl.where(cols32[None, :] == tgt[:, None], g_lp[:, None], 0.0)
     ptrs = dz_ptr + rows[:, None] * stride_dz + (cols - v_lo)[None, :]
-    tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+    tl.store(ptrs, (dz * inv_temp).to(dz_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
-# (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages); 128 x 128 / 128 x 256 tiles with 8
-# warps are the Hopper wgmma shapes, the smaller ones cover register pressure at large H.
-TILE_CONFIGS = [
-    (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4),
-    (128, 128, 32, 4, 4), (64, 256, 64, 8, 3), (64, 128, 64, 4, 4),
+# (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) that compile for sm_90 (Hopper) with
+# wgmma, pipelined loads and no register spills under triton 3.6 and 3.9
+# (bench/triton_compile.py checks all three). Left out because they spill: 256 x 128
+# tiles, and in the dz kernel (its epilogue holds more per element) 128 x 256 tiles and
+# 128 x 128 with 4 warps.
+FWD_TILES = [
+    (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 128, 32, 8, 4),
+    (64, 256, 64, 8, 3), (128, 64, 64, 8, 4), (64, 128, 64, 4, 4),
+]
+BWD_TILES = [
+    (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 8, 5), (128, 128, 32, 8, 4),
+    (64, 256, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
 ]
 GROUP_N = 8
 INTERPRET_CONFIG = {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_H": 16}
 INTERPRET_GROUP_N = 2  # several groups and a partial one at test shapes
 FIXED_GPU_CONFIG = {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 32}
+FIXED_GPU_LAUNCH = {"num_warps": 4, "num_stages": 2}
 TUNE_MIN_WORK = 2**26  # N * V below this: fixed config (tuning tiny problems costs more than it saves)
 
 
 def _configs(grouped: bool) -> list[triton.Config]:
     extra = {"GROUP_N": GROUP_N} if grouped else {}
     return [triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh, **extra}, num_warps=w, num_stages=st)
-            for bn, bv, bh, w, st in TILE_CONFIGS]
+            for bn, bv, bh, w, st in (BWD_TILES if grouped else FWD_TILES)]
 
 
 def _mode(n_rows: int, vocab: int) -> str:
@@ -197,7 +218,7 @@ def _launch_cfg(mode: str, grouped: bool) -> dict:
         return {}
     if mode == "interp":
         return dict(INTERPRET_CONFIG, **({"GROUP_N": INTERPRET_GROUP_N} if grouped else {}))
-    return dict(FIXED_GPU_CONFIG, num_warps=4, num_stages=2, **({"GROUP_N": GROUP_N} if grouped else {}))
+    return dict(FIXED_GPU_CONFIG, **FIXED_GPU_LAUNCH, **({"GROUP_N": GROUP_N} if grouped else {}))
 
 
 def _grid(mode: str, n_rows: int, blocks_per_row_block):
@@ -275,22 +296,23 @@ class _TritonLogprob(torch.autograd.Function):
         valid = targets != ignore_index
         tgt = torch.where(valid, targets, -1).to(torch.int64).contiguous()
         n_splits = triton.cdiv(vocab, v_per_split)
-        part = torch.empty((4, n_splits, n_rows), dtype=torch.float32, device=hidden.device)
+        part = torch.empty((3, n_splits, n_rows), dtype=torch.float32, device=hidden.device)
+        z_target = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
         mode = _mode(n_rows, vocab)
         fwd, _ = _kernels(mode)
         if n_rows > 0:
             fwd[_grid(mode, n_rows, n_splits)](
-                hidden, weight, tgt, part[0], part[1], part[2], part[3], n_rows, vocab, hd,
+                hidden, weight, tgt, part[0], part[1], part[2], z_target, n_rows, vocab, hd,
                 hidden.stride(0), weight.stride(0), 1.0 / temperature, v_per_split,
                 IEEE=hidden.dtype == torch.float32, **_launch_cfg(mode, grouped=False))
-        m, s, ez, zt = part.unbind(0)
+        m, s, ez = part.unbind(0)
         big_m = m.max(dim=0).values
         scale = torch.exp(m - big_m)
         sum_s = (s * scale).sum(0)
         sum_t = (scale * (ez + s * (m - big_m))).sum(0)
         lse = big_m + torch.log(sum_s)
         entropy = torch.where(valid, torch.log(sum_s) - sum_t / sum_s, 0.0)
-        logprob = torch.where(valid, zt.sum(0) - lse, 0.0)
+        logprob = torch.where(valid, z_target - lse, 0.0)
         ctx.save_for_backward(hidden, weight, tgt, valid, lse, entropy)
         ctx.temperature, ctx.dz_chunk_cols = temperature, dz_chunk_cols
         return logprob, entropy
