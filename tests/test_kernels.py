@@ -208,6 +208,22 @@ def test_default_v_per_split_fills_the_gpu_with_few_splits(interpreted_triton):
     assert split(8192, 152064) == 9728  # 16 splits x 64 row blocks = 1024 programs
 
 
+def test_tuned_launch_setup_matches_the_kernels(interpreted_triton):
+    # the autotuned path runs only on CUDA: check here that every config names only the
+    # kernel's own constexprs and that the 1-D grids cover every tile exactly
+    fwd, bwd = interpreted_triton._kernels("tuned")
+    for tuner, body in ((fwd, interpreted_triton._fwd_body), (bwd, interpreted_triton._bwd_dz_body)):
+        assert len(tuner.configs) >= 4
+        for cfg in tuner.configs:
+            assert set(cfg.kwargs) <= set(body.arg_names), (body.__name__, cfg.kwargs)
+            assert {"BLOCK_N", "BLOCK_V", "BLOCK_H"} <= set(cfg.kwargs)
+        assert ("GROUP_N" in tuner.configs[0].kwargs) == (body is interpreted_triton._bwd_dz_body)
+    grid = interpreted_triton._grid("tuned", 8192, 16)
+    assert grid({"BLOCK_N": 128, "BLOCK_V": 256}) == (64 * 16,)
+    grid = interpreted_triton._grid("tuned", 1000, lambda block_v: -(-5000 // block_v))
+    assert grid({"BLOCK_N": 64, "BLOCK_V": 128}) == (16 * 40,)
+
+
 def test_triton_dispatch_and_default_split(interpreted_triton, monkeypatch):
     monkeypatch.setenv("VERIMED_KERNELS", "triton")
     _check_against_fp64(lambda *a: fused_logprob(*a), 5, 20, 131, seed=11, temperature=1.0)
