@@ -245,19 +245,6 @@ def default_v_per_split(n_rows: int, vocab: int) -> int:
     return triton.cdiv(triton.cdiv(vocab, splits), 256) * 256
 
 
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with an fp32 result (fp32 accumulation inside the GEMM where torch supports it)."""
-    if a.dtype == torch.float32:
-        return a @ b
-    if a.is_cuda:
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError, NotImplementedError):
-            pass  # older torch: no out_dtype overload; fall through
-        return (a @ b).float()
-    return a.float() @ b.float()
-
-
 @functools.lru_cache(maxsize=None)
 def _inplace_addmm_ok(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether ``addmm(acc, a, b, out_dtype=fp32, out=acc)`` exists and is right on this device.
@@ -281,10 +268,15 @@ def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc (fp32) += a @ b, fp32 accumulation; in place (no [N, H] temporary) where torch allows."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
-    elif a.is_cuda and _inplace_addmm_ok(a.device, a.dtype):
+    elif not a.is_cuda:  # the interpreter's CPU tensors
+        acc.addmm_(a.float(), b.float())
+    elif _inplace_addmm_ok(a.device, a.dtype):
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
-        acc += _mm_fp32(a, b)
+        try:  # an fp32 [N, H] temporary, still an fp32 product
+            acc += torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):  # older torch: no out_dtype overload
+            acc += (a @ b).float()
 
 
 class _TritonLogprob(torch.autograd.Function):
