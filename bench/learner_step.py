@@ -7,7 +7,7 @@
 The batch: ``--groups`` prompts of ``--prompt`` random tokens, ``--group-size``
 responses of ``--response`` tokens each (loss on the responses), random
 behaviour log-probs and rewards — the shape of the CPU default's steps. It
-builds one :class:`verimed.core.learner.Learner` (unsharded, no process
+builds one :class:`verimed.core.train.learner.Learner` (unsharded, no process
 group) from ``configs/default.yaml`` and prints the median wall time of
 ``train_step`` after one warm-up step, per torch thread count. Only
 ``Learner(cfg, path)`` and ``train_step(batch)`` are used, so the script
@@ -29,7 +29,7 @@ sys.path.append(str(ROOT))  # last: PYTHONPATH (another checkout to time) and th
 
 
 def grpo_batch(groups: int, group_size: int, prompt: int, response: int, vocab: int, seed: int = 0):
-    from verimed.core.batch import build_train_batch
+    from verimed.core.rl.batch import build_train_batch
     from verimed.core.types import Array, Group, Prompt, Sample, Turn
 
     rng = np.random.default_rng(seed)
@@ -61,7 +61,7 @@ def main() -> int:
 
     import verimed
     from verimed.core.config import load_config
-    from verimed.core.learner import Learner
+    from verimed.core.train.learner import Learner
     from verimed.core.models import resolve_model_path
 
     cfg = load_config(args.config, [])

@@ -10,7 +10,7 @@ For each seed it runs ``verimed train CONFIG run.seed=S run.name=mt-bench-seedS`
 multiturn stage, and their ``reward/rubric_mean`` (the mean rubric score of all
 candidates of the step's slices). It prints first-5 / last-5 means per seed and
 exits 1 unless the last 5 beat the first 5 for every seed. Needs the controller
-to log ``stage/index`` per step (see verimed.core.stages).
+to log ``stage/index`` per step (see verimed.core.config.stages).
 """
 from __future__ import annotations
 

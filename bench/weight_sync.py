@@ -4,7 +4,7 @@
     .venv/bin/python bench/weight_sync.py --models smollm2 --buckets-mb 16,64 --repeats 2 --no-append
 
 Two processes (sender = learner rank 0, receiver = one engine worker) form
-a weight-sync group through :func:`verimed.core.weight_sync.make_group` on a
+a weight-sync group through :func:`verimed.core.rollout.weight_sync.make_group` on a
 loopback TCPStore (gloo on CPU; NCCL when both see a GPU and ``--backend
 nccl``). Per state dict it times, in the same run:
 
@@ -17,7 +17,7 @@ nccl``). Per state dict it times, in the same run:
 Each time runs from a barrier to a barrier (the receiver has everything),
 best of ``--repeats``. ``smollm2`` is the default model as the learner holds
 it on one CPU rank: parameters flattened into one buffer
-(:func:`verimed.core.learner.flatten_parameters`), so buckets are views;
+(:func:`verimed.core.train.learner.flatten_parameters`), so buckets are views;
 ``smollm2-separate`` is the same weights as separate tensors (what FSDP's
 per-parameter ``full_tensor()`` yields with several ranks: packing is
 exercised). The synthetic 1.5B model has Qwen2.5-1.5B's shapes
@@ -44,7 +44,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install needed
 
 from machine_info import cpu_model  # noqa: E402  (bench/ is sys.path[0] when run as a script)
-from verimed.core import weight_sync as ws  # noqa: E402
+from verimed.core.rollout import weight_sync as ws  # noqa: E402
 
 MB = 2**20
 
@@ -95,7 +95,7 @@ def _numel(shape) -> int:
 def load_model_state(name: str) -> tuple[torch.Tensor | None, list[tuple[str, torch.Tensor]]]:
     if name in ("synthetic-1.5b", "synthetic-1.5b-flat"):
         return synthetic_state(qwen_1p5b_shapes(), torch.bfloat16, flat_layout=name.endswith("-flat"))
-    from verimed.core.learner import flatten_parameters
+    from verimed.core.train.learner import flatten_parameters
     from verimed.core.models import load_causal_lm, resolve_model_path
 
     separate = name.endswith("-separate")

@@ -1,4 +1,4 @@
-"""Answer checker, format reward, MCQ and diagnosis-question data (verimed.core.answers, verimed.core.data.mcq).
+"""Answer checker, format reward, MCQ and diagnosis-question data (verimed.core.tasks.answers, verimed.core.data.mcq).
 
 Run: .venv/bin/python -m pytest tests/test_answers.py -q
 """
@@ -8,13 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from verimed.core.answers import (
-    canonical, check_diagnosis, check_mcq, extract_final_answer, format_reward, gold_alternates, mcq_choice,
-    normalise_answer,
-)
+from verimed.core.tasks.answers import canonical, check_diagnosis, check_mcq, extract_final_answer, format_reward, gold_alternates, mcq_choice, normalise_answer
 from verimed.core.data import DataError
 from verimed.core.data.cases import load_cases
-from verimed.core.data.mcq import diagnosis_prompt, load_mcq, mcq_prompt
+from verimed.core.tasks.prompts import diagnosis_prompt, mcq_prompt
+from verimed.core.data.mcq import load_mcq
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -15,7 +15,7 @@ from verimed.core.data.cases import load_cases
 from verimed.core.data.cursor import Cursor
 from verimed.core.data.healthbench import load_healthbench
 from verimed.core.models import ModelError, resolve_model_path
-from verimed.core.types import (Array, Case, Group, Judgement, Persona, Prompt, RubricItem, Sample, TrainBatch, Turn,
+from verimed.core.types import (Array, Case, Group, Judgement, Persona, Prompt, RubricItem, Sample, Turn,
                                 WeightVersion)
 
 REPO = Path(__file__).resolve().parent.parent

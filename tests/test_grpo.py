@@ -1,4 +1,4 @@
-"""Tests of verimed.core.grpo: hand-computed advantages, losses and corrections, plus an on-policy property.
+"""Tests of verimed.core.rl (advantages, loss): hand-computed advantages, losses and corrections, plus an on-policy property.
 
 Run: .venv/bin/python -m pytest tests/test_grpo.py -q
 """
@@ -12,45 +12,65 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from verimed.core import grpo
+from verimed.core.rl import advantages
+from verimed.core.rl import loss as grpo
 from verimed.core.config import GRPOConfig
 
 # ----------------------------------------------------------------- advantages
 
 
+# fp32 (the kernels' maths): values of magnitude <= 3, so round-off stays below ~1e-6.
+FP32 = dict(rtol=0, atol=2e-6)
+
+
 def test_mean_std_none_advantages_by_hand():
     scores, lengths = np.array([0.2, 0.4, 0.6, 0.8]), np.array([100, 100, 100, 100])
     # P80 = 0.2 + 0.6 * 0.2 = 0.32 <= 0.5: no length reward; mean 0.5
-    r, a = grpo.group_rewards_and_advantages(scores, lengths, GRPOConfig(advantage="mean"))
-    np.testing.assert_allclose(r, scores)
-    np.testing.assert_allclose(a, [-0.3, -0.1, 0.1, 0.3], atol=1e-12)
+    r, a = advantages.group_rewards_and_advantages(scores, lengths, GRPOConfig(advantage="mean"))
+    np.testing.assert_allclose(r, scores, **FP32)
+    np.testing.assert_allclose(a, [-0.3, -0.1, 0.1, 0.3], **FP32)
     # std (ddof=1) = sqrt(0.2 / 3) = 0.2581989
-    _, a = grpo.group_rewards_and_advantages(scores, lengths, GRPOConfig(advantage="std"))
+    _, a = advantages.group_rewards_and_advantages(scores, lengths, GRPOConfig(advantage="std"))
     np.testing.assert_allclose(a, [-1.1618950, -0.3872983, 0.3872983, 1.1618950], atol=1e-5)
-    _, a = grpo.group_rewards_and_advantages(scores, lengths, GRPOConfig(advantage="none"))
+    _, a = advantages.group_rewards_and_advantages(scores, lengths, GRPOConfig(advantage="none"))
     np.testing.assert_array_equal(a, np.zeros(4))
 
 
 def test_length_reward_eq3_by_hand():
     scores, lengths = np.array([0.6, 0.7, 0.8, 0.9, 1.0]), np.array([16, 25, 100, 4, 64])
     # P80 = 0.6 + 0.8 * 0.1 = 0.68 > 0.5, bonus 4/sqrt(L) = [1, .8, .4, 2, .5] for x >= 0.68
-    r, a = grpo.group_rewards_and_advantages(scores, lengths, GRPOConfig())
-    np.testing.assert_allclose(r, [0.6, 1.5, 1.2, 2.9, 1.5], atol=1e-12)
-    np.testing.assert_allclose(a, [-0.94, -0.04, -0.34, 1.36, -0.04], atol=1e-12)
+    r, a = advantages.group_rewards_and_advantages(scores, lengths, GRPOConfig())
+    np.testing.assert_allclose(r, [0.6, 1.5, 1.2, 2.9, 1.5], **FP32)
+    np.testing.assert_allclose(a, [-0.94, -0.04, -0.34, 1.36, -0.04], **FP32)
     # gate closed: threshold above P80
-    r, _ = grpo.group_rewards_and_advantages(scores, lengths, GRPOConfig(length_threshold=0.7))
-    np.testing.assert_allclose(r, scores)
-    r, _ = grpo.group_rewards_and_advantages(scores, lengths, GRPOConfig(length_reward=False))
-    np.testing.assert_allclose(r, scores)
+    r, _ = advantages.group_rewards_and_advantages(scores, lengths, GRPOConfig(length_threshold=0.7))
+    np.testing.assert_allclose(r, scores, **FP32)
+    r, _ = advantages.group_rewards_and_advantages(scores, lengths, GRPOConfig(length_reward=False))
+    np.testing.assert_allclose(r, scores, **FP32)
+
+
+def test_training_advantages_go_through_the_kernel_dispatcher(monkeypatch):
+    """The product computes advantages with the kernels package (Triton on CUDA), not its own copy."""
+    import verimed.kernels as kernels
+
+    calls = []
+    real = kernels.grpo_sequence_advantages
+
+    def spy(*args, **kwargs):
+        calls.append(args[1].tolist())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(advantages, "grpo_sequence_advantages", spy)
+    advantages.group_rewards_and_advantages(np.array([0.0, 1.0, 0.5]), np.array([3, 4, 5]), GRPOConfig())
+    assert calls == [[0, 3]]
 
 
 def test_dynamic_sampling_and_errors():
-    assert not grpo.keep_group(np.array([1.0, 1.0, 1.0]))
-    assert grpo.keep_group(np.array([1.0, 1.0, 0.0]))
-    kept, dropped = grpo.filter_groups([np.ones(3), np.array([0.0, 1.0]), np.zeros(2)])
-    assert kept == [1] and dropped == 2
+    assert not advantages.keep_group(np.array([1.0, 1.0, 1.0]))
+    assert advantages.keep_group(np.array([1.0, 1.0, 0.0]))
     with pytest.raises(ValueError, match="non-empty"):
-        grpo.group_rewards_and_advantages(np.array([1.0, 2.0]), np.array([3]), GRPOConfig())
+        advantages.group_rewards_and_advantages(np.array([1.0, 2.0]), np.array([3]), GRPOConfig())
+
 
 
 # ----------------------------------------------------------------- the loss

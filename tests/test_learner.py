@@ -11,19 +11,20 @@ from __future__ import annotations
 import multiprocessing as mp
 import shutil
 import socket
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from verimed.core.stages import ScheduleState
+from verimed.core.tasks.schedule import ScheduleState
 import torch
 
-from verimed.core import checkpoint as ckpt
-from verimed.core.batch import build_train_batch
+from verimed.cli import export as export_cli
+from verimed.core.train import checkpoint as ckpt
+from verimed.core.rl.batch import build_train_batch
 from verimed.core.config import load_config
-from verimed.core.learner import Learner, flatten_parameters, pack_micro_batches, packed_layout, segment_masks
-from verimed.core.staleness import Ledger
+from verimed.core.train.learner import Learner, flatten_parameters
+from verimed.core.train.packing import pack_micro_batches, packed_layout, segment_masks
+from verimed.core.rl.staleness import Ledger
 from verimed.core.types import Array, Group, Prompt, Sample, Turn
 
 OVERRIDES = ["trainer.lr=1e-3", "trainer.micro_batch_tokens=48", "trainer.warmup_steps=1", "trainer.schedule=cosine",
@@ -159,7 +160,7 @@ def test_packed_forward_matches_separate_sequences(tiny_path):
 
 def test_segment_attention_matches_block_diagonal_sdpa(tiny_path):
     """Per-sequence attention (CPU default) = transformers' sdpa with the block-diagonal mask: values and gradients."""
-    from verimed.core.learner import packed_logprobs
+    from verimed.core.train.learner import packed_logprobs
 
     learner = Learner(load_config(None, OVERRIDES), tiny_path)
     assert learner.model.lm.config._attn_implementation == "verimed_segments"
@@ -201,7 +202,7 @@ def test_unsharded_learner_keeps_parameters_in_one_buffer(tiny_path):
 
 
 def _rank_main(rank: int, world: int, port: int, model_path: str, out_dir: str) -> None:
-    from verimed.core.learner import init_distributed
+    from verimed.core.train.distributed import init_distributed
 
     torch.set_num_threads(1)
     init_distributed(rank, world, "127.0.0.1", port)
@@ -402,10 +403,10 @@ def test_export_command(two_rank, tiny_path, tmp_path):
         shutil.copytree(out / "learner", tmp / ckpt.LEARNER_SUBDIR)
     (run / "config.yaml").write_text(f"model:\n  path: {tiny_path}\n  dtype: bfloat16\n")
     parser = argparse.ArgumentParser()
-    ckpt.add_export_arguments(parser)
-    assert ckpt.run_export(parser.parse_args([str(run), str(tmp_path / "hf")])) == 0
+    export_cli.add_export_arguments(parser)
+    assert export_cli.run_export(parser.parse_args([str(run), str(tmp_path / "hf")])) == 0
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert next(model.parameters()).dtype == torch.bfloat16
-    assert ckpt.run_export(parser.parse_args([str(tmp_path / "empty"), str(tmp_path / "hf2")])) == 2
+    assert export_cli.run_export(parser.parse_args([str(tmp_path / "empty"), str(tmp_path / "hf2")])) == 2

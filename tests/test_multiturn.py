@@ -1,4 +1,4 @@
-"""Multi-turn stage (verimed.core.multiturn): dialogue token ids end to end, slice boundaries, loss masks,
+"""Multi-turn stage (verimed.core.tasks.dialogue): dialogue token ids end to end, slice boundaries, loss masks,
 and the slice driver against the real rules simulator / case rubrics / rules judge in-process.
 
 Run: .venv/bin/python -m pytest tests/test_multiturn.py -q
@@ -11,13 +11,11 @@ import copy
 import numpy as np
 import pytest
 
-from verimed.core.batch import build_train_batch
+from verimed.core.rl.batch import build_train_batch
 from verimed.core.config import Config, load_config
 from verimed.core.data.cases import load_cases
-from verimed.core.episodes import Roles
-from verimed.core.multiturn import (
-    Dialogue, choose_continuation, consultation_score, run_dialogue, slice_samples, template_delta,
-)
+from verimed.core.tasks.groups import Roles
+from verimed.core.tasks.dialogue import Dialogue, choose_continuation, consultation_score, run_dialogue, slice_samples, template_delta
 from verimed.core.models import apply_chat_template
 from verimed.core.rubrics import make_generator, make_judge
 from verimed.core.simulator import SimulatorSessions, make_backend
@@ -235,7 +233,7 @@ def test_bench_reads_the_multiturn_stage(tmp_path):
 
 
 def test_admit_false_stops_the_dialogue(tokenizer, case):
-    from verimed.core.multiturn import dialogue_slices
+    from verimed.core.tasks.dialogue import dialogue_slices
 
     cfg = load_config(None, ["rollout.group_size=2", "model.max_model_len=4096"])
     roles = roles_for(cfg, tokenizer, FakeEngine(tokenizer))

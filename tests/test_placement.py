@@ -17,17 +17,8 @@ import pytest
 
 from verimed.core.config import load_config
 
-from verimed.core.placement import (
-    ClusterResources,
-    PlacementConfig,
-    PlacementError,
-    RoleSpec,
-    add_plan_arguments,
-    format_plan,
-    local_cluster,
-    plan,
-    run_plan,
-)
+from verimed.core.cluster.planner import ClusterResources, PlacementConfig, PlacementError, RoleSpec, format_plan, plan
+from verimed.cli.plan import add_plan_arguments, local_cluster, run_plan
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_CONFIGS = sorted((REPO / "configs" / "cluster").glob("*.yaml"))
@@ -229,7 +220,7 @@ def test_cpu_default_config_is_the_default():
 
 
 def test_core_imports_neither_ray_nor_torch():
-    code = ("import sys, verimed.core.placement, verimed.core.staleness; "
+    code = ("import sys, verimed.core.cluster.planner, verimed.core.rl.staleness; "
             "bad = [m for m in ('ray', 'torch') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 

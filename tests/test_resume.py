@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from verimed.core.checkpoint import latest_checkpoint, load_controller_state
+from verimed.core.train.checkpoint import latest_checkpoint, load_controller_state
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

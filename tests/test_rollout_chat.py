@@ -6,8 +6,8 @@ import asyncio
 import pytest
 
 from verimed.core.config import load_config
-from verimed.core.engines import TransformersEngine
-from verimed.core.llm import EngineClient
+from verimed.core.rollout.engines import TransformersEngine
+from verimed.core.rollout.llm import EngineClient
 from verimed.core.models import load_tokenizer
 
 MESSAGES = [{"role": "user", "content": "I have had a cough for two weeks. What should I do?"}]

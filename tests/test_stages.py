@@ -1,4 +1,4 @@
-"""Training stages (verimed.core.stages): config validation, stage_at, data mixes, resume mid-stage,
+"""Training stages (verimed.core.config.stages): config validation, stage_at, data mixes, resume mid-stage,
 and the rule / rubric stage groups with in-process roles.
 
 Run: .venv/bin/python -m pytest tests/test_stages.py -q
@@ -15,10 +15,10 @@ import pytest
 import yaml
 
 from verimed.core.config import GRPOConfig, RolloutConfig, load_config
-from verimed.core.stages import (
-    MixSampler, Schedule, ScheduleState, StageConfig, StageEvalConfig, StageError, effective_config, effective_grpo, rubric_group,
-    rule_group, split_heldout, stage_at, total_steps, validate_stages,
-)
+from verimed.core.tasks.schedule import MixSampler, Schedule, ScheduleState, stage_at
+from verimed.core.config.stages import StageConfig, StageEvalConfig, StageError, effective_config, effective_grpo, total_steps, validate_stages
+from verimed.core.tasks.single_turn import rubric_group, rule_group
+from verimed.core.tasks.pools import split_heldout
 from verimed.core.types import Array, Prompt, RubricItem, Sample, Turn
 
 RECIPES = Path(__file__).parent.parent / "configs"
@@ -153,7 +153,7 @@ class FakeRoles:
 
 
 def test_rule_group_rewards_correct_and_formatted():
-    from verimed.core.answers import check_diagnosis
+    from verimed.core.tasks.answers import check_diagnosis
 
     cfg = load_config(None, ["rollout.group_size=4", "grpo.length_reward=false"])
     roles = FakeRoles(["Final answer: MG", "It is myasthenia gravis", "Final answer: botulism", "no idea"])
@@ -161,7 +161,8 @@ def test_rule_group_rewards_correct_and_formatted():
     res = asyncio.run(rule_group(roles, cfg, prompt, 5, lambda t: check_diagnosis(t, "Myasthenia gravis"), 0.2))
     assert res.group.rubric_scores == [1.0, 1.0, 0.0, 0.0]
     assert np.allclose(res.group.rewards, [1.2, 1.0, 0.2, 0.0])
-    assert np.isclose(res.advantages.sum(), 0.0) and res.group.samples[0].uid == "5/0/0"
+    # fp32 advantages (the kernels' maths): G = 4 terms of magnitude ~1, round-off ~G * 2^-23
+    assert abs(float(res.advantages.sum())) < 1e-6 and res.group.samples[0].uid == "5/0/0"
 
 
 def test_rubric_group_uses_own_rubric_or_generates():

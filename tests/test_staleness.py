@@ -12,15 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from verimed.core.staleness import (
-    AdmissionControl,
-    DuplicateConsumption,
-    Ledger,
-    LedgerState,
-    TokenVersions,
-    staleness_histogram,
-    staleness_stats,
-)
+from verimed.core.rl.staleness import AdmissionControl, DuplicateConsumption, Ledger, LedgerState, TokenVersions, staleness_histogram, staleness_stats
 
 START, FINISH, DROP, TRAIN_BEGIN, TRAIN_END = range(5)
 

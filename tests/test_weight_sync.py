@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from verimed.core import weight_sync as ws
+from verimed.core.rollout import weight_sync as ws
 from verimed.core.types import WeightVersion
 
 
@@ -152,8 +152,8 @@ class _Rig:
 
     def __init__(self, model_path: str, export_dir: str):
         from verimed.core.config import load_config
-        from verimed.core.engines import VLLMEngine
-        from verimed.core.learner import Learner
+        from verimed.core.rollout.engines import VLLMEngine
+        from verimed.core.train.learner import Learner
         from verimed.core.models import apply_chat_template, load_tokenizer
 
         self.loop = asyncio.new_event_loop()

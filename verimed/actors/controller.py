@@ -30,19 +30,22 @@ import ray
 from verimed.actors.learner import LearnerGroup
 from verimed.actors.rollout import EngineGroupClient, EngineRouter, RolloutActor
 from verimed.actors.weight_sync import WeightSyncCoordinator
-from verimed.core.batch import build_train_batch
-from verimed.core.checkpoint import (LEARNER_SUBDIR, CheckpointError, ControllerState, atomic_checkpoint_dir,
-                                     latest_checkpoint, load_controller_state, save_controller_state)
+from verimed.core.rl.batch import build_train_batch
+from verimed.core.train.checkpoint import LEARNER_SUBDIR, CheckpointError, ControllerState, atomic_checkpoint_dir, latest_checkpoint, load_controller_state, save_controller_state
 from verimed.core.config import Config, ConfigError, to_yaml
-from verimed.core.llm import OpenAIClient
-from verimed.core.episodes import GroupResult, Roles
+from verimed.core.rollout.llm import OpenAIClient
+from verimed.core.tasks.groups import GroupResult, Roles
 from verimed.core.metrics import MetricsSink
 from verimed.core.models import load_tokenizer, resolve_model_path
-from verimed.core.multiturn import dialogue_slices
-from verimed.core.reference import reference_model_path, reference_needed
-from verimed.core.staleness import AdmissionControl, Ledger, staleness_histogram, staleness_stats
-from verimed.core.stages import Draw, Schedule, StageConfig, effective_config, stage_at
-from verimed.core.work import DataPools, evaluate, single_turn_group
+from verimed.core.tasks.dialogue import dialogue_slices
+from verimed.core.train.reference import reference_model_path
+from verimed.core.config import reference_needed
+from verimed.core.rl.staleness import AdmissionControl, Ledger, staleness_histogram, staleness_stats
+from verimed.core.tasks.schedule import Draw, Schedule, stage_at
+from verimed.core.config.stages import StageConfig, effective_config
+from verimed.core.tasks.pools import DataPools
+from verimed.core.eval.stage import evaluate
+from verimed.core.tasks.single_turn import single_turn_group
 
 
 # Give up (with the last error) when this many groups fail in a row with nothing succeeding.
@@ -70,7 +73,7 @@ class Remote:
 
 def default_stages(cfg: Config) -> list[StageConfig]:
     """Without ``stages:``: one stage of single-turn consultations (simulator opening, case rubrics)."""
-    from verimed.core.stages import DataMix
+    from verimed.core.config.stages import DataMix
 
     return [StageConfig(name="consult", kind="rubric", steps=cfg.run.steps, data=DataMix(cases=1.0))]
 
@@ -155,7 +158,7 @@ class Controller:
     def _placement(self):
         """Placement groups for the plan of ``cfg.placement``; returns ``options(role, replica)``."""
         from verimed.actors.placement import actor_options, cluster_resources_from_ray, create_placement_groups
-        from verimed.core.placement import plan
+        from verimed.core.cluster.planner import plan
 
         the_plan = plan(self.cfg.placement, kl_enabled=reference_needed(self.cfg), cluster=cluster_resources_from_ray())
         placements = create_placement_groups(the_plan)

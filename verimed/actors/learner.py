@@ -1,4 +1,4 @@
-"""Learner actors: a thin Ray shell over :class:`verimed.core.learner.Learner`.
+"""Learner actors: a thin Ray shell over :class:`verimed.core.train.learner.Learner`.
 
 ``LearnerGroup`` starts ``placement.learner.replicas`` actors that form one
 torch.distributed group (gloo on CPU, NCCL on GPU) and fans every call out to
@@ -14,7 +14,7 @@ import ray
 
 from verimed.core.config import Config, GRPOConfig
 from verimed.core.types import TrainBatch, WeightVersion
-from verimed.core import weight_sync
+from verimed.core.rollout import weight_sync
 
 
 def free_port() -> int:
@@ -32,7 +32,8 @@ class LearnerActor:
     def __init__(self, cfg: Config, model_path: str, rank: int, world_size: int, master_addr: str, master_port: int):
         import torch
 
-        from verimed.core.learner import Learner, init_distributed
+        from verimed.core.train.learner import Learner
+        from verimed.core.train.distributed import init_distributed
 
         if not torch.cuda.is_available():
             torch.set_num_threads(cfg.trainer.cpu_threads or os.cpu_count() or 1)

@@ -1,4 +1,4 @@
-"""Ray side of placement: create the placement groups of a :class:`~verimed.core.placement.Plan`.
+"""Ray side of placement: create the placement groups of a :class:`~verimed.core.cluster.planner.Plan`.
 
     plan = core.placement.plan(cfg.placement, kl_enabled=..., cluster=cluster_resources_from_ray())
     groups = create_placement_groups(plan)
@@ -13,7 +13,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from verimed.core.placement import ClusterResources, NodeResources, Plan, PlacementError
+from verimed.core.cluster.planner import ClusterResources, NodeResources, Plan, PlacementError
 
 # role -> per replica: (placement group, bundle index), or (None, None) for an actor
 # that needs no resources and is scheduled anywhere.

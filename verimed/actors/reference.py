@@ -1,6 +1,6 @@
-"""Reference actors: a thin Ray shell over :class:`verimed.core.reference.ReferenceModel`.
+"""Reference actors: a thin Ray shell over :class:`verimed.core.train.reference.ReferenceModel`.
 
-Started only when :func:`verimed.core.reference.reference_needed` says a KL term
+Started only when :func:`verimed.core.train.reference.reference_needed` says a KL term
 is configured. ``ReferenceGroup`` starts ``placement.reference.replicas`` actors;
 with more than one they form their own torch.distributed group and shard the
 frozen model with FSDP2 (every call goes to every replica; rank 0's answer is
@@ -24,7 +24,7 @@ import numpy as np
 import ray
 
 from verimed.core.config import Config
-from verimed.core.reference import with_reference
+from verimed.core.train.reference import with_reference
 from verimed.core.types import TrainBatch
 
 
@@ -34,8 +34,8 @@ class ReferenceActor:
                  master_addr: str | None = None, master_port: int | None = None, offload: bool | None = None):
         import torch
 
-        from verimed.core.learner import init_distributed
-        from verimed.core.reference import ReferenceModel
+        from verimed.core.train.distributed import init_distributed
+        from verimed.core.train.reference import ReferenceModel
 
         # A num_cpus=0 actor (the CPU default) still gets one thread: it shares the cores.
         torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))

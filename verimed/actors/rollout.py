@@ -1,4 +1,4 @@
-"""Rollout engine actor: a thin Ray shell over :mod:`verimed.core.engines`.
+"""Rollout engine actor: a thin Ray shell over :mod:`verimed.core.rollout.engines`.
 
 One actor per engine replica; the controller routes prompts to the least
 loaded one (:class:`EngineRouter`). The same actor answers ``chat`` for the
@@ -14,8 +14,8 @@ import psutil
 import ray
 
 from verimed.core.config import Config
-from verimed.core.engines import TransformersEngine, VLLMEngine
-from verimed.core.llm import EngineClient
+from verimed.core.rollout.engines import TransformersEngine, VLLMEngine
+from verimed.core.rollout.llm import EngineClient
 from verimed.core.models import load_tokenizer
 from verimed.core.types import Sample, WeightVersion
 

@@ -1,7 +1,7 @@
 """Weight-sync coordination between the learner group and the rollout engines (DESIGN §5).
 
 The transport (bucketed broadcast, validated receive) is in
-:mod:`verimed.core.weight_sync`; this module decides *when*: it builds the
+:mod:`verimed.core.rollout.weight_sync`; this module decides *when*: it builds the
 dedicated group (learner rank 0 + every engine worker), runs sender and
 receivers of a sync concurrently, rebuilds the group after an engine restart,
 and checks engine-vs-learner log-prob parity on fixed tokens after each sync.
@@ -19,7 +19,7 @@ import ray
 from verimed.actors.learner import LearnerGroup, free_port, node_ip
 from verimed.core.config import Config
 from verimed.core.models import apply_chat_template
-from verimed.core.weight_sync import resolve_backend
+from verimed.core.rollout.weight_sync import resolve_backend
 
 PARITY_MESSAGES = [
     {"role": "user", "content": "I have had a headache and blurred vision for three days."},

@@ -3,6 +3,8 @@
 Every loader reads JSONL, validates each record and either stops with
 ``DataError("FILE:LINE: FIELD: problem")`` or, with ``skip_invalid=True``,
 skips the record and counts it in ``LoadReport.skipped``.
+
+May import: ``verimed.core.types`` only.
 """
 from __future__ import annotations
 

@@ -3,6 +3,8 @@
 
     from verimed.core.rubrics import make_generator, make_judge
     from verimed.core.rubrics.scoring import response_score, training_reward, aggregate
+
+May import: ``verimed.core.config``, ``types``, ``rollout.llm`` (the LLMClient protocol).
 """
 from verimed.core.rubrics.generator import (
     CaseRubricGenerator, LLMClient, LLMRubricGenerator, RubricGenerationError, make_generator,

@@ -19,7 +19,7 @@ import logging
 from collections import OrderedDict
 from typing import Any, Literal, Sequence
 
-from verimed.core.llm import LLMClient  # the one protocol; re-exported for the judge
+from verimed.core.rollout.llm import LLMClient  # the one protocol; re-exported for the judge
 from verimed.core.rubrics.case_rubrics import case_rubric
 from verimed.core.rubrics.model import (
     DIMENSIONS, RubricError, check_dimensions, dialogue_hash, make_item, merge_duplicates, validate_rubric,

@@ -6,9 +6,12 @@
 
 ``verimed simulate --audit N`` measures privacy / fact / persona scores;
 ``verimed simulate --case case-0001 --persona ENFP --explain`` plays it in a terminal.
-No Ray here: ``verimed.actors.simulator`` wraps :class:`PatientSimulator`.
+No Ray here: ``verimed.actors.simulator`` wraps :class:`PatientSimulator`; the
+commands live in :mod:`verimed.cli.simulate`. May import: ``verimed.core.config``,
+``types``, ``rollout.llm`` (the LLMClient protocol); nothing else of ``verimed``.
 """
-from verimed.core.simulator.backend import SimulatorBackend, TurnContext, make_backend
+from verimed.core.simulator.backend import SimulatorBackend, TurnContext
+from verimed.core.simulator.factory import make_backend
 from verimed.core.simulator.persona import MBTI_TYPES, Traits, behaviour, describe, sample_persona
 from verimed.core.simulator.rules import RulesBackend
 from verimed.core.simulator.script import Fact, PatientScript, ScriptError

@@ -4,11 +4,9 @@ A backend implements the termination gate, the affective unit (the draft in
 the persona's voice) and the factual unit's review of that draft. Selection
 of what may be disclosed (:func:`~verimed.core.simulator.units.select_facts`)
 is shared by all backends, so an LLM never even sees the diagnosis or locked
-results. ``make_backend(cfg, llm)`` picks one by ``cfg.backend``.
+results. ``make_backend(cfg, llm)`` (:mod:`verimed.core.simulator.factory`) picks one by ``cfg.backend``.
 """
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -17,9 +15,6 @@ from verimed.core.simulator.persona import Traits
 from verimed.core.simulator.script import PatientScript
 from verimed.core.simulator.units import GateDecision, Review, Selection, SessionState
 from verimed.core.types import Persona, Turn
-
-if TYPE_CHECKING:
-    from verimed.core.config import SimulatorConfig
 
 
 class TurnContext(msgspec.Struct):
@@ -48,18 +43,3 @@ class SimulatorBackend:
 
     async def review(self, ctx: TurnContext, decision: GateDecision, draft: str) -> Review:
         raise NotImplementedError
-
-
-def make_backend(cfg: "SimulatorConfig", llm=None, embedder=None) -> SimulatorBackend:
-    """``rules`` (default, deterministic) or ``llm`` (needs an LLMClient)."""
-    from verimed.core.simulator.rules import RulesBackend
-
-    if cfg.backend == "rules":
-        return RulesBackend(embedder=embedder)
-    if cfg.backend == "llm":
-        if llm is None:
-            raise ValueError("simulator.backend=llm needs an LLM client (configure the llm section)")
-        from verimed.core.simulator.llm import LLMBackend
-
-        return LLMBackend(llm, embedder=embedder)
-    raise ValueError(f"simulator.backend={cfg.backend!r}: expected 'rules' or 'llm'")

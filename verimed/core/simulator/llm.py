@@ -1,6 +1,6 @@
 """The ``llm`` backend: each unit is a prompt through an ``LLMClient``; the factual unit guards.
 
-Client protocol (``verimed.core.llm``): ``await client.chat(messages, max_tokens=, temperature=,
+Client protocol (``verimed.core.rollout.llm``): ``await client.chat(messages, max_tokens=, temperature=,
 affinity_key=) -> str``; a vLLM engine group, an OpenAI-compatible endpoint or the policy engines.
 
 * gate: asks for ``{"done": bool, "reason": ...}``; the turn limit and an explicit
@@ -22,7 +22,7 @@ import json
 import re
 from typing import Any
 
-from verimed.core.llm import LLMClient, LLMError
+from verimed.core.rollout.llm import LLMClient, LLMError
 from verimed.core.simulator.backend import SimulatorBackend, TurnContext
 from verimed.core.simulator.persona import describe
 from verimed.core.simulator.rules import guard, render_reply

@@ -18,7 +18,7 @@ tokenised: the chat template is rendered as text with a sentinel doctor turn
 and the suffix after the sentinel (end of doctor turn, patient turn, next
 assistant header) is tokenised on its own. A candidate's sample is
 (prompt = dialogue ids so far, response = its engine ids), so
-``verimed.core.batch.build_train_batch`` puts loss on the current doctor
+``verimed.core.rl.batch.build_train_batch`` puts loss on the current doctor
 reply only; earlier doctor turns are context (``Dialogue.loss_mask`` shows
 which tokens the policy generated).
 """
@@ -30,9 +30,10 @@ import msgspec
 import numpy as np
 
 from verimed.core.config import Config
-from verimed.core.episodes import DOCTOR_SYSTEM_PROMPT, GroupResult, Roles, judge_group
 from verimed.core.models import apply_chat_template
 from verimed.core.simulator import sample_persona
+from verimed.core.tasks.groups import GroupResult, Roles, judge_group
+from verimed.core.tasks.prompts import DOCTOR_SYSTEM_PROMPT
 from verimed.core.types import Array, Case, Prompt, Sample, Turn
 
 # A doctor turn stand-in when rendering the template as text; never tokenised.

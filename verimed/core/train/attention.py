@@ -1,7 +1,7 @@
 """Attention over packed sequences, one causal block per sequence (the learner and reference on CPU).
 
 A micro-batch is one row of S concatenated sequences (see
-:func:`verimed.core.learner.packed_logprobs`). transformers' ``sdpa`` path
+:func:`verimed.core.train.policy.packed_logprobs`). transformers' ``sdpa`` path
 turns restarting position ids into a T×T block-diagonal mask and then
 computes all T² scores; on CPU that is most of a training step (SDPA forward
 and backward were a third of a SmolLM2 step at T ≈ 2k, S = 16). Here each
@@ -10,7 +10,7 @@ sequence attends only to itself:
     out[b:e] = softmax(Q[b:e] K[b:e]^T · scale + mask) V[b:e]   for each segment (b, e)
 
 so the cost is Σ n_i² instead of T², and a segment may hold a prompt shared
-by G responses (a tree mask; :func:`verimed.core.learner.packed_layout`).
+by G responses (a tree mask; :func:`verimed.core.train.packing.packed_layout`).
 Same numbers as the masked path (tested).
 On CUDA the model keeps its configured implementation (flash / sdpa varlen).
 """
@@ -31,7 +31,7 @@ def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     """transformers attention function: query [1, Hq, R, D], key/value [1, Hkv, R, D] -> [1, R, Hq, D].
 
     ``kwargs[SEGMENTS_KWARG]``: ``(start, end, mask)`` per segment of the row
-    (:func:`verimed.core.learner.segment_masks`); ``mask`` None is plain causal,
+    (:func:`verimed.core.train.packing.segment_masks`); ``mask`` None is plain causal,
     else a bool [n, n] (True = may attend; a shared prompt and its responses).
     Without segments the whole row is one causal sequence. GQA heads are
     shared by ``enable_gqa``; no dropout (the policy trains without it).

@@ -9,8 +9,8 @@ GPUs/CPUs per replica, tensor-parallel size, colocation and Ray strategy.
 one bundle per replica, every actor mapped to (group, bundle) — and checks it
 against a :class:`ClusterResources`, raising :class:`PlacementError` with a
 readable message when it does not fit. ``actors/placement.py`` creates the Ray
-placement groups from a Plan. Pure Python: imports neither ray nor torch, nor
-``config.py`` at module level (config.py imports this module).
+placement groups from a Plan; ``verimed plan`` (:mod:`verimed.cli.plan`) prints
+one. Pure Python: imports neither ray nor torch.
 
 Decisions:
 - Tensor parallelism: a replica with ``tensor_parallel_size = tp`` gets ONE bundle
@@ -29,80 +29,17 @@ Decisions:
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import re
-import sys
 from pathlib import Path
-from typing import Annotated, Literal
 
 import msgspec
-from msgspec import Meta
 
-ROLES = ("learner", "rollout", "simulator", "verifier", "rubric_generator", "reference")
-Role = Literal["learner", "rollout", "simulator", "verifier", "rubric_generator", "reference"]
-Strategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+from verimed.core.config.placement import ROLES, PlacementConfig, RoleSpec
 
 
 class PlacementError(ValueError):
     """The placement config is inconsistent, or its plan does not fit the cluster."""
-
-
-class RoleSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """How one role is laid out. A replica is one actor (one learner rank, one engine)."""
-
-    replicas: Annotated[int, Meta(ge=0)] = 1  # learner replicas = FSDP world size
-    gpus_per_replica: Annotated[int, Meta(ge=0)] = 0  # whole GPUs; = tensor_parallel_size for a TP engine
-    cpus_per_replica: Annotated[float, Meta(ge=0.0)] = 1.0  # logical Ray CPUs
-    tensor_parallel_size: Annotated[int, Meta(ge=1)] = 1  # GPUs one engine shards over (one bundle)
-    colocate_with: Role | None = None  # share that role's bundles (replica i -> its bundle i)
-    strategy: Strategy = "PACK"  # Ray strategy of this role's placement group (ignored for guests)
-
-    def __post_init__(self) -> None:
-        if self.tensor_parallel_size > 1 and self.gpus_per_replica != self.tensor_parallel_size:
-            raise ValueError(
-                f"tensor_parallel_size {self.tensor_parallel_size} needs gpus_per_replica "
-                f"{self.tensor_parallel_size}, got {self.gpus_per_replica}"
-            )
-
-
-def _cpu_helper() -> RoleSpec:
-    return RoleSpec(cpus_per_replica=0.0)  # rules backends: num_cpus=0 helper actors
-
-
-class PlacementConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """The ``placement:`` section. Defaults = the CPU embedded default (2 CPUs, no GPU)."""
-
-    learner: RoleSpec = RoleSpec()
-    rollout: RoleSpec = RoleSpec()
-    simulator: RoleSpec = msgspec.field(default_factory=_cpu_helper)
-    verifier: RoleSpec = msgspec.field(default_factory=_cpu_helper)
-    rubric_generator: RoleSpec = msgspec.field(default_factory=_cpu_helper)
-    # Planned only when a KL term is on; 0 CPUs on the laptop default: a separate actor sharing the cores.
-    reference: RoleSpec = msgspec.field(default_factory=_cpu_helper)
-
-    def __post_init__(self) -> None:
-        for role in ("learner", "rollout"):
-            if getattr(self, role).replicas < 1:
-                raise ValueError(f"{role}.replicas must be >= 1")
-        for role in ROLES:
-            spec: RoleSpec = getattr(self, role)
-            host = spec.colocate_with
-            if host is None:
-                continue
-            host_spec: RoleSpec = getattr(self, host)
-            if host == role:
-                raise ValueError(f"{role}.colocate_with names itself")
-            if host_spec.colocate_with is not None:
-                raise ValueError(f"{role}.colocate_with: {host} is itself colocated with {host_spec.colocate_with}")
-            if spec.replicas > host_spec.replicas:
-                raise ValueError(f"{role} has {spec.replicas} replicas but its host {host} only {host_spec.replicas}")
-            if spec.gpus_per_replica and host_spec.gpus_per_replica and (spec.gpus_per_replica, host_spec.gpus_per_replica) != (1, 1):
-                raise ValueError(
-                    f"{role} colocated with {host}: sharing GPUs needs gpus_per_replica 1 on both "
-                    f"(got {spec.gpus_per_replica} and {host_spec.gpus_per_replica})"
-                )
 
 
 # -------------------------------------------------------------------- cluster
@@ -417,53 +354,3 @@ def _runs(p: Plan) -> list[tuple[ActorPlan, ActorPlan]]:
         else:
             runs.append([a])
     return [(r[0], r[-1]) for r in runs]
-
-
-# --------------------------------------------------------------------- CLI
-
-
-def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``verimed plan CONFIG [--cluster-resources SPEC] [section.key=value ...]``."""
-    parser.add_argument("config", help="run config YAML (its placement: section is planned)")
-    parser.add_argument(
-        "--cluster-resources", metavar="SPEC", default=None,
-        help="plan for a cluster you are not on: '8x8gpu', 'nodes=8,gpus_per_node=8,cpus_per_node=96' or a "
-             "JSON file; default: the Ray cluster at run.ray_address, else this machine",
-    )
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. placement.rollout.replicas=2")
-
-
-def run_plan(args: argparse.Namespace, cluster_from_ray=None) -> int:
-    """Print the resolved plan; 0 if it fits, 1 (with the reason on stderr) if not."""
-    from verimed.core.config import ConfigError, load_config
-
-    try:
-        cfg = load_config(args.config, args.overrides)
-        placement = cfg.placement
-        cluster = ClusterResources.parse(args.cluster_resources) if args.cluster_resources else local_cluster(cfg, cluster_from_ray)
-        result = plan(placement, kl_enabled=cfg.grpo.kl_coef > 0, cluster=cluster)
-    except (ConfigError, PlacementError, ValueError) as exc:
-        print(f"verimed plan: {exc}", file=sys.stderr)
-        return 1
-    print(format_plan(result))
-    return 0
-
-
-def local_cluster(cfg, cluster_from_ray=None) -> ClusterResources:
-    """Resources of the cluster a run of ``cfg`` would use, without starting one.
-
-    run.ray_address set: ask that Ray cluster (imports ray). Otherwise this machine:
-    run.ray_num_cpus or os.cpu_count() CPUs, and the NVIDIA GPUs the driver lists
-    (narrowed by CUDA_VISIBLE_DEVICES), read from /proc without importing torch.
-    """
-    if cfg.run.ray_address:
-        if cluster_from_ray is None:
-            raise PlacementError("run.ray_address is set: pass --cluster-resources, or plan through `verimed plan`")
-        # Injected by the CLI (verimed.actors.placement.cluster_resources_from_ray): core never imports Ray.
-        return cluster_from_ray(cfg.run.ray_address)
-    gpu_dir = Path("/proc/driver/nvidia/gpus")
-    gpus = len(list(gpu_dir.iterdir())) if gpu_dir.is_dir() else 0
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        gpus = min(gpus, len([d for d in visible.split(",") if d.strip()]))
-    return ClusterResources.uniform(1, gpus, float(cfg.run.ray_num_cpus or os.cpu_count() or 1))

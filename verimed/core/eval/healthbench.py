@@ -1,28 +1,22 @@
-"""``verimed eval healthbench``: sample a policy on HealthBench conversations,
-grade every rubric item, and score exactly as the reference (simple-evals).
+"""HealthBench evaluation: sample a policy on HealthBench conversations, grade every rubric
+item, and score exactly as the reference (simple-evals). The command line is ``verimed eval
+healthbench`` (:mod:`verimed.cli.eval`), which documents the flags of :class:`EvalSettings`.
 
-    verimed eval healthbench --data FILE --policy smollm2 --grader rules --limit 20 --out runs/hb
-    python -m verimed.core.eval_healthbench --grader vllm:smollm2 --limit 2     # same thing
+    agg, report = await evaluate_healthbench(EvalSettings(grader="rules", limit=20), progress)
 
-``--data`` takes the official full / hard / consensus JSONL files (default: the
-50 shipped examples). ``--grader`` is ``rules`` (deterministic, CPU),
-``vllm:MODEL`` (an in-process vLLM engine; MODEL is a local HF dir or
-"smollm2") or ``openai:MODEL`` (an OpenAI-compatible endpoint: ``--grader-url``,
-key from ``$OPENAI_API_KEY``). Outputs under ``--out``: ``responses.jsonl``
-(sampled replies), ``gradings.jsonl`` (one line per graded example, appended as
-they finish), ``results.json`` and ``report.md``. ``--resume`` re-uses finished
-responses and gradings. Ray-free; heavy imports happen after argument parsing.
+Outputs under ``settings.out``: ``responses.jsonl`` (sampled replies),
+``gradings.jsonl`` (one line per graded example, appended as they finish),
+``results.json`` and ``report.md``; ``resume`` re-uses finished responses and
+gradings. Ray-free; torch / vLLM are imported only when an engine starts.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import gc
 import json
-import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import msgspec
 
@@ -31,38 +25,31 @@ from verimed.core.rubrics.scoring import Aggregate, aggregate, example_metrics, 
 from verimed.core.types import Judgement
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", default=None, help="HealthBench JSONL (full/hard/consensus); default: 50 shipped examples")
-    parser.add_argument("--policy", default="smollm2", help='policy model: local HF dir or "smollm2"')
-    parser.add_argument("--grader", default="rules", help="rules | vllm:MODEL | openai:MODEL")
-    parser.add_argument("--grader-url", default="https://api.openai.com/v1", help="base URL for openai:MODEL")
-    parser.add_argument("--out", default="runs/eval_healthbench", help="output directory")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
-    parser.add_argument("--resume", action="store_true", help="re-use responses and gradings already in --out")
-    parser.add_argument("--engine", choices=("vllm", "transformers"), default="vllm", help="policy sampling backend")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
-    parser.add_argument("--max-tokens", type=int, default=256, help="policy response tokens")
-    parser.add_argument("--temperature", type=float, default=0.0, help="policy temperature (0 = greedy)")
-    parser.add_argument("--max-model-len", type=int, default=4096, help="engine context (prompt + response)")
-    parser.add_argument("--kv-cache-mb", type=int, default=512, help="vLLM KV-cache bound per engine")
-    parser.add_argument("--judge-retries", type=int, default=2, help="re-asks on unparseable grader output")
-    parser.add_argument("--judge-max-tokens", type=int, default=256)
-    parser.add_argument("--concurrency", type=int, default=32, help="requests in flight per engine")
-    parser.add_argument("--skip-invalid", action="store_true", help="skip (and count) malformed records")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap / sampling seed")
-    parser.add_argument("--worst", type=int, default=5, help="lowest-scoring examples shown in the report")
-    parser.add_argument("--no-progress", action="store_true")
+class EvalSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """What ``verimed eval healthbench`` was asked to do (its flags, checked by :mod:`verimed.cli.eval`)."""
+
+    data: str | None = None  # HealthBench JSONL; None = the 50 shipped examples
+    policy: str = "smollm2"  # local HF dir or "smollm2"
+    grader: str = "rules"  # rules | vllm:MODEL | openai:MODEL
+    grader_url: str = "https://api.openai.com/v1"
+    out: str = "runs/eval_healthbench"
+    limit: int | None = None
+    resume: bool = False
+    engine: str = "vllm"  # vllm | transformers
+    dtype: str = "bfloat16"
+    max_tokens: int = 256
+    temperature: float = 0.0
+    max_model_len: int = 4096
+    kv_cache_mb: int = 512
+    judge_retries: int = 2
+    judge_max_tokens: int = 256
+    concurrency: int = 32
+    skip_invalid: bool = False
+    seed: int = 0
+    worst: int = 5
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {args.limit}")
-    if args.max_tokens < 1 or args.max_model_len <= args.max_tokens:
-        raise ValueError("--max-tokens must be >= 1 and smaller than --max-model-len")
-    if args.grader != "rules" and not args.grader.startswith(("vllm:", "openai:")):
-        raise ValueError(f"--grader must be rules, vllm:MODEL or openai:MODEL, got {args.grader!r}")
-    if args.grader.endswith(":"):
-        raise ValueError(f"--grader {args.grader!r}: missing model name after ':'")
+Progress = Callable[[int, str], Any]  # (total, description) -> a context manager with .update(n)
 
 
 # ------------------------------------------------------------------ engines
@@ -72,24 +59,24 @@ class Engines:
     """Local engines by (backend, model), started lazily and shared: ``--grader
     vllm:M`` with policy M on vLLM re-uses the policy's engine (one start)."""
 
-    def __init__(self, args: argparse.Namespace):
-        self.args = args
+    def __init__(self, settings: EvalSettings):
+        self.settings = settings
         self._live: dict[tuple[str, str], tuple[Any, Any]] = {}
 
     def get(self, model: str, backend: str) -> tuple[Any, Any]:
         """(engine, tokenizer); torch / vllm are imported here, not at module import."""
-        from verimed.core.engines import TransformersEngine, VLLMEngine
+        from verimed.core.rollout.engines import TransformersEngine, VLLMEngine
         from verimed.core.models import load_tokenizer, resolve_model_path
 
         key = (backend, model)
         if key not in self._live:
-            args, path = self.args, resolve_model_path(model)
+            settings, path = self.settings, resolve_model_path(model)
             if backend == "transformers":
-                engine = TransformersEngine(path, dtype="float32", seed=args.seed)
+                engine = TransformersEngine(path, dtype="float32", seed=settings.seed)
             else:
-                engine = VLLMEngine(path, dtype=args.dtype, max_model_len=args.max_model_len,
-                                    kv_cache_bytes=args.kv_cache_mb * 2**20, max_num_seqs=args.concurrency,
-                                    enforce_eager=True, seed=args.seed)
+                engine = VLLMEngine(path, dtype=settings.dtype, max_model_len=settings.max_model_len,
+                                    kv_cache_bytes=settings.kv_cache_mb * 2**20, max_num_seqs=settings.concurrency,
+                                    enforce_eager=True, seed=settings.seed)
             self._live[key] = (engine, load_tokenizer(path))
         return self._live[key]
 
@@ -117,46 +104,46 @@ def fit_messages(tokenizer: Any, messages: list[dict[str, str]], budget: int) ->
     return msgs
 
 
-async def sample_policy(examples: Sequence[HealthBenchExample], args: argparse.Namespace, engines: Engines,
+async def sample_policy(examples: Sequence[HealthBenchExample], settings: EvalSettings, engines: Engines,
                         progress: Any) -> dict[str, str]:
     """prompt_id -> the policy's reply to that example's conversation."""
-    from verimed.core.llm import EngineClient
+    from verimed.core.rollout.llm import EngineClient
 
-    engine, tokenizer = engines.get(args.policy, args.engine)
+    engine, tokenizer = engines.get(settings.policy, settings.engine)
     client = EngineClient(engine, tokenizer)
-    slots = asyncio.Semaphore(args.concurrency)
-    budget = args.max_model_len - args.max_tokens
+    slots = asyncio.Semaphore(settings.concurrency)
+    budget = settings.max_model_len - settings.max_tokens
 
     async def one(ex: HealthBenchExample) -> tuple[str, str]:
         messages = fit_messages(tokenizer, [{"role": t.role, "content": t.content} for t in ex.messages], budget)
         async with slots:
-            text = await client.chat(messages, max_tokens=args.max_tokens, temperature=args.temperature)
+            text = await client.chat(messages, max_tokens=settings.max_tokens, temperature=settings.temperature)
         progress.update(1)
         return ex.prompt_id, text
 
     return dict(await asyncio.gather(*(one(ex) for ex in examples)))
 
 
-def _make_judge(args: argparse.Namespace, engines: Engines) -> Any:
+def _make_judge(settings: EvalSettings, engines: Engines) -> Any:
     """The judge for ``--grader`` (local engines come from ``engines``)."""
     from verimed.core.rubrics.judge import LLMJudge
     from verimed.core.rubrics.rules import RulesJudge
 
-    if args.grader == "rules":
+    if settings.grader == "rules":
         return RulesJudge()
-    kind, _, model = args.grader.partition(":")
+    kind, _, model = settings.grader.partition(":")
     if kind == "openai":
-        from verimed.core.llm import OpenAIClient
+        from verimed.core.rollout.llm import OpenAIClient
 
-        client: Any = OpenAIClient(args.grader_url, model)
+        client: Any = OpenAIClient(settings.grader_url, model)
     else:
-        from verimed.core.llm import EngineClient
+        from verimed.core.rollout.llm import EngineClient
 
         engine, tokenizer = engines.get(model, "vllm")
-        budget = args.max_model_len - args.judge_max_tokens
+        budget = settings.max_model_len - settings.judge_max_tokens
         client = _TruncatingClient(EngineClient(engine, tokenizer), tokenizer, budget)
-    return LLMJudge(client, max_retries=args.judge_retries, max_tokens=args.judge_max_tokens,
-                    concurrency=args.concurrency)
+    return LLMJudge(client, max_retries=settings.judge_retries, max_tokens=settings.judge_max_tokens,
+                    concurrency=settings.concurrency)
 
 
 class _TruncatingClient:
@@ -223,7 +210,7 @@ class _Response(msgspec.Struct):
 # ------------------------------------------------------------------ reporting
 
 
-def _fmt(value: float) -> str:
+def fmt_score(value: float) -> str:
     return "n/a" if value != value else f"{value:.3f}"
 
 
@@ -231,7 +218,7 @@ def _table(title: str, stats: dict[str, Any]) -> list[str]:
     if not stats:
         return []
     lines = [f"## {title}", "", "| name | score | bootstrap std | n |", "|---|---|---|---|"]
-    lines += [f"| {k} | {_fmt(v.mean)} | {_fmt(v.bootstrap_std)} | {v.n_samples} |" for k, v in stats.items()]
+    lines += [f"| {k} | {fmt_score(v.mean)} | {fmt_score(v.bootstrap_std)} | {v.n_samples} |" for k, v in stats.items()]
     return lines + [""]
 
 
@@ -249,7 +236,7 @@ def render_report(agg: Aggregate, gradings: Sequence[Grading], examples: dict[st
         *(f"- {k}: `{v}`" for k, v in settings.items()),
         f"- examples graded: {len(gradings)} (scored {agg.n_samples}, undefined score {agg.n_unscored})",
         f"- rubric items graded: {items} (ungradable, left out of normalisers: {ungradable})", "",
-        f"**Overall score: {_fmt(agg.overall)} ± {_fmt(agg.bootstrap_std)}** (mean clipped to [0, 1], "
+        f"**Overall score: {fmt_score(agg.overall)} ± {fmt_score(agg.bootstrap_std)}** (mean clipped to [0, 1], "
         "bootstrap std over 1,000 resamples)", "",
     ]
     lines += _table("Axes", agg.by_prefix("axis:"))
@@ -288,32 +275,28 @@ def results_dict(agg: Aggregate, gradings: Sequence[Grading], settings: dict[str
 # ------------------------------------------------------------------ driver
 
 
-def _progress(total: int, desc: str, disable: bool) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="ex", disable=disable or None, file=sys.stderr)
-
-
-async def _evaluate(args: argparse.Namespace) -> int:
-    examples, report = load_healthbench(args.data, skip_invalid=args.skip_invalid)
-    if args.limit is not None:
-        examples = examples[: args.limit]
+async def evaluate_healthbench(settings: EvalSettings, progress: Progress) -> tuple[Aggregate, Path]:
+    """Sample, grade and score; writes responses, gradings, results.json and report.md under ``settings.out``."""
+    examples, report = load_healthbench(settings.data, skip_invalid=settings.skip_invalid)
+    if settings.limit is not None:
+        examples = examples[: settings.limit]
     if not examples:
         raise ValueError(f"{report.path}: no examples to evaluate")
-    out = Path(args.out)
+    out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
-    if not args.resume:
+    if not settings.resume:
         (out / "responses.jsonl").unlink(missing_ok=True)
         (out / "gradings.jsonl").unlink(missing_ok=True)
-    engines = Engines(args)
+    engines = Engines(settings)
     try:
-        return await _sample_and_grade(args, examples, report.path, report.skipped, out, engines)
+        return await _sample_and_grade(settings, examples, report.path, report.skipped, out, engines, progress)
     finally:
         engines.release()
 
 
-async def _sample_and_grade(args: argparse.Namespace, examples: list[HealthBenchExample], data_path: str,
-                            skipped: int, out: Path, engines: Engines) -> int:
+async def _sample_and_grade(settings: EvalSettings, examples: list[HealthBenchExample], data_path: str,
+                            skipped: int, out: Path, engines: Engines,
+                            progress: Progress) -> tuple[Aggregate, Path]:
     """Phases: re-use finished work, sample the rest, grade the rest, aggregate, report."""
     started = time.perf_counter()
     by_id = {ex.prompt_id: ex for ex in examples}
@@ -322,9 +305,9 @@ async def _sample_and_grade(args: argparse.Namespace, examples: list[HealthBench
     done = {g.prompt_id: g for g in _read_jsonl(gradings_path, Grading) if g.prompt_id in by_id}
     todo = [ex for ex in examples if ex.prompt_id not in responses and ex.prompt_id not in done]
     if todo:
-        with _progress(len(todo), "sampling", args.no_progress) as bar:
-            fresh = await sample_policy(todo, args, engines, bar)
-        grader_model = args.grader.partition(":")[2] if args.grader.startswith("vllm:") else None
+        with progress(len(todo), "sampling") as bar:
+            fresh = await sample_policy(todo, settings, engines, bar)
+        grader_model = settings.grader.partition(":")[2] if settings.grader.startswith("vllm:") else None
         engines.release(keep=("vllm", grader_model) if grader_model else None)
         with responses_path.open("a", encoding="utf-8") as f:
             for pid, text in fresh.items():
@@ -335,44 +318,17 @@ async def _sample_and_grade(args: argparse.Namespace, examples: list[HealthBench
 
     to_grade = [ex for ex in examples if ex.prompt_id not in done]
     if to_grade:
-        judge = _make_judge(args, engines)
+        judge = _make_judge(settings, engines)
         with gradings_path.open("a", encoding="utf-8") as sink, \
-                _progress(len(to_grade), "grading", args.no_progress) as bar:
+                progress(len(to_grade), "grading") as bar:
             for g in await grade_all(to_grade, responses, judge, sink, bar):
                 done[g.prompt_id] = g
     gradings = [done[ex.prompt_id] for ex in examples]
-    agg = aggregate([g.metrics for g in gradings], seed=args.seed)
-    settings = {"data": data_path, "policy": args.policy, "grader": args.grader, "engine": args.engine,
-                "max_tokens": args.max_tokens, "temperature": args.temperature, "examples": len(examples),
+    agg = aggregate([g.metrics for g in gradings], seed=settings.seed)
+    settings = {"data": data_path, "policy": settings.policy, "grader": settings.grader, "engine": settings.engine,
+                "max_tokens": settings.max_tokens, "temperature": settings.temperature, "examples": len(examples),
                 "skipped_records": skipped, "resumed_gradings": len(examples) - len(to_grade),
                 "seconds": round(time.perf_counter() - started, 1)}
     (out / "results.json").write_text(json.dumps(results_dict(agg, gradings, settings), indent=2))
-    (out / "report.md").write_text(render_report(agg, gradings, by_id, settings, args.worst))
-    print(f"HealthBench overall {_fmt(agg.overall)} ± {_fmt(agg.bootstrap_std)} on {agg.n_samples} examples; "
-          f"report: {out / 'report.md'}")
-    return 0
-
-
-def run(args: argparse.Namespace) -> int:
-    """Entry point for ``verimed eval healthbench`` (after argument parsing)."""
-    try:
-        _check_args(args)
-    except ValueError as exc:
-        print(f"verimed: error: {exc}", file=sys.stderr)
-        return 2
-    return asyncio.run(_evaluate(args))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="verimed eval healthbench", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except ValueError as exc:  # user mistakes (bad file, bad model dir): one line, no traceback
-        print(f"verimed: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":  # vLLM's engine processes re-import __main__: keep the guard
-    sys.exit(main())
+    (out / "report.md").write_text(render_report(agg, gradings, by_id, settings, settings.worst))
+    return agg, out / "report.md"

@@ -4,8 +4,8 @@ Ray-free; :mod:`verimed.actors.reference` wraps one :class:`ReferenceModel` per
 replica. The model is a frozen copy of the initial policy (or any HF
 checkpoint), in eval and inference mode; with ``world_size > 1`` and
 ``torch.distributed`` initialised its replicas shard it with FSDP2 and each
-scores every ``world_size``-th sequence of a batch. The forward goes through
-the learner's :class:`~verimed.core.learner.FusedPolicy`, so log-probs come from
+scores the same whole groups a learner rank would (:func:`~verimed.core.train.packing.rank_sequences`).
+The forward goes through the learner's :class:`~verimed.core.train.policy.FusedPolicy`, so log-probs come from
 the fused kernel (the N×V logits never exist in full), micro-batched by the same
 token budget and packing as the learner — which makes reference and learner
 log-probs bit-identical at step 0 on the same device and dtype:
@@ -14,8 +14,8 @@ log-probs bit-identical at step 0 on the same device and dtype:
     batch = with_reference(batch, ref.logprobs(batch))   # float32 [T], packed layout
     learner.train_step(batch)                            # KL term when grpo.kl_coef > 0
 
-``reference_needed(cfg)`` decides whether the reference is started at all
-(``kl_coef > 0`` in ``grpo`` or in any stage): with no KL term it costs nothing.
+:func:`verimed.core.config.reference_needed` decides whether the reference is
+started at all (``kl_coef > 0`` in ``grpo`` or in any stage): with no KL term it costs nothing.
 """
 from __future__ import annotations
 
@@ -29,8 +29,10 @@ import torch
 import torch.distributed as dist
 
 from verimed.core.config import Config
-from verimed.core.learner import FusedPolicy, group_micro_batches, packed_logprobs
 from verimed.core.models import load_causal_lm
+from verimed.core.train.distributed import max_over_ranks
+from verimed.core.train.packing import group_micro_batches, rank_sequences
+from verimed.core.train.policy import FusedPolicy, packed_logprobs
 from verimed.core.types import Array, TrainBatch
 
 # Keep a colocated reference resident on the GPU only if its weights take at most
@@ -40,30 +42,6 @@ RESIDENT_FRACTION = 0.2
 
 
 # ------------------------------------------------------------ config helpers
-
-
-def stage_kl_coefs(cfg: Any) -> list[float]:
-    """Every KL coefficient the run may use: ``grpo.kl_coef`` then one per stage, if stages exist.
-
-    Tolerant of how stages are written: a stage may carry ``grpo.kl_coef``,
-    a top-level ``kl_coef``, or be a plain dict of either shape; a stage that
-    says nothing about KL inherits ``grpo.kl_coef``.
-    """
-    base = float(cfg.grpo.kl_coef)
-    coefs = [base]
-    for stage in getattr(cfg, "stages", None) or []:
-        get = stage.get if isinstance(stage, dict) else lambda key, s=stage: getattr(s, key, None)
-        grpo = get("grpo")
-        coef = (grpo.get("kl_coef") if isinstance(grpo, dict) else getattr(grpo, "kl_coef", None)) if grpo is not None else None
-        if coef is None:
-            coef = get("kl_coef")
-        coefs.append(base if coef is None else float(coef))
-    return coefs
-
-
-def reference_needed(cfg: Any) -> bool:
-    """True iff some stage trains with a KL term (kl_coef > 0); otherwise no reference actor is started."""
-    return any(c > 0 for c in stage_kl_coefs(cfg))
 
 
 def reference_model_path(cfg: Any, policy_path: str) -> str:
@@ -183,10 +161,10 @@ class ReferenceModel:
             raise ValueError(f"batch cu_seqlens must run from 0 to {len(ids)}, got {cu[:1]}..{cu[-1:]}")
         lengths = [int(cu[s + 1] - cu[s]) for s in range(len(cu) - 1)]
         # Sequences of one token predict nothing (their log-prob is the 0 at the start).
-        mine = [s for s in range(self.rank, len(lengths), self.world_size) if lengths[s] >= 2]
+        mine = [s for s in rank_sequences(batch, self.rank, self.world_size) if lengths[s] >= 2]
         micro = group_micro_batches(mine, batch, self.cfg.trainer.micro_batch_tokens,
                                     getattr(self.model, "segment_attention", False))
-        num_micro = self._max_over_ranks(len(micro))
+        num_micro = max_over_ranks(len(micro), self.world_size, self.device)
         out = torch.zeros(len(ids), dtype=torch.float32)
         with torch.inference_mode(), self._loaded():
             for k in range(num_micro):
@@ -206,13 +184,6 @@ class ReferenceModel:
         self.calls += 1
         self.seconds += time.perf_counter() - start
         return out.numpy()
-
-    def _max_over_ranks(self, value: int) -> int:
-        if self.world_size == 1 or not dist.is_initialized():
-            return value
-        t = torch.tensor([value], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return int(t.item())
 
     def _sum_over_ranks(self, out: torch.Tensor) -> torch.Tensor:
         """Each position was written by exactly one rank (zeros elsewhere): a SUM assembles the batch."""

@@ -1,10 +1,8 @@
-"""The learning signal: rewards, advantages, the off-policy-corrected GRPO loss and its metrics.
+"""The off-policy-corrected GRPO loss (decoupled PPO) and its metrics (DESIGN §3).
 
-Pure functions (DESIGN §3); no Ray. Group-level maths (rewards, advantages,
-dynamic sampling) is numpy, run by the controller per group; the loss is torch,
-run by the learner per packed micro-batch:
+Pure torch functions; no Ray. Run by the learner per packed micro-batch
+(rewards and advantages: :mod:`verimed.core.rl.advantages`):
 
-    rewards, adv = group_rewards_and_advantages(scores, lengths, cfg.grpo)
     loss, metrics = policy_loss(logp, prox, mu, adv_tok, mask, cu_seqlens, cfg.grpo,
                                 num_sequences_global=S, num_tokens_global=T,
                                 max_response_len=L)
@@ -15,63 +13,9 @@ sequence (sequences never straddle micro-batches).
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from verimed.core.config import GRPOConfig
-
-STD_EPS = 1e-6
-
-# ------------------------------------------------------------ group level (numpy)
-
-
-def length_reward(rubric_scores: np.ndarray, lengths: np.ndarray, coef: float, threshold: float) -> np.ndarray:
-    """Paper eq. 3: R_len_i = coef / sqrt(|o_i|) iff P80 > threshold and x_i >= P80, else 0.
-
-    rubric_scores [G] float, lengths [G] int (response tokens, clamped to >= 1);
-    P80 = numpy.quantile(x, 0.2) (linear), the group's 0.2-quantile.
-    """
-    x = np.asarray(rubric_scores, dtype=np.float64)
-    p80 = np.quantile(x, 0.2)
-    bonus = coef / np.sqrt(np.maximum(np.asarray(lengths, dtype=np.float64), 1.0))
-    return np.where((p80 > threshold) & (x >= p80), bonus, 0.0)
-
-
-def group_advantages(rewards: np.ndarray, mode: str) -> np.ndarray:
-    """A_i = R_i - mean(R) ("mean"), / (std(R, ddof=1) + 1e-6) ("std"; std = 0 if G = 1), or 0 ("none")."""
-    r = np.asarray(rewards, dtype=np.float64)
-    centred = r - r.mean()
-    if mode == "mean":
-        return centred
-    if mode == "std":
-        std = r.std(ddof=1) if r.size > 1 else 0.0
-        return centred / (std + STD_EPS)
-    if mode == "none":
-        return np.zeros_like(r)
-    raise ValueError(f"advantage mode must be mean|std|none, got {mode!r}")
-
-
-def group_rewards_and_advantages(rubric_scores: np.ndarray, lengths: np.ndarray, cfg: GRPOConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(rewards[G], advantages[G]) float64: R = rubric score + eq. 3 length reward; A per cfg.advantage."""
-    x = np.asarray(rubric_scores, dtype=np.float64)
-    lengths = np.asarray(lengths)
-    if x.ndim != 1 or x.size == 0 or lengths.shape != x.shape:
-        raise ValueError(f"rubric_scores and lengths must be non-empty [G] arrays, got {x.shape} and {lengths.shape}")
-    rewards = x + (length_reward(x, lengths, cfg.length_coef, cfg.length_threshold) if cfg.length_reward else 0.0)
-    return rewards, group_advantages(rewards, cfg.advantage)
-
-
-def keep_group(rewards: np.ndarray) -> bool:
-    """Dynamic sampling (DAPO): a group whose rewards are all equal has zero advantage; drop it."""
-    r = np.asarray(rewards, dtype=np.float64)
-    return bool(r.size > 0 and np.ptp(r) > 0.0)
-
-
-def filter_groups(group_rewards: list[np.ndarray]) -> tuple[list[int], int]:
-    """(indices of groups to keep, number dropped) under dynamic sampling."""
-    kept = [i for i, r in enumerate(group_rewards) if keep_group(r)]
-    return kept, len(group_rewards) - len(kept)
-
 
 # ------------------------------------------------------------ token level (torch)
 

