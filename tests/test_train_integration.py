@@ -55,7 +55,7 @@ def test_engine_killed_mid_run_recovers_and_consumes_exactly_once(tmp_path):
     import ray
 
     from verimed.actors.controller import Controller
-    from verimed.cli import init_ray
+    from verimed.cli.train import init_ray
     from verimed.core.config import load_config
     from verimed.core.models import resolve_model_path
 

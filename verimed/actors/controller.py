@@ -28,6 +28,7 @@ import numpy as np
 import ray
 
 from verimed.actors.learner import LearnerGroup
+from verimed.actors.logs import with_log_file
 from verimed.actors.rollout import EngineGroupClient, EngineRouter, RolloutActor
 from verimed.actors.weight_sync import WeightSyncCoordinator
 from verimed.core.rl.batch import build_train_batch
@@ -79,8 +80,10 @@ def default_stages(cfg: Config) -> list[StageConfig]:
 
 
 class Controller:
-    def __init__(self, cfg: Config, run_dir: Path, model_path: str, resume: bool = False):
+    def __init__(self, cfg: Config, run_dir: Path, model_path: str, resume: bool = False, verbose: bool = False):
         self.cfg, self.run_dir, self.model_path, self.resume = cfg, run_dir, model_path, resume
+        # Actor and engine output goes to runs/<name>/logs/<actor>.log; --verbose streams it to the console.
+        self.log_dir = None if verbose else (run_dir / "logs").resolve()
         self.stages = cfg.stages or default_stages(cfg)
         self.stage_cfgs = [effective_config(cfg, st, i) for i, st in enumerate(self.stages)]
         self.pools = DataPools.load(cfg, self.stages)
@@ -150,19 +153,24 @@ class Controller:
         if not cfg.llm.model:
             raise ConfigError("llm.type=vllm needs llm.model (a local model directory or 'smollm2')")
         path = resolve_model_path(cfg.llm.model, cfg.model.cache_dir)
-        self.llm_engines = [RolloutActor.options(**options("verifier", i)).remote(cfg, path, 1000 + i)
+        self.llm_engines = [RolloutActor.options(**options("verifier", i, f"llm-engine-{i}")).remote(cfg, path, 1000 + i)
                             for i in range(cfg.placement.verifier.replicas)]
         await asyncio.gather(*[e.ready.remote() for e in self.llm_engines])
         return EngineGroupClient(EngineRouter(self.llm_engines))
 
     def _placement(self):
-        """Placement groups for the plan of ``cfg.placement``; returns ``options(role, replica)``."""
+        """Placement groups for the plan of ``cfg.placement``; returns ``options(role, replica[, log name])``."""
         from verimed.actors.placement import actor_options, cluster_resources_from_ray, create_placement_groups
         from verimed.core.cluster.planner import plan
 
         the_plan = plan(self.cfg.placement, kl_enabled=reference_needed(self.cfg), cluster=cluster_resources_from_ray())
         placements = create_placement_groups(the_plan)
-        return lambda role, replica: actor_options(the_plan, placements, role, replica)
+
+        def options(role: str, replica: int, name: str | None = None) -> dict:
+            return with_log_file(actor_options(the_plan, placements, role, replica), self.log_dir,
+                                 name or f"{role}-{replica}")
+
+        return options
 
     async def _generate(self, uid_prefix, prompt_ids, n, seed):
         limit = self.cfg.model.max_model_len - self.cfg.rollout.max_tokens
@@ -286,7 +294,7 @@ class Controller:
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
-        sink = MetricsSink(cfg, self.run_dir)
+        sink = MetricsSink(cfg, self.run_dir, [st.name for st in self.stages])
         start = time.perf_counter()
         await self.start()
         if self.resume:
@@ -434,7 +442,7 @@ class Controller:
         return out
 
 
-def run_training(cfg: Config, run_dir: Path, model_path: str, resume: bool = False) -> Path:
+def run_training(cfg: Config, run_dir: Path, model_path: str, resume: bool = False, verbose: bool = False) -> Path:
     import uvloop
 
-    return uvloop.run(Controller(cfg, run_dir, model_path, resume).run())
+    return uvloop.run(Controller(cfg, run_dir, model_path, resume, verbose).run())

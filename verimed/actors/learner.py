@@ -12,6 +12,8 @@ import socket
 import numpy as np
 import ray
 
+from verimed.actors.logs import redirect_output
+
 from verimed.core.config import Config, GRPOConfig
 from verimed.core.types import TrainBatch, WeightVersion
 from verimed.core.rollout import weight_sync
@@ -30,6 +32,7 @@ def node_ip() -> str:
 @ray.remote
 class LearnerActor:
     def __init__(self, cfg: Config, model_path: str, rank: int, world_size: int, master_addr: str, master_port: int):
+        redirect_output()  # first: all later output, child processes included, goes to its log file
         import torch
 
         from verimed.core.train.learner import Learner

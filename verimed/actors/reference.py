@@ -23,6 +23,8 @@ import time
 import numpy as np
 import ray
 
+from verimed.actors.logs import redirect_output
+
 from verimed.core.config import Config
 from verimed.core.train.reference import with_reference
 from verimed.core.types import TrainBatch
@@ -32,6 +34,7 @@ from verimed.core.types import TrainBatch
 class ReferenceActor:
     def __init__(self, cfg: Config, model_path: str, rank: int = 0, world_size: int = 1,
                  master_addr: str | None = None, master_port: int | None = None, offload: bool | None = None):
+        redirect_output()  # first: all later output, child processes included, goes to its log file
         import torch
 
         from verimed.core.train.distributed import init_distributed

@@ -13,6 +13,8 @@ from pathlib import Path
 import psutil
 import ray
 
+from verimed.actors.logs import redirect_output
+
 from verimed.core.config import Config
 from verimed.core.rollout.engines import TransformersEngine, VLLMEngine
 from verimed.core.rollout.llm import EngineClient
@@ -23,6 +25,7 @@ from verimed.core.types import Sample, WeightVersion
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class RolloutActor:
     def __init__(self, cfg: Config, model_path: str, replica: int = 0):
+        redirect_output()  # first: all later output, child processes included, goes to its log file
         kind = VLLMEngine if cfg.rollout.backend == "vllm" else TransformersEngine
         m, r = cfg.model, cfg.rollout
         pidfile = _engine_pidfile(replica)

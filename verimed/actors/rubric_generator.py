@@ -10,6 +10,8 @@ from typing import Any
 
 import ray
 
+from verimed.actors.logs import redirect_output
+
 from verimed.core.rubrics import make_generator
 from verimed.core.types import Case, RubricItem, Turn
 
@@ -17,6 +19,7 @@ from verimed.core.types import Case, RubricItem, Turn
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=2)
 class RubricGeneratorActor:
     def __init__(self, cfg: Any, llm: Any = None):
+        redirect_output()  # first: all later output, child processes included, goes to its log file
         self.generator = make_generator(cfg, llm)
 
     async def generate(self, case: Case, dialogue: list[Turn]) -> list[RubricItem]:

@@ -15,6 +15,8 @@ from typing import Any
 
 import ray
 
+from verimed.actors.logs import redirect_output
+
 from verimed.core.simulator import PatientReply, SimulatorSessions, make_backend
 from verimed.core.types import Case, Persona, Turn
 
@@ -22,6 +24,7 @@ from verimed.core.types import Case, Persona, Turn
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
 class SimulatorActor:
     def __init__(self, cfg: Any, llm: Any = None):
+        redirect_output()  # first: all later output, child processes included, goes to its log file
         self.core = SimulatorSessions(make_backend(cfg, llm), cfg.max_turns)
 
     async def start(self, session_id: str, case: Case, persona: Persona) -> str:

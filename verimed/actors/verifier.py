@@ -12,6 +12,8 @@ from typing import Any
 
 import ray
 
+from verimed.actors.logs import redirect_output
+
 from verimed.core.rubrics import make_judge
 from verimed.core.types import Judgement, RubricItem, Turn
 
@@ -19,6 +21,7 @@ from verimed.core.types import Judgement, RubricItem, Turn
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=2)
 class VerifierActor:
     def __init__(self, cfg: Any, llm: Any = None):
+        redirect_output()  # first: all later output, child processes included, goes to its log file
         self.judge_impl = make_judge(cfg, llm)
 
     async def judge(self, conversation: list[Turn], response: str, items: list[RubricItem]) -> list[Judgement]:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from pathlib import Path
 
@@ -17,6 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. grpo.eps_high=0.3 run.steps=4")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint")
+    p.add_argument("--verbose", action="store_true",
+                   help="stream actor and engine logs (vLLM, Ray) to the console instead of RUN_DIR/logs/")
 
 
 def train(args: argparse.Namespace) -> int:
@@ -31,27 +34,29 @@ def train(args: argparse.Namespace) -> int:
     model_path = resolve_model_path(cfg.model.path, cfg.model.cache_dir)
     run_dir = Path(args.resume) if args.resume else Path(cfg.run.output_dir) / cfg.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
-    init_ray(cfg)
+    init_ray(cfg, args.verbose)
     from verimed.actors.controller import run_training
 
-    run_training(cfg, run_dir, model_path, resume=bool(args.resume))
+    run_training(cfg, run_dir, model_path, resume=bool(args.resume), verbose=args.verbose)
     print(run_dir.resolve())
     return 0
 
 
-def init_ray(cfg) -> None:
+def init_ray(cfg, verbose: bool = False) -> None:
     # Loopback-only local clusters, no auth token for local `ray job submit` (DESIGN §10).
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
+    # Actors write to RUN_DIR/logs/ (verimed.actors.logs); Ray's own INFO lines are noise on the console.
+    quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **quiet)
     else:
         # Logical CPUs above the physical count: helper actors and engines share
         # cores on a laptop; scheduling must not deadlock on 0.5-CPU fragments.
         ray.init(num_cpus=cfg.run.ray_num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}})
+                 runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}}, **quiet)
 
 

@@ -31,12 +31,13 @@ REPORT_PANELS = [
 
 
 class MetricsSink:
-    def __init__(self, cfg: Config, run_dir: Path):
+    def __init__(self, cfg: Config, run_dir: Path, stage_names: list[str] | None = None):
         self.cfg, self.run_dir = cfg, run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
         self.history: list[dict[str, Any]] = []
         self.wandb = self._start_wandb()
+        self.stage_names = stage_names or [st.name for st in cfg.stages]
         self.progress = None
         if cfg.metrics.console and sys.stderr.isatty() or os.environ.get("VERIMED_FORCE_PROGRESS"):
             self.progress = _Progress(cfg.run.steps)
@@ -49,8 +50,13 @@ class MetricsSink:
             mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
         import wandb
 
-        return wandb.init(project=self.cfg.metrics.wandb_project, name=self.cfg.run.name, dir=str(self.run_dir),
-                          mode=mode, config=to_dict(self.cfg), reinit="finish_previous")
+        # wandb's own banner is a dozen lines; one line here says where the run is.
+        run = wandb.init(project=self.cfg.metrics.wandb_project, name=self.cfg.run.name, dir=str(self.run_dir),
+                         mode=mode, config=to_dict(self.cfg), reinit="finish_previous",
+                         settings=wandb.Settings(silent=True, disable_git=True))
+        where = run.url if mode == "online" else f"{Path(run.dir).parent} (offline; `wandb sync` uploads it)"
+        print(f"verimed: W&B run {where}", file=sys.stderr)
+        return run
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         clean: dict[str, Any] = {"step": step}
@@ -68,11 +74,11 @@ class MetricsSink:
         self.jsonl.flush()
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in clean.items() if isinstance(v, (int, float))}, step=step)
-        line = _summary(clean)
+        line = summary_line(clean, self.stage_names)
         if self.progress is not None:
             self.progress.update(step, line)
         else:
-            print(line, flush=True)
+            print(f"step {step:>3}/{self.cfg.run.steps} | {line}", flush=True)
 
     def close(self) -> Path | None:
         if self.progress is not None:
@@ -84,23 +90,31 @@ class MetricsSink:
         return report
 
 
-def _summary(m: dict[str, Any]) -> str:
-    def fmt(key: str, spec: str = ".3f") -> str:
-        v = m.get(key)
-        return "-" if v is None else format(v, spec)
+def _fmt(m: dict[str, Any], key: str, spec: str) -> str:
+    v = m.get(key)
+    return "-" if v is None else format(v, spec)
 
-    return (f"step {m['step']:>3} | reward {fmt('reward/mean')} | loss {fmt('loss/policy', '.4f')} | "
-            f"staleness {fmt('staleness/mean', '.2f')} | gen tok/s {fmt('throughput/gen_tokens_per_s', '.1f')} | "
-            f"sync {fmt('sync/seconds', '.3f')}s | parity {fmt('sync/parity_max_abs', '.1e')}")
+
+def summary_line(m: dict[str, Any], stage_names: list[str]) -> str:
+    """One step's headline numbers: the console line (no TTY) and the progress display's text."""
+    index = m.get("stage/index")
+    stage = stage_names[int(index)] if index is not None and 0 <= int(index) < len(stage_names) else "-"
+    return (f"{stage} | reward {_fmt(m, 'reward/mean', '.3f')} | loss {_fmt(m, 'loss/policy', '.4f')} | "
+            f"train tok/s {_fmt(m, 'throughput/train_tokens_per_s', '.1f')} | "
+            f"staleness {_fmt(m, 'staleness/mean', '.2f')} | sync {_fmt(m, 'sync/seconds', '.2f')}s | "
+            f"parity {_fmt(m, 'sync/parity_max_abs', '.1e')}")
 
 
 class _Progress:
-    def __init__(self, total: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    """The live display on a terminal: step k/N with a bar, elapsed time and ETA, and the last step's numbers."""
 
-        self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    def __init__(self, total: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(bar_width=24),
+                            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
                             TextColumn("{task.description}"))
-        self.task = self.bar.add_task("", total=total)
+        self.task = self.bar.add_task("starting actors", total=total)
         self.bar.start()
 
     def update(self, step: int, line: str) -> None:

@@ -6,12 +6,36 @@ and mixes it into its worker class; the engine calls its methods through
 """
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
 
 from verimed.core.rollout.weight_sync import ReceiveArena, check_against, make_group, receive_weights
 from verimed.core.types import WeightVersion
+
+
+class _BenignReloadWarnings(logging.Filter):
+    """Drops vLLM's "<Layer>: Failed to load weights" for layers a sync never carries.
+
+    vLLM's layerwise reload warns once per sync for every layer whose weights
+    were not in the iterator. Two are expected here: ``RotaryEmbedding`` has no
+    weights at all (its cos/sin cache is computed), and a tied ``ParallelLMHead``
+    shares the embedding, which the sync does carry (re-tied by
+    ``_verimed_retie_embeddings`` after every reload). Any other layer, or an
+    untied head, still warns: that would be a real failure.
+    """
+
+    def __init__(self, tied_head: bool):
+        super().__init__()
+        self.benign = {"RotaryEmbedding"} | ({"ParallelLMHead"} if tied_head else set())
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg == "%s: Failed to load weights" and record.args and record.args[0] in self.benign)
+
+
+# vllm/model_executor/model_loader/reload/layerwise.py logs through this logger.
+_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
 
 
 class WorkerExtension:
@@ -23,6 +47,10 @@ class WorkerExtension:
     def verimed_init_sync(self, host: str, port: int, rank: int, world_size: int, backend: str) -> None:
         self._verimed_group = make_group(host, port, rank, world_size, backend)
         self._verimed_expected = None
+        tied = bool(getattr(self.model_runner.model_config.hf_config, "tie_word_embeddings", False))
+        logger = logging.getLogger(_RELOAD_LOGGER)
+        if not any(isinstance(f, _BenignReloadWarnings) for f in logger.filters):  # a rejoin calls this again
+            logger.addFilter(_BenignReloadWarnings(tied))
 
     def verimed_checkpoint_names(self) -> dict[str, tuple[tuple[int, ...], str]]:
         return self._verimed_expected or {}
