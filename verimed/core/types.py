@@ -189,6 +189,9 @@ class TrainBatch(msgspec.Struct, frozen=True):
     policy_version: int  # learner version when the batch was formed
     uids: list[str] = []
     reference_logprobs: Array | None = None  # float32 [T], when a KL term is on
+    # The sampling temperature of the behaviour log-probs (the stage's rollout.temperature):
+    # the learner and the reference score the batch at the same temperature.
+    temperature: float = 1.0
 
 
 class WeightVersion(msgspec.Struct, frozen=True):

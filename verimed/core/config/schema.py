@@ -123,6 +123,11 @@ class TrainerConfig(Section):
     schedule: Literal["constant", "cosine"] = "constant"
     grad_clip: NonNegFloat = 1.0  # max grad norm; 0 disables
     micro_batch_tokens: PositiveInt = 2048  # token budget of one packed micro-batch
+    # Optimizer steps per rollout batch (PPO minibatches; groups kept whole). pi_prox is the
+    # policy at the start of the batch, so from the second minibatch on the ratio u moves
+    # and the clip (eps_low / eps_high, gspo) binds. M = 1: one step per batch, u = 1, the
+    # clip never binds and only the behaviour weight corrects staleness.
+    minibatches: PositiveInt = 1
     activation_checkpointing: bool = False
     # torch threads of each learner rank on CPU; None = all cores of the machine (on a
     # laptop the learner is the bottleneck and shares the cores with the engine).

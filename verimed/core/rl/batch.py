@@ -13,8 +13,9 @@ import numpy as np
 from verimed.core.types import Array, Group, TrainBatch
 
 
-def build_train_batch(groups: list[Group], advantages: list[np.ndarray], policy_version: int) -> TrainBatch:
-    """Pack ``groups`` (with per-sample ``advantages[g][i]``) into one batch."""
+def build_train_batch(groups: list[Group], advantages: list[np.ndarray], policy_version: int,
+                      temperature: float = 1.0) -> TrainBatch:
+    """Pack ``groups`` (with per-sample ``advantages[g][i]``), sampled at ``temperature``, into one batch."""
     ids, mask, behaviour, adv, versions, cu, group_ids, uids = [], [], [], [], [], [0], [], []
     max_response = 0
     for g, (group, group_adv) in enumerate(zip(groups, advantages)):
@@ -38,5 +39,5 @@ def build_train_batch(groups: list[Group], advantages: list[np.ndarray], policy_
         input_ids=cat(ids, np.int32), cu_seqlens=Array.of(np.asarray(cu, np.int32)), loss_mask=cat(mask, np.float32),
         behaviour_logprobs=cat(behaviour, np.float32), advantages=cat(adv, np.float32), versions=cat(versions, np.int32),
         group_ids=Array.of(np.asarray(group_ids, np.int32)), num_groups=len(groups),
-        max_response_len=max(1, max_response), policy_version=policy_version, uids=uids,
+        max_response_len=max(1, max_response), policy_version=policy_version, uids=uids, temperature=temperature,
     )

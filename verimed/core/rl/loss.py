@@ -172,6 +172,7 @@ def policy_loss(
     max_response_len: int,
     reference_logprobs: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
+    m2po_keep_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Decoupled-PPO GRPO loss of one packed micro-batch (DESIGN §3) and summable metrics.
 
@@ -184,7 +185,10 @@ def policy_loss(
             + kl_coef * KL_est(logp, ref)                           (cfg.kl_coef > 0)
 
     Tokens are dropped by the IS band mask and by M2PO (cfg.m2po_threshold > 0, on
-    log w). The loss is ``aggregate`` of l with the GLOBAL normalisers, so summing
+    log w): ``m2po_keep_mask`` [T] bool is that mask computed over the whole batch
+    (:func:`m2po_keep` on every token of every micro-batch and rank — the learner
+    passes it, so the mask does not depend on packing); None computes it over
+    this call's tokens only. The loss is ``aggregate`` of l with the GLOBAL normalisers, so summing
     the losses of all micro-batches of a step gives the batch loss. Gradient flows
     only through ``logprobs``. With mu = prox (fresh samples), w = 1 and this is
     on-policy GRPO of the same variant.
@@ -193,7 +197,8 @@ def policy_loss(
     ending in ``_min`` / ``_max``; combine them with :func:`reduce_metrics`.
     """
     _check_token_inputs(dict(logprobs=logprobs, proximal_logprobs=proximal_logprobs, behaviour_logprobs=behaviour_logprobs,
-                             advantages=advantages, loss_mask=loss_mask, reference_logprobs=reference_logprobs, entropy=entropy))
+                             advantages=advantages, loss_mask=loss_mask, reference_logprobs=reference_logprobs, entropy=entropy,
+                             m2po_keep_mask=m2po_keep_mask))
     if cfg.kl_coef > 0 and reference_logprobs is None:
         raise ValueError("policy_loss: grpo.kl_coef > 0 needs reference_logprobs")
     if num_sequences_global < 1 or num_tokens_global <= 0 or max_response_len < 1:
@@ -204,7 +209,12 @@ def policy_loss(
     proximal_logprobs = proximal_logprobs.detach()
     log_w = _wide(proximal_logprobs - behaviour_logprobs.detach())
     w, keep, flagged = behaviour_weight(proximal_logprobs, behaviour_logprobs, cfg.is_mode, cfg.is_cap, cfg.is_mask_low, cfg.is_mask_high)
-    m2_keep = m2po_keep(log_w, mask & keep, cfg.m2po_threshold) if cfg.m2po_threshold > 0 else torch.ones_like(mask)
+    if cfg.m2po_threshold <= 0:
+        m2_keep = torch.ones_like(mask)
+    elif m2po_keep_mask is not None:
+        m2_keep = m2po_keep_mask.bool()
+    else:
+        m2_keep = m2po_keep(log_w, mask & keep, cfg.m2po_threshold)
     active = mask & keep & m2_keep
 
     ratio = importance_ratio(logprobs, proximal_logprobs, mask, cu_seqlens, cfg.ratio)
@@ -296,8 +306,8 @@ def interpolate_proximal(
     behaviour_logprobs: torch.Tensor,
     current_logprobs: torch.Tensor,
     token_versions: torch.Tensor,
-    current_version: int,
-    proximal_version: int | None = None,
+    current_version: float,
+    proximal_version: float | None = None,
 ) -> torch.Tensor:
     """AReaL's log-linear proximal approximation (skips the recompute forward), [T] -> [T].
 
@@ -308,9 +318,9 @@ def interpolate_proximal(
     ``current_version`` (the weights that produced ``current_logprobs``), v_prox =
     ``proximal_version`` (default v_theta - 1: the proximal policy is one update
     behind, as in AReaL). Tokens from v_prox or older move toward pi_theta by the
-    fraction of versions elapsed; a learner making one update per batch whose
-    current log-probs come from the step-start weights should pass
-    proximal_version = current_version (then prox = current exactly). Detached.
+    fraction of versions elapsed. The learner passes v_prox = the batch-start
+    version v and v_theta = v + m/M for its m-th of M minibatch steps (fractional
+    versions), so the first minibatch gets prox = current exactly. Detached.
     """
     v_prox = current_version - 1 if proximal_version is None else proximal_version
     if proximal_version is not None and proximal_version > current_version:

@@ -29,3 +29,12 @@ def max_over_ranks(value: int, world_size: int, device: torch.device) -> int:
     t = torch.tensor([value], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
+
+
+def sum_over_ranks(t: torch.Tensor, world_size: int, device: torch.device) -> torch.Tensor:
+    """The elementwise SUM of ``t`` over the ranks (``t`` itself alone); returned on ``t``'s device."""
+    if world_size == 1 or not dist.is_initialized():
+        return t
+    out = t.to(device)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.to(t.device)

@@ -30,8 +30,8 @@ from verimed.core.config import Config, GRPOConfig
 from verimed.core.models import load_causal_lm
 from verimed.core.rl import loss as grpo
 from verimed.core.train.distributed import max_over_ranks
-from verimed.core.train.packing import group_micro_batches, rank_sequences
-from verimed.core.train.policy import FusedPolicy, packed_logprobs
+from verimed.core.train.packing import group_micro_batches, minibatch_groups, rank_sequences
+from verimed.core.train.policy import FusedPolicy, batch_logprobs, packed_logprobs
 from verimed.core.types import TrainBatch
 
 
@@ -77,6 +77,7 @@ class Learner:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.version = 0
+        self.last_grad_norm = 0.0
 
     def _shard(self, model: FusedPolicy) -> torch.nn.Module:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -105,75 +106,122 @@ class Learner:
 
     # ------------------------------------------------------------ log-probs
 
-    def _forward_logprobs(self, seqs: list[np.ndarray], wanted: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        return packed_logprobs(self.model, seqs, self.cfg.rollout.temperature, self.device, wanted)
+    def _forward_logprobs(self, seqs: list[np.ndarray], temperature: float,
+                          wanted: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return packed_logprobs(self.model, seqs, temperature, self.device, wanted)
 
     @torch.no_grad()
-    def score(self, token_ids: list[int]) -> np.ndarray:
-        """Log-probs [len-1] of ``token_ids[1:]`` (parity with the engines); collective over ranks."""
-        logprob, _ = self._forward_logprobs([np.asarray(token_ids)])
+    def score(self, token_ids: list[int], temperature: float = 1.0) -> np.ndarray:
+        """Log-probs [len-1] of ``token_ids[1:]`` at ``temperature`` (parity with the engines); collective."""
+        logprob, _ = self._forward_logprobs([np.asarray(token_ids)], temperature)
         return logprob[1:].float().cpu().numpy()
 
     # ------------------------------------------------------------ training
 
     def train_step(self, batch: TrainBatch, grpo_cfg: GRPOConfig | None = None) -> dict[str, float]:
-        """One optimizer step on ``batch``; returns loss metrics reduced over micro-batches and ranks.
+        """``trainer.minibatches`` optimizer steps on ``batch`` (one policy version); loss metrics
+        reduced over micro-batches and ranks, per minibatch under ``loss/mb{m}/`` when M > 1.
 
+        The batch's groups are split into M contiguous minibatches, groups whole
+        (:func:`verimed.core.train.packing.minibatch_groups`); each is one optimizer step
+        with its own loss normalisers. pi_prox is the policy at the start of the batch
+        (DESIGN §3): with ``proximal: recompute`` and M > 1 one extra no-grad forward
+        scores the batch first; with M = 1 the first (only) minibatch runs on exactly
+        those weights, so pi_prox = logprobs.detach() and u = 1: the clip never binds.
+        ``interpolate`` (AReaL) needs no extra forward. The M2PO mask is computed once
+        over the whole batch (every micro-batch and rank) from pi_prox.
         ``grpo_cfg``: the current stage's GRPO settings (default ``cfg.grpo``).
         """
         start = time.perf_counter()
         grpo_cfg = grpo_cfg or self.cfg.grpo
-        cu = batch.cu_seqlens.numpy()
+        chunks = minibatch_groups(batch.num_groups, self.cfg.trainer.minibatches)
         arrays = {k: getattr(batch, k).numpy() for k in ("input_ids", "loss_mask", "behaviour_logprobs", "advantages", "versions")}
-        ref = batch.reference_logprobs.numpy() if batch.reference_logprobs is not None else None
-        mine = rank_sequences(batch, self.rank, self.world_size)
+        if batch.reference_logprobs is not None:
+            arrays["reference"] = batch.reference_logprobs.numpy()
+        self.model.train()
+        if (grpo_cfg.proximal == "recompute" and len(chunks) > 1) or grpo_cfg.m2po_threshold > 0:
+            arrays["proximal"] = self._proximal(batch)
+        if grpo_cfg.m2po_threshold > 0:
+            prox, mu = torch.from_numpy(arrays["proximal"]), torch.from_numpy(arrays["behaviour_logprobs"])
+            _, in_band, _ = grpo.behaviour_weight(prox, mu, grpo_cfg.is_mode, grpo_cfg.is_cap, grpo_cfg.is_mask_low,
+                                                   grpo_cfg.is_mask_high)
+            keep = grpo.m2po_keep(prox - mu, torch.from_numpy(arrays["loss_mask"] > 0) & in_band, grpo_cfg.m2po_threshold)
+            arrays["m2po_keep"] = keep.numpy().astype(np.float32)
+        out: dict[str, float] = {}
+        everyone: list[dict[str, float]] = []
+        for m, groups in enumerate(chunks):
+            metrics = self._minibatch(batch, arrays, groups, grpo_cfg, self.version + m / len(chunks))
+            everyone += metrics
+            if len(chunks) > 1:
+                out.update({f"loss/mb{m}/{k}": v for k, v in grpo.reduce_metrics(metrics).items()
+                            if k in ("loss", "clip_frac", "clip_low_frac", "clip_high_frac", "ratio_mean")})
+        self.scheduler.step()  # the learning-rate schedule counts policy versions, not minibatches
+        self.version += 1
+        reduced = grpo.reduce_metrics(everyone)
+        # A minibatch's loss is the sum of its micro-batch (and rank) losses; report their mean over minibatches.
+        reduced["loss"] /= len(chunks)
+        out.update({f"loss/{'policy' if k == 'loss' else k}": v for k, v in reduced.items()})
+        out.update({"train/grad_norm": self.last_grad_norm, "train/lr": self.scheduler.get_last_lr()[0],
+                    "train/minibatches": float(len(chunks)),
+                    "train/step_seconds": time.perf_counter() - start, "train/version": float(self.version)})
+        return out
+
+    def _proximal(self, batch: TrainBatch) -> np.ndarray:
+        """pi_prox: log-probs float32 [T] of the whole batch under the step-start weights (collective)."""
+        return batch_logprobs(self.model, batch, rank_sequences(batch, self.rank, self.world_size),
+                              self.cfg.trainer.micro_batch_tokens, self.device, self.world_size)
+
+    def _minibatch(self, batch: TrainBatch, arrays: dict[str, np.ndarray], groups: list[int], grpo_cfg: GRPOConfig,
+                   current_version: float) -> list[dict[str, float]]:
+        """One optimizer step on the sequences of ``groups``; returns every rank's micro-batch metrics."""
+        cu = batch.cu_seqlens.numpy()
+        seqs = [s for s, g in enumerate(batch.group_ids.numpy()) if int(g) in set(groups)]
+        num_seqs = len(seqs)
+        num_tokens = float(sum(arrays["loss_mask"][cu[s] : cu[s + 1]].sum() for s in seqs))
+        mine = rank_sequences(batch, self.rank, self.world_size, groups)
         micro = group_micro_batches(mine, batch, self.cfg.trainer.micro_batch_tokens,
                                     getattr(self.model, "segment_attention", False))
         num_micro = max_over_ranks(len(micro), self.world_size, self.device)
-        num_seqs = len(cu) - 1
-        num_tokens = float(arrays["loss_mask"].sum())
-        self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        metrics: list[dict[str, torch.Tensor]] = []
+        metrics: list[dict[str, float]] = []
         for k in range(num_micro):
             # Every rank runs the same number of forward/backward passes (FSDP
             # collectives); a rank out of sequences reruns one with weight 0.
-            seqs, weight = (micro[k], 1.0) if k < len(micro) else ([mine[0] if mine else 0], 0.0)
-            loss, m = self._micro_loss(seqs, cu, arrays, ref, batch, num_seqs, num_tokens, grpo_cfg)
+            chunk, weight = (micro[k], 1.0) if k < len(micro) else ([mine[0] if mine else seqs[0]], 0.0)
+            loss, m = self._micro_loss(chunk, cu, arrays, batch, max(num_seqs, 1), max(num_tokens, 1.0), grpo_cfg,
+                                       current_version)
             # FSDP averages gradients over ranks, while the per-rank losses are
             # partial sums of one globally normalised loss: scale back to a sum.
             (loss * weight * self.world_size).backward()
             if weight:
                 metrics.append({key: float(v) for key, v in m.items()})
-        grad_norm = self._clip_and_step()
-        self.version += 1
-        # "loss" is the sum of micro-batch (and rank) losses = the batch loss (global normalisers).
-        reduced = grpo.reduce_metrics(self._gather_metrics(metrics))
-        out = {f"loss/{'policy' if k == 'loss' else k}": v for k, v in reduced.items()}
-        out.update({"train/grad_norm": grad_norm, "train/lr": self.scheduler.get_last_lr()[0],
-                    "train/step_seconds": time.perf_counter() - start, "train/version": float(self.version)})
-        return out
+        self.last_grad_norm = self._clip_and_step()
+        return self._gather_metrics(metrics)
 
-    def _micro_loss(self, seqs, cu, arrays, ref, batch: TrainBatch, num_seqs: int, num_tokens: float, grpo_cfg: GRPOConfig):
+    def _micro_loss(self, seqs, cu, arrays, batch: TrainBatch, num_seqs: int, num_tokens: float, grpo_cfg: GRPOConfig,
+                    current_version: float):
         spans = [(int(cu[s]), int(cu[s + 1])) for s in seqs]
         gather = lambda a: torch.from_numpy(np.concatenate([a[b:e] for b, e in spans]).astype(np.float32)).to(self.device)
         mask = np.concatenate([arrays["loss_mask"][b:e] for b, e in spans]) > 0
-        logprobs, entropy = self._forward_logprobs([arrays["input_ids"][b:e] for b, e in spans], mask)
+        logprobs, entropy = self._forward_logprobs([arrays["input_ids"][b:e] for b, e in spans], batch.temperature, mask)
         behaviour = gather(arrays["behaviour_logprobs"])
         if grpo_cfg.proximal == "interpolate":
-            # AReaL's log-linear interpolation by versions (proximal one version behind pi_theta).
+            # AReaL's log-linear interpolation: pi_theta = weights after m of M minibatch
+            # steps (version v + m/M), pi_prox = the batch-start weights (version v).
             versions = torch.from_numpy(np.concatenate([arrays["versions"][b:e] for b, e in spans])).to(self.device)
-            proximal = grpo.interpolate_proximal(behaviour, logprobs.detach(), versions, self.version)
+            proximal = grpo.interpolate_proximal(behaviour, logprobs.detach(), versions, current_version, self.version)
+        elif "proximal" in arrays:
+            proximal = gather(arrays["proximal"])  # the recompute pass at the start of the batch
         else:
-            # One optimizer step per batch: pi_prox is the policy before this step, i.e.
-            # exactly the current parameters, so a recompute pass equals logprobs.detach().
+            # M = 1: this forward runs on the batch-start weights, so it IS the recompute.
             proximal = logprobs.detach()
         lengths = torch.tensor([e - b for b, e in spans])
         local_cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(self.device)
         return grpo.policy_loss(
             logprobs, proximal, behaviour, gather(arrays["advantages"]), gather(arrays["loss_mask"]), local_cu, grpo_cfg,
             num_sequences_global=num_seqs, num_tokens_global=num_tokens, max_response_len=batch.max_response_len,
-            reference_logprobs=gather(ref) if ref is not None else None, entropy=entropy,
+            reference_logprobs=gather(arrays["reference"]) if "reference" in arrays else None, entropy=entropy,
+            m2po_keep_mask=gather(arrays["m2po_keep"]) > 0 if "m2po_keep" in arrays else None,
         )
 
     def _gather_metrics(self, metrics: list[dict[str, float]]) -> list[dict[str, float]]:
@@ -195,7 +243,6 @@ class Learner:
             self.optimizer.zero_grad(set_to_none=True)
             return norm
         self.optimizer.step()
-        self.scheduler.step()
         return norm
 
     # ------------------------------------------------------------ weights

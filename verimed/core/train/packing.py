@@ -22,10 +22,27 @@ import torch
 from verimed.core.types import TrainBatch
 
 
-def rank_sequences(batch: TrainBatch, rank: int, world_size: int) -> list[int]:
+def minibatch_groups(num_groups: int, minibatches: int) -> list[list[int]]:
+    """Group indices of each of ``minibatches`` contiguous minibatches (sizes differ by at most one).
+
+    A batch holds its groups oldest first, so minibatch 0 trains on the oldest
+    samples. Fewer groups than minibatches: one group per minibatch.
+    """
+    if minibatches < 1:
+        raise ValueError(f"minibatches must be >= 1, got {minibatches}")
+    bounds = np.linspace(0, num_groups, min(minibatches, max(num_groups, 1)) + 1).round().astype(int)
+    return [list(range(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def rank_sequences(batch: TrainBatch, rank: int, world_size: int, groups: list[int] | None = None) -> list[int]:
     """Sequence indices of ``batch`` for ``rank``: whole groups, round robin, so a group's shared
-    prompt stays on one rank (the learner's and the reference's one split)."""
-    return [s for s, g in enumerate(batch.group_ids.numpy()) if int(g) % world_size == rank]
+    prompt stays on one rank (the learner's and the reference's one split).
+
+    ``groups`` (a minibatch): only those groups, dealt round robin by their position in the list.
+    """
+    groups = list(range(batch.num_groups)) if groups is None else groups
+    owner = {g: i % world_size for i, g in enumerate(groups)}
+    return [s for s, g in enumerate(batch.group_ids.numpy()) if owner.get(int(g)) == rank]
 
 
 def pack_micro_batches(lengths: list[int], token_budget: int) -> list[list[int]]:

@@ -2,6 +2,7 @@
 
     policy = FusedPolicy(load_causal_lm(path, "float32"))
     logprob, entropy = packed_logprobs(policy, seqs, temperature, device, wanted)   # [T], [T]
+    lp = batch_logprobs(policy, batch, mine, token_budget, device, world_size)      # no grad, whole batch
 
 Per-token log-probs come from :func:`verimed.kernels.fused_logprob` (the N×V
 logits never exist in full); sequences go through the model packed into one
@@ -14,7 +15,9 @@ import numpy as np
 import torch
 
 from verimed.core.train.attention import SEGMENTS_KWARG, use_segment_attention
-from verimed.core.train.packing import packed_layout, segment_masks
+from verimed.core.train.distributed import max_over_ranks, sum_over_ranks
+from verimed.core.train.packing import group_micro_batches, packed_layout, segment_masks
+from verimed.core.types import TrainBatch
 from verimed.kernels import fused_logprob
 
 
@@ -70,3 +73,38 @@ def packed_logprobs(policy: torch.nn.Module, seqs: list[np.ndarray], temperature
     zeros = torch.zeros(flat.shape[0], device=device, dtype=torch.float32)
     # index_copy (out of place) keeps autograd: entry t gets the log-prob of token t.
     return zeros.index_copy(0, tokens, logprob.float()), zeros.index_copy(0, tokens, entropy.float())
+
+
+@torch.no_grad()
+def batch_logprobs(policy: torch.nn.Module, batch: TrainBatch, seqs: list[int], token_budget: int,
+                   device: torch.device, world_size: int = 1) -> np.ndarray:
+    """Log-probs float32 [T] of ``batch``'s loss tokens at ``batch.temperature``, 0 elsewhere; no autograd.
+
+    This rank scores the sequences ``seqs`` (its share: :func:`verimed.core.train.packing.rank_sequences`)
+    in micro-batches of ``token_budget`` row tokens; a SUM over the ranks assembles the
+    whole batch (each position is written by exactly one rank). Collective when
+    ``world_size > 1``: every rank runs as many forwards (a rank out of work reruns
+    one sequence and discards it, so FSDP's collectives stay matched). Used for the
+    reference's log-probs and for the learner's proximal policy at the start of a batch.
+    """
+    cu, ids, loss_mask = batch.cu_seqlens.numpy(), batch.input_ids.numpy(), batch.loss_mask.numpy()
+    if len(cu) < 1 or int(cu[0]) != 0 or int(cu[-1]) != len(ids):
+        raise ValueError(f"batch cu_seqlens must run from 0 to {len(ids)}, got {cu[:1]}..{cu[-1:]}")
+    lengths = [int(cu[s + 1] - cu[s]) for s in range(len(cu) - 1)]
+    mine = [s for s in seqs if lengths[s] >= 2]  # a one-token sequence predicts nothing
+    micro = group_micro_batches(mine, batch, token_budget, bool(getattr(policy, "segment_attention", False)))
+    num_micro = max_over_ranks(len(micro), world_size, device)
+    out = torch.zeros(len(ids), dtype=torch.float32)
+    for k in range(num_micro):
+        real = k < len(micro)
+        chunk = micro[k] if real else ([mine[0]] if mine else [int(np.argmax(lengths))] if lengths else [])
+        if not chunk or lengths[chunk[0]] < 2:
+            continue  # nothing to score anywhere (every sequence shorter than 2)
+        wanted = np.concatenate([loss_mask[cu[s] : cu[s + 1]] for s in chunk]) > 0
+        lp, _ = packed_logprobs(policy, [ids[cu[s] : cu[s + 1]] for s in chunk], batch.temperature, device, wanted)
+        if real:
+            lp, offset = lp.float().cpu(), 0
+            for s in chunk:
+                out[cu[s] : cu[s + 1]] = lp[offset : offset + lengths[s]]
+                offset += lengths[s]
+    return sum_over_ranks(out, world_size, device).numpy()

@@ -30,9 +30,8 @@ import torch.distributed as dist
 
 from verimed.core.config import Config
 from verimed.core.models import load_causal_lm
-from verimed.core.train.distributed import max_over_ranks
-from verimed.core.train.packing import group_micro_batches, rank_sequences
-from verimed.core.train.policy import FusedPolicy, packed_logprobs
+from verimed.core.train.packing import rank_sequences
+from verimed.core.train.policy import FusedPolicy, batch_logprobs
 from verimed.core.types import Array, TrainBatch
 
 # Keep a colocated reference resident on the GPU only if its weights take at most
@@ -67,11 +66,6 @@ def with_reference(batch: TrainBatch, reference_logprobs: np.ndarray) -> TrainBa
 
 
 # ------------------------------------------------------------ the forward
-
-
-def _dummy_of(mine: list[int], lengths: list[int]) -> list[int]:
-    """A sequence a rank with no work reruns so FSDP collectives stay matched (result discarded)."""
-    return [mine[0]] if mine else [int(np.argmax(lengths))] if lengths else []
 
 
 class ReferenceModel:
@@ -154,41 +148,9 @@ class ReferenceModel:
         each scores its own sequences and an all-reduce assembles the full array.
         """
         start = time.perf_counter()
-        cu = batch.cu_seqlens.numpy()
-        ids = batch.input_ids.numpy()
-        loss_mask = batch.loss_mask.numpy()
-        if len(cu) < 1 or int(cu[0]) != 0 or int(cu[-1]) != len(ids):
-            raise ValueError(f"batch cu_seqlens must run from 0 to {len(ids)}, got {cu[:1]}..{cu[-1:]}")
-        lengths = [int(cu[s + 1] - cu[s]) for s in range(len(cu) - 1)]
-        # Sequences of one token predict nothing (their log-prob is the 0 at the start).
-        mine = [s for s in rank_sequences(batch, self.rank, self.world_size) if lengths[s] >= 2]
-        micro = group_micro_batches(mine, batch, self.cfg.trainer.micro_batch_tokens,
-                                    getattr(self.model, "segment_attention", False))
-        num_micro = max_over_ranks(len(micro), self.world_size, self.device)
-        out = torch.zeros(len(ids), dtype=torch.float32)
         with torch.inference_mode(), self._loaded():
-            for k in range(num_micro):
-                real = k < len(micro)
-                seqs = micro[k] if real else _dummy_of(mine, lengths)
-                if not seqs:
-                    continue  # nothing to score anywhere (all sequences shorter than 2)
-                wanted = np.concatenate([loss_mask[cu[s] : cu[s + 1]] for s in seqs]) > 0  # the KL's tokens
-                lp, _ = packed_logprobs(self.model, [ids[cu[s] : cu[s + 1]] for s in seqs], self.cfg.rollout.temperature,
-                                        self.device, wanted)
-                if real:
-                    lp, offset = lp.float().cpu(), 0
-                    for s in seqs:
-                        out[cu[s] : cu[s + 1]] = lp[offset : offset + lengths[s]]
-                        offset += lengths[s]
-        out = self._sum_over_ranks(out)
+            out = batch_logprobs(self.model, batch, rank_sequences(batch, self.rank, self.world_size),
+                                 self.cfg.trainer.micro_batch_tokens, self.device, self.world_size)
         self.calls += 1
         self.seconds += time.perf_counter() - start
-        return out.numpy()
-
-    def _sum_over_ranks(self, out: torch.Tensor) -> torch.Tensor:
-        """Each position was written by exactly one rank (zeros elsewhere): a SUM assembles the batch."""
-        if self.world_size == 1 or not dist.is_initialized():
-            return out
-        t = out.to(self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t.cpu()
+        return out
