@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
-from pathlib import Path
 
 from verimed.actors.logs import LOG_ENV, with_log_file
 from verimed.core.metrics import summary_line

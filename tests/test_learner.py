@@ -147,14 +147,15 @@ def test_packed_forward_matches_separate_sequences(tiny_path):
     rng = np.random.default_rng(1)
     seqs = [rng.integers(0, 400, n) for n in (5, 9, 1, 12)]
     with torch.no_grad():
-        packed, _ = learner._forward_logprobs(seqs)
+        packed, _ = learner._forward_logprobs(seqs, 1.0)
         offset = 0
         for s in seqs:
             one = learner.model.lm(torch.as_tensor(s[None], dtype=torch.long)).logits[0].log_softmax(-1)
             ref = one[:-1].gather(-1, torch.as_tensor(s[1:, None], dtype=torch.long))[:, 0]
             got = packed[offset: offset + len(s)]
             assert float(got[0]) == 0.0
-            torch.testing.assert_close(got[1:], ref, atol=1e-5, rtol=0)
+            # fp32 log-probs of random tokens (~-6): packing only reorders sums, ~100 ulps of that scale
+            torch.testing.assert_close(got[1:], ref, rtol=1e-5, atol=1e-6)
             offset += len(s)
 
 
@@ -346,7 +347,7 @@ def test_controller_state_roundtrip(tmp_path):
     ledger = Ledger(["0/0/0", "0/0/1"])
     state = ckpt.ControllerState(version=3, schedule=ScheduleState(step=3, draws=17, stage_draws=[9, 8]),
                                  ledger=ledger.to_state(), buffered_groups=groups,
-                                 buffered_advantages=[a.tolist() for a in advantages], buffered_stages=[1] * len(groups),
+                                 buffered_advantages=[a.tolist() for a in advantages], buffered_draws=[(i, 1, 'cases', i) for i in range(len(groups))],
                                  in_flight=[(17, 1, "cases", 4)])
     ckpt.save_controller_state(tmp_path, state)
     back = ckpt.load_controller_state(tmp_path)

@@ -135,7 +135,7 @@ class FakeEngine:
     def __init__(self, tokenizer):
         self.tokenizer, self.calls = tokenizer, []
 
-    async def generate(self, uid_prefix, prompt_ids, n, seed):
+    async def generate(self, uid_prefix, prompt_ids, n, seed, rollout=None):
         self.calls.append((uid_prefix, list(prompt_ids)))
         k = int(uid_prefix.split("/")[1])
         out = []

@@ -56,7 +56,7 @@ def learner_logprobs(learner, batch) -> np.ndarray:
     out = np.zeros(len(ids), np.float32)
     with torch.no_grad():
         for mb in pack_micro_batches(lengths, learner.cfg.trainer.micro_batch_tokens):
-            lp, _ = learner._forward_logprobs([ids[cu[s] : cu[s + 1]] for s in mb])
+            lp, _ = learner._forward_logprobs([ids[cu[s] : cu[s + 1]] for s in mb], batch.temperature)
             out[np.concatenate([np.arange(cu[s], cu[s + 1]) for s in mb])] = lp.numpy()
     return out
 

@@ -144,7 +144,7 @@ class FakeRoles:
     def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True):
         return list(range(sum(len(m["content"]) for m in messages) % 50 + 3))
 
-    async def generate(self, uid_prefix, prompt_ids, n, seed):
+    async def generate(self, uid_prefix, prompt_ids, n, seed, rollout=None):
         return [Sample(uid=f"{uid_prefix}/{i}", prompt_ids=Array.of(np.asarray(prompt_ids, np.int32)),
                        response_ids=Array.of(np.arange(5 + i, dtype=np.int32)),
                        response_logprobs=Array.of(np.zeros(5 + i, np.float32)),

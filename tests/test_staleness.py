@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from verimed.core.rl.staleness import AdmissionControl, DuplicateConsumption, Ledger, LedgerState, TokenVersions, staleness_histogram, staleness_stats
+from verimed.core.rl.staleness import (AdmissionControl, DuplicateConsumption, Ledger, LedgerState, Ready, ReadyBuffer,
+                                       staleness_histogram, staleness_stats)
 
 START, FINISH, DROP, TRAIN_BEGIN, TRAIN_END = range(5)
 
@@ -162,37 +163,65 @@ def test_ledger_round_trips_through_checkpoint_state():
 # ------------------------------------------------------------ token versions
 
 
-def test_per_token_versions_across_a_mid_generation_update():
-    # Two samples decode in chunks of 3 tokens; the weights move 0 -> 1 after chunk 2
-    # (sample A is mid-generation) and 1 -> 2 after chunk 3 (sample B still running).
-    a, b = TokenVersions(), TokenVersions()
-    version = 0
-    for chunk in range(5):
-        if chunk == 2:
-            version = 1
-        if chunk == 3:
-            version = 2
-        if chunk < 3:
-            a.extend(3, version)
-        b.extend(3, version)
-    np.testing.assert_array_equal(a.array(), [0] * 6 + [1] * 3)
-    np.testing.assert_array_equal(b.array(), [0] * 6 + [1] * 3 + [2] * 6)
-    assert b.segments == [(0, 6), (1, 3), (2, 6)]
-    # Consumed by the learner at version 2, with prompt tokens (-1) in the packed array.
-    packed = np.concatenate([[-1, -1], a.array(), [-1], b.array()])
+def test_staleness_of_tokens_across_a_mid_generation_update():
+    # Sample A: 6 tokens at version 0, 3 at 1 (the weights moved mid-generation);
+    # sample B: 6 at 0, 3 at 1, 6 at 2. Consumed at version 2, with prompt tokens (-1).
+    a = np.asarray([0] * 6 + [1] * 3)
+    b = np.asarray([0] * 6 + [1] * 3 + [2] * 6)
+    packed = np.concatenate([[-1, -1], a, [-1], b])
     assert staleness_histogram(packed, 2) == {2: 12, 1: 6, 0: 6}
     stats = staleness_stats(packed, 2)
     assert stats["staleness/max"] == 2.0
     assert stats["staleness/off_policy_frac"] == pytest.approx(18 / 24)
-
-
-def test_token_versions_refuse_going_backwards():
-    tv = TokenVersions()
-    tv.extend(2, 3)
-    with pytest.raises(ValueError, match="backwards"):
-        tv.extend(1, 2)
     with pytest.raises(ValueError, match="newer than the current version"):
-        staleness_histogram(tv.array(), 2)
+        staleness_histogram(b, 1)
+
+
+# ------------------------------------------------------------ the ready buffer
+
+
+def ready(stage, draw, oldest, uids=None, slice_=0):
+    uids = uids or [f"{draw}/{slice_}/{i}" for i in range(2)]
+    return Ready(stage=stage, uids=uids, oldest_version=oldest, order=(draw, slice_), item=draw)
+
+
+def test_take_oldest_first_and_keep_the_rest():
+    buf = ReadyBuffer()
+    for draw, oldest in ((5, 3), (1, 3), (9, 2), (2, 3)):
+        buf.put(ready(0, draw, oldest))
+    taken = buf.take(stage=0, version=3, batch_groups=2, max_staleness=1, ledger=Ledger())
+    # version 2 (draw 9) is the oldest, then draw 1 (schedule order breaks the tie)
+    assert [e.item for e in taken.batch] == [9, 1] and [e.item for e in buf.drain()] == [2, 5]
+    assert not (taken.stale or taken.duplicates or taken.wrong_stage)
+
+
+def test_stale_wrong_stage_and_duplicate_groups_are_dropped_not_trained():
+    buf = ReadyBuffer()
+    ledger = Ledger(["3/0/0"])
+    buf.put(ready(0, 1, 4))                       # stale at version 6 with s = 1 (needs >= 5)
+    buf.put(ready(0, 2, 5))                       # exactly at the bound: kept
+    buf.put(ready(1, 8, 6))                       # another stage
+    buf.put(ready(0, 3, 6))                       # consumed before (ledger)
+    buf.put(ready(0, 4, 6, uids=["4/0/0", "4/0/1"]))
+    buf.put(ready(0, 4, 6, uids=["4/0/0", "4/0/1"]))  # its re-run twin
+    taken = buf.take(stage=0, version=6, batch_groups=2, max_staleness=1, ledger=ledger)
+    assert [e.item for e in taken.stale] == [1] and [e.item for e in taken.wrong_stage] == [8]
+    assert sorted(e.item for e in taken.duplicates) == [3, 4]
+    assert sorted(e.item for e in taken.batch) == [2, 4] and len(buf) == 0
+
+
+def test_not_enough_valid_groups_waits_but_still_drops():
+    buf = ReadyBuffer()
+    buf.put(ready(0, 1, 0))
+    buf.put(ready(0, 2, 2))
+    taken = buf.take(stage=0, version=2, batch_groups=2, max_staleness=0, ledger=Ledger())
+    assert taken.batch is None and [e.item for e in taken.stale] == [1] and [e.item for e in buf.drain()] == [2]
+
+
+def test_a_group_without_response_tokens_is_never_stale():
+    buf = ReadyBuffer()
+    buf.put(ready(0, 1, -1))
+    assert buf.take(0, 10, 1, 0, Ledger()).batch is not None
 
 
 @given(st.lists(st.integers(-1, 6), max_size=50), st.integers(6, 9))

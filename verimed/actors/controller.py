@@ -41,7 +41,8 @@ from verimed.core.models import load_tokenizer, resolve_model_path
 from verimed.core.tasks.dialogue import dialogue_slices
 from verimed.core.train.reference import reference_model_path
 from verimed.core.config import reference_needed
-from verimed.core.rl.staleness import AdmissionControl, Ledger, staleness_histogram, staleness_stats
+from verimed.core.rl.staleness import (AdmissionControl, Ledger, Ready, ReadyBuffer, staleness_histogram,
+                                       staleness_stats)
 from verimed.core.tasks.schedule import Draw, Schedule, stage_at
 from verimed.core.config.stages import StageConfig, effective_config
 from verimed.core.tasks.pools import DataPools
@@ -90,14 +91,17 @@ class Controller:
         self.schedule = Schedule(self.stages, self.pools.sizes(), cfg.run.seed, cfg.data.shuffle)
         self.admission = AdmissionControl(cfg.rollout.prompts_per_step, cfg.async_.max_staleness)
         self.ledger = Ledger()
-        self.buffer: asyncio.Queue[tuple[int, GroupResult]] = asyncio.Queue()
+        self.buffer = ReadyBuffer()  # finished groups; consumed oldest first under the staleness bound
+        self.delivered = asyncio.Event()  # set whenever a group enters the buffer
         self.wake = asyncio.Event()
         self.version = 0
         self.tokenizer = load_tokenizer(model_path)
         self.counters = {k: 0 for k in ("groups_failed", "groups_dropped", "groups_wrong_stage", "duplicates_dropped",
-                                        "gen_tokens", "dialogues_failed", "prompts_too_long")}
-        self.retry: list[Draw] = []  # failed single-turn draws, re-run first: no gaps in the ledger
+                                        "stale_dropped", "stale_rerun", "gen_tokens", "dialogues_failed",
+                                        "prompts_too_long")}
+        self.retry: list[Draw] = []  # failed or stale draws, re-run first: no gaps in the ledger
         self.in_flight: dict[int, Draw] = {}  # started, not finished: checkpointed and re-run on resume
+        self.rerun_after: dict[int, Draw] = {}  # stale slices of a dialogue still running: re-run when it ends
         self.consecutive_failures, self.last_failure = 0, ""
         self.reference = None
         self.ref_pending: dict[str, object] = {}
@@ -172,12 +176,14 @@ class Controller:
 
         return options
 
-    async def _generate(self, uid_prefix, prompt_ids, n, seed):
-        limit = self.cfg.model.max_model_len - self.cfg.rollout.max_tokens
+    async def _generate(self, uid_prefix, prompt_ids, n, seed, rollout=None):
+        """G samples on the least-loaded engine, with the sampling settings of the draw's stage (``rollout``)."""
+        r = rollout or self.cfg.rollout
+        limit = self.cfg.model.max_model_len - r.max_tokens
         if len(prompt_ids) > limit:
             raise PromptTooLong(f"prompt {uid_prefix} has {len(prompt_ids)} tokens; model.max_model_len - "
                                 f"rollout.max_tokens allows {limit}")
-        samples = await self.router.call("generate", uid_prefix, prompt_ids, n, seed)
+        samples = await self.router.call("generate", uid_prefix, prompt_ids, n, seed, r.max_tokens, r.temperature, r.top_p)
         self.counters["gen_tokens"] += sum(len(s.response_ids) for s in samples)
         return samples
 
@@ -204,6 +210,8 @@ class Controller:
             await self._run_work(draw)
         finally:
             self.in_flight.pop(draw.draw, None)
+            if draw.draw in self.rerun_after:  # a slice of this dialogue went stale: play it again
+                self.retry.append(self.rerun_after.pop(draw.draw))
             self._track_idle()
             self.wake.set()
 
@@ -233,7 +241,7 @@ class Controller:
             self.admission.dropped(1)
         else:
             self.consecutive_failures = 0
-            self._deliver(draw.stage, result)
+            self._deliver(draw, result)
 
     async def _run_dialogue(self, draw: Draw, stage: StageConfig, stage_cfg, case) -> None:
         """Multi-turn draws: one group per dialogue slice, each slice admitted like a group."""
@@ -255,7 +263,7 @@ class Controller:
                                                 max_slices=stage.reward.max_slices or self.cfg.simulator.max_turns,
                                                 continuation=stage.reward.continuation):
                 holds_slot[0] = False
-                self._deliver(draw.stage, result)
+                self._deliver(draw, result)
         except Exception as exc:  # delivered slices stay; the rest of the dialogue is lost, counted
             self.counters["prompts_too_long" if isinstance(exc, PromptTooLong) else "dialogues_failed"] += 1
             if isinstance(exc, ray.exceptions.RayActorError):
@@ -264,18 +272,27 @@ class Controller:
         if holds_slot[0]:
             self.admission.dropped(1)  # an admitted slice that never produced a group
 
-    def _deliver(self, stage: int, result: GroupResult) -> None:
+    def _deliver(self, draw: Draw, result: GroupResult) -> None:
         if not result.kept:
             self.counters["groups_dropped"] += 1
             self.admission.dropped(1)
         else:
             self.admission.finished(1)
+            samples = result.group.samples
             if self.reference is not None:
                 # Reference log-probs start now, overlapping the learner's current step.
-                self.ref_pending[result.group.samples[0].uid] = self.reference.submit(
-                    build_train_batch([result.group], [result.advantages], self.version))
-            self.buffer.put_nowait((stage, result))
+                self.ref_pending[samples[0].uid] = self.reference.submit(self._batch([result], draw.stage))
+            versions = [int(v) for s in samples for v in s.response_versions.numpy()]
+            order = tuple(int(x) for x in samples[0].uid.split("/")[:2])  # (draw, slice): schedule order
+            self.buffer.put(Ready(stage=draw.stage, uids=[s.uid for s in samples],
+                                  oldest_version=min(versions, default=-1), order=order, item=(draw, result)))
+            self.delivered.set()
         self.wake.set()
+
+    def _batch(self, results: list[GroupResult], stage: int):
+        """The TrainBatch of ``results``, scored at the temperature its stage sampled them with."""
+        return build_train_batch([r.group for r in results], [r.advantages for r in results], self.version,
+                                 self.stage_cfgs[stage].rollout.temperature)
 
     def _track_idle(self) -> None:
         now = time.perf_counter()
@@ -320,12 +337,12 @@ class Controller:
 
     async def save_checkpoint(self) -> Path:
         """Learner shards + controller state, atomically (a crash mid-save keeps the previous one)."""
-        buffered = list(self.buffer._queue)  # (stage, GroupResult), not consumed yet
+        buffered = [entry.item for entry in self.buffer.drain()]  # (Draw, GroupResult), not consumed yet
         state = ControllerState(
             version=self.version, schedule=self.schedule.state(self.version), ledger=self.ledger.to_state(),
             buffered_groups=[r.group for _, r in buffered], buffered_advantages=[r.advantages.tolist() for _, r in buffered],
-            buffered_stages=[st for st, _ in buffered],
-            in_flight=[tuple(d) for d in [*self.retry, *self.in_flight.values()]],
+            buffered_draws=[tuple(d) for d, _ in buffered],
+            in_flight=[tuple(d) for d in [*self.retry, *self.in_flight.values(), *self.rerun_after.values()]],
         )
         with atomic_checkpoint_dir(self.run_dir, self.version, keep=self.cfg.run.checkpoint_keep) as tmp:
             await self.learners.save_checkpoint(str(tmp / LEARNER_SUBDIR))
@@ -347,34 +364,51 @@ class Controller:
         self.admission = AdmissionControl(self.cfg.rollout.prompts_per_step, self.cfg.async_.max_staleness,
                                           base_version=self.version)
         self.retry = [Draw(*d) for d in state.in_flight]
-        for group, advantages, stage in zip(state.buffered_groups, state.buffered_advantages, state.buffered_stages):
+        for group, advantages, draw in zip(state.buffered_groups, state.buffered_advantages, state.buffered_draws):
             self.admission.started(1)
-            self._deliver(stage, GroupResult(group=group, advantages=np.asarray(advantages, np.float32), kept=True))
+            self._deliver(Draw(*draw), GroupResult(group=group, advantages=np.asarray(advantages, np.float32), kept=True))
         # The engines restarted on the base weights: serve the checkpointed version first.
         await self.sync.sync(self.version)
         print(f"verimed: resumed {ckpt} at version {self.version}", file=sys.stderr)
 
     async def _take_batch(self, stage: int) -> list[GroupResult]:
-        """B buffered groups of ``stage`` not consumed before (others are dropped, counted)."""
-        results: list[GroupResult] = []
-        while len(results) < self.cfg.rollout.prompts_per_step:
+        """The B oldest buffered groups of ``stage`` that keep the staleness bound and were never consumed.
+
+        Drops (counted): groups of another stage, duplicates (consumed before, or a
+        re-run twin in this batch), and stale groups (a token older than
+        version - max_staleness), whose draws run again so the schedule loses nothing.
+        """
+        while True:
+            taken = self.buffer.take(stage, self.version, self.cfg.rollout.prompts_per_step,
+                                     self.cfg.async_.max_staleness, self.ledger)
+            for reason, entries in (("groups_wrong_stage", taken.wrong_stage), ("duplicates_dropped", taken.duplicates),
+                                    ("stale_dropped", taken.stale)):
+                self.counters[reason] += len(entries)
+                for entry in entries:
+                    self.admission.dropped(1, buffered=True)
+                    self.ref_pending.pop(entry.uids[0], None)
+            for entry in taken.stale:
+                self._rerun(entry.item[0])
+            if taken.stale or taken.wrong_stage or taken.duplicates:
+                self.wake.set()  # freed admission slots
+            if taken.batch is not None:
+                # Oldest first; a batch in schedule order makes runs reproducible (the order varies with timing).
+                return [entry.item[1] for entry in sorted(taken.batch, key=lambda e: e.order)]
+            self.delivered.clear()
             try:
-                group_stage, result = await asyncio.wait_for(self.buffer.get(), timeout=5.0)
+                await asyncio.wait_for(self.delivered.wait(), timeout=5.0)
             except asyncio.TimeoutError:
                 if self.consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
                     raise RuntimeError(f"generation failed {self.consecutive_failures} times in a row; "
                                        f"last error: {self.last_failure}") from None
-                continue
-            uids = [s.uid for s in result.group.samples]
-            reason = "groups_wrong_stage" if group_stage != stage else "duplicates_dropped" if self.ledger.duplicates(uids) else None
-            if reason:  # generated for the previous stage across a boundary / re-delivered after a restart
-                self.counters[reason] += 1
-                self.admission.dropped(1, buffered=True)
-                self.ref_pending.pop(uids[0], None)
-                continue
-            results.append(result)
-        # Completion order varies from run to run; draw order makes batches reproducible.
-        return sorted(results, key=lambda r: [int(x) for x in r.group.samples[0].uid.split("/")[:2]])
+
+    def _rerun(self, draw: Draw) -> None:
+        """Play a stale group's draw again (a dialogue still running first finishes, then replays)."""
+        self.counters["stale_rerun"] += 1
+        if draw.draw in self.in_flight:
+            self.rerun_after[draw.draw] = draw
+        elif draw not in self.retry:
+            self.retry.append(draw)
 
     async def step(self) -> dict[str, float]:
         stage, step_in_stage = stage_at(self.stages, self.version)
@@ -384,7 +418,7 @@ class Controller:
         results = await self._take_batch(stage)
         wait_s = time.perf_counter() - step_start
         self.admission.consumed(len(results))
-        batch = build_train_batch([r.group for r in results], [r.advantages for r in results], self.version)
+        batch = self._batch(results, stage)
         self.ledger.consume(batch.uids)
         self.wake.set()
         ref_wait = 0.0
@@ -397,9 +431,10 @@ class Controller:
         train_s = time.perf_counter() - t0
         stale = staleness_stats(batch.versions.numpy(), self.version)
         stale.update({f"staleness/hist_{k}": float(n) for k, n in staleness_histogram(batch.versions.numpy(), self.version).items()})
+        # sync: the version advances once the new weights are live on the engines, so a
+        # group admitted during the sync is admitted at the version that generates it.
+        sync = await self.sync.sync(self.version + 1)
         self.version += 1
-        # sync
-        sync = await self.sync.sync(self.version)
         self.wake.set()
         step_s = time.perf_counter() - step_start
         metrics = {**train, **stale, **sync, **self._step_metrics(results, stage, step_in_stage)}

@@ -1,10 +1,10 @@
 """Ray side of placement: create the placement groups of a :class:`~verimed.core.cluster.planner.Plan`.
 
-    plan = core.placement.plan(cfg.placement, kl_enabled=..., cluster=cluster_resources_from_ray())
+    plan = planner.plan(cfg.placement, kl_enabled=reference_needed(cfg), cluster=cluster_resources_from_ray())
     groups = create_placement_groups(plan)
     Learner.options(**actor_options(plan, groups, "learner", rank)).remote(...)
 
-Thin by design: all layout decisions and fit checks live in ``core/placement.py``
+Thin by design: all layout decisions and fit checks live in ``verimed/core/cluster/planner.py``
 (tested without Ray); this module only turns bundles into Ray calls.
 """
 from __future__ import annotations

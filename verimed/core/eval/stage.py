@@ -31,7 +31,7 @@ async def evaluate(roles: Roles, stage_cfg: Any, pools: DataPools, stage_index: 
         ids = prompt_ids(roles.tokenizer, ex.messages)
         if len(ids) > room:  # the same examples are skipped at every stage: scores stay comparable
             continue
-        sample = (await roles.generate(f"{base + i}/eval", ids, 1, base + i))[0]
+        sample = (await roles.generate(f"{base + i}/eval", ids, 1, base + i, rollout=stage_cfg.rollout))[0]
         hb_scores.append(training_reward(ex.rubric, await roles.judge.judge(ex.messages, sample.text, ex.rubric)))
     consult = []
     for i, case in enumerate(pools.eval_cases):

@@ -1,9 +1,10 @@
-"""Staleness admission control, the exactly-once sample ledger, and per-token versions.
+"""Staleness: admission control, the exactly-once sample ledger, and the consumption bound.
 
-The controller (``actors/controller.py``) owns one :class:`AdmissionControl` and one
-:class:`Ledger`; rollout engines stamp every generated token with the policy
-version that produced it through :class:`TokenVersions`. Pure Python + numpy,
-no Ray, so all of it is unit-tested without a cluster (``tests/test_staleness.py``).
+The controller (``actors/controller.py``) owns one :class:`AdmissionControl`, one
+:class:`Ledger` and one :class:`ReadyBuffer`; rollout engines stamp every
+generated token with the policy version that produced it
+(``verimed.core.rollout.engines``). Pure Python + numpy, no Ray, so all of it is
+unit-tested without a cluster (``tests/test_staleness.py``).
 
 Admission rule (DESIGN §4, AReaL's bound read precisely)
 --------------------------------------------------------
@@ -22,18 +23,22 @@ A new group may start at version v only while, after starting it,
 Since the learner consumes exactly B groups per step (consumed = v*B), (1)
 implies (2); (2) is also enforced directly so that the window stays bounded
 even if a driver consumes fewer groups per step. Consequence: the k-th
-admitted group (0-based) starts at a version >= floor(k/B) - s, and is consumed
-by step floor(k/B) when groups are consumed in admission order, so its
-staleness is at most s.
+admitted group (0-based) starts at a version >= floor(k/B) - s. Groups finish
+out of order, though, so admission does not bound what is trained: the
+:class:`ReadyBuffer` enforces it at consumption (oldest first; a group with a
+token older than v - s is dropped and its draw runs again).
 
 ``max_staleness = 0`` is the synchronous baseline: (1) gives admitted <= (v+1)*B,
 so the B groups of step v can only start once version v exists, and nothing
 can start while step v trains (all (v+1)*B admitted groups are started, and
-the version is still v until the step and its weight sync end). Hence with s=0
+the controller's version is still v until the step's weight sync has landed on
+the engines). Hence with s=0
 no generation overlaps training, and every consumed group was started at the
 version that trains on it (tested in ``tests/test_staleness.py``).
 """
 from __future__ import annotations
+
+from typing import Any, NamedTuple
 
 import msgspec
 import numpy as np
@@ -55,8 +60,8 @@ class AdmissionControl:
         self.batch_groups = batch_groups
         self.max_staleness = max_staleness
         # On resume from a checkpoint at version v0, start a fresh instance with
-        # base_version=v0: in-flight groups died with the old actors and buffered ones
-        # are regenerated (their uids are not in the ledger), so counting restarts at 0.
+        # base_version=v0: in-flight groups died with the old actors (their draws run
+        # again) and buffered ones are re-delivered from the checkpoint, so counting restarts at 0.
         self.base_version = base_version
         self.started_total = 0
         self.finished_total = 0
@@ -214,43 +219,80 @@ class Ledger:
         return cls(state.consumed)
 
 
-# ---------------------------------------------------------- token versions
+# ------------------------------------------------------------ ready buffer
 
 
-class TokenVersions:
-    """Run-length record of which policy version produced each generated token.
+class Ready(NamedTuple):
+    """A finished group waiting to be trained on (the controller's buffer entry)."""
 
-    A rollout engine calls ``extend(n_new_tokens, version)`` after each decode chunk;
-    when a weight update lands mid-generation the version changes between chunks
-    and later tokens carry the new one (partial rollouts). ``array()`` is the
-    int32 [R] per-token version array that goes into ``Sample.response_versions``.
+    stage: int  # the stage it was generated for
+    uids: list[str]  # its samples' uids
+    oldest_version: int  # min policy version over its response tokens (-1: no tokens)
+    order: tuple[int, ...]  # its draw's place in the schedule (draw number, slice): ties in age
+    item: Any  # the payload (the controller keeps its GroupResult and Draw here)
+
+    @property
+    def age(self) -> tuple[int, ...]:
+        """Older first: the weights that sampled it, then its place in the schedule."""
+        return (self.oldest_version, *self.order)
+
+
+class Taken(NamedTuple):
+    """What one :meth:`ReadyBuffer.take` did: the batch (None: not enough valid groups yet) and the drops."""
+
+    batch: list[Ready] | None
+    wrong_stage: list[Ready]
+    duplicates: list[Ready]
+    stale: list[Ready]
+
+
+class ReadyBuffer:
+    """Finished groups, consumed oldest first under the staleness bound (DESIGN §4).
+
+    Admission control bounds how far generation runs ahead, but groups finish
+    out of order, so admission alone does not bound what is *trained*. At
+    consumption for learner step ``version`` (the weights being updated) with
+    bound s = ``max_staleness``, a group is dropped (and reported, so its draw
+    can run again) when
+
+    - it belongs to another stage (generated before a stage boundary),
+    - a sample uid was consumed before (ledger) or repeats in this batch
+      (a re-run twin after a restart or a stale drop), or
+    - any response token is older than ``version - s`` (**stale**).
+
+    Of the rest, the B oldest (:attr:`Ready.age`) form the batch; the others stay.
+    Hence every token of a consumed batch has version >= version - s.
     """
 
     def __init__(self) -> None:
-        self.segments: list[tuple[int, int]] = []  # (version, token count), versions non-decreasing
-
-    def extend(self, n_tokens: int, version: int) -> None:
-        _check_n(n_tokens)
-        if version < 0:
-            raise ValueError(f"version must be >= 0, got {version}")
-        if self.segments and version < self.segments[-1][0]:
-            raise ValueError(f"version went backwards: {self.segments[-1][0]} -> {version}")
-        if n_tokens == 0:
-            return
-        if self.segments and self.segments[-1][0] == version:
-            self.segments[-1] = (version, self.segments[-1][1] + n_tokens)
-        else:
-            self.segments.append((version, n_tokens))
+        self.entries: list[Ready] = []
 
     def __len__(self) -> int:
-        return sum(n for _, n in self.segments)
+        return len(self.entries)
 
-    def array(self) -> np.ndarray:
-        """int32 [R] version per response token."""
-        if not self.segments:
-            return np.zeros(0, dtype=np.int32)
-        versions, counts = zip(*self.segments)
-        return np.repeat(np.asarray(versions, dtype=np.int32), counts)
+    def put(self, entry: Ready) -> None:
+        self.entries.append(entry)
+
+    def take(self, stage: int, version: int, batch_groups: int, max_staleness: int, ledger: Ledger) -> Taken:
+        keep, wrong_stage, duplicates, stale = [], [], [], []
+        seen: set[str] = set()
+        for entry in sorted(self.entries, key=lambda e: e.age):
+            if entry.stage != stage:
+                wrong_stage.append(entry)
+            elif ledger.duplicates(entry.uids) or seen.intersection(entry.uids):
+                duplicates.append(entry)
+            elif 0 <= entry.oldest_version < version - max_staleness:
+                stale.append(entry)
+            else:
+                keep.append(entry)
+                seen.update(entry.uids)
+        batch = keep[:batch_groups] if len(keep) >= batch_groups else None
+        self.entries = keep[batch_groups:] if batch is not None else keep
+        return Taken(batch, wrong_stage, duplicates, stale)
+
+    def drain(self) -> list[Ready]:
+        """Every entry, oldest first, leaving the buffer as it is (for checkpoints)."""
+        return sorted(self.entries, key=lambda e: e.age)
 
 
 def staleness_histogram(token_versions: np.ndarray, current_version: int) -> dict[int, int]:

@@ -116,6 +116,10 @@ class VLLMEngine:
     async def init_sync(self, host: str, port: int, rank: int, world_size: int, backend: str) -> None:
         await self.llm.collective_rpc("verimed_init_sync", args=(host, port, rank, world_size, backend))
 
+    async def set_expected(self, expected: dict[str, tuple[tuple[int, ...], str]]) -> None:
+        """Names, shapes and dtypes every later sync must carry; checked before a reload touches the model."""
+        await self.llm.collective_rpc("verimed_set_expected", args=(expected,))
+
     async def update_weights(self, meta: WeightVersion, fail_for_test: bool = False) -> dict[str, float]:
         """Receive a broadcast sync and load it, pausing generation around the load.
 

@@ -5,7 +5,7 @@ Backends (``llm.type`` in config):
 - ``openai``: any OpenAI-compatible ``/v1/chat/completions`` endpoint; the key
   comes from the env var named by ``llm.api_key_env`` and is never logged.
 - ``policy`` / ``vllm``: engine groups of this cluster; built in
-  :mod:`verimed.actors.llm_clients` over rollout actor handles (prefix-affinity routing).
+  :class:`verimed.actors.rollout.EngineGroupClient` over rollout actor handles (prefix-affinity routing).
 - :class:`EngineClient`: one in-process engine (``verimed.core.rollout.engines``), for
   tools and tests that run without Ray.
 """

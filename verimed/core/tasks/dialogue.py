@@ -191,7 +191,7 @@ async def dialogue_slices(roles: Roles, cfg: Config, case: Case, draw: int, *, m
                 break
             prompt = Prompt(index=draw, source="multiturn", messages=list(dialogue.turns), case_id=case.case_id)
             prompt = msgspec.structs.replace(prompt, rubric=await roles.rubrics.generate(case, prompt.messages))
-            samples = await roles.generate(f"{draw}/{k}", ids, n, cfg.run.seed + draw * 1000 + k * n)
+            samples = await roles.generate(f"{draw}/{k}", ids, n, cfg.run.seed + draw * 1000 + k * n, rollout=cfg.rollout)
             result = await judge_group(roles, cfg, prompt, slice_samples(dialogue, samples))
             done = k + 1
             yield result

@@ -7,7 +7,8 @@ pass in-process cores and the controller passes actor handles wrapped by
 - ``simulator.start(session_id, case, persona) -> str`` (patient opening)
 - ``rubrics.generate(case, dialogue) -> list[RubricItem]``
 - ``judge.judge(conversation, response, items) -> list[Judgement]``
-- ``generate(uid_prefix, prompt_ids, n, seed) -> list[Sample]`` (engine router)
+- ``generate(uid_prefix, prompt_ids, n, seed, rollout=RolloutConfig) -> list[Sample]`` (engine router;
+  ``rollout``: the stage's sampling settings — max_tokens, temperature, top_p)
 
 A task (``single_turn.py``, ``dialogue.py``) builds a prompt, samples G
 replies and hands their scores to :func:`scored_group` (verifiable answers) or
@@ -27,7 +28,7 @@ from verimed.core.rl.advantages import group_rewards_and_advantages, keep_group
 from verimed.core.rubrics.scoring import training_reward
 from verimed.core.types import Group, Judgement, Prompt, Sample, Turn
 
-Generate = Callable[[str, list[int], int, int], Awaitable[list[Sample]]]
+Generate = Callable[..., Awaitable[list[Sample]]]  # (uid_prefix, prompt_ids, n, seed, rollout=...)
 
 
 class Roles(msgspec.Struct):

@@ -50,7 +50,7 @@ async def rule_group(roles: Roles, cfg: Config, prompt: Prompt, draw: int, corre
     ``Group.rubric_scores`` hold the 0/1 correctness (the stage's accuracy).
     """
     samples = await roles.generate(group_uid(draw), prompt_ids(roles.tokenizer, prompt.messages),
-                                   cfg.rollout.group_size, cfg.run.seed + draw * 1000)
+                                   cfg.rollout.group_size, cfg.run.seed + draw * 1000, rollout=cfg.rollout)
     accuracy = np.asarray([1.0 if correct(s.text) else 0.0 for s in samples])
     scores = accuracy + format_weight * np.asarray([format_reward(s.text) for s in samples])
     return scored_group(cfg, prompt, samples, scores, reported_scores=accuracy)
@@ -68,7 +68,7 @@ async def consultation_group(roles: Roles, cfg: Config, case: Case, draw: int) -
     prompt = msgspec.structs.replace(prompt, rubric=rubric)
     t0 = time.perf_counter()
     samples = await roles.generate(group_uid(draw), prompt_ids(roles.tokenizer, messages), cfg.rollout.group_size,
-                                   cfg.run.seed + draw * 1000)
+                                   cfg.run.seed + draw * 1000, rollout=cfg.rollout)
     t1 = time.perf_counter()
     result = await judge_group(roles, cfg, prompt, samples)
     result.seconds = {"generate": t1 - t0, "judge": time.perf_counter() - t1}
@@ -83,5 +83,5 @@ async def rubric_group(roles: Roles, cfg: Config, prompt: Prompt, draw: int, cas
             raise ValueError(f"prompt {prompt.source}:{prompt.index} has no rubric and no case to generate one from")
         prompt = msgspec.structs.replace(prompt, rubric=await roles.rubrics.generate(case, prompt.messages))
     samples = await roles.generate(group_uid(draw), prompt_ids(roles.tokenizer, prompt.messages),
-                                   cfg.rollout.group_size, cfg.run.seed + draw * 1000)
+                                   cfg.rollout.group_size, cfg.run.seed + draw * 1000, rollout=cfg.rollout)
     return await judge_group(roles, cfg, prompt, samples)

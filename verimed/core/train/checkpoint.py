@@ -136,7 +136,7 @@ class ControllerState(msgspec.Struct, frozen=True, kw_only=True):
 
     Produced and consumed by ``actors/controller.py``. ``buffered_groups`` are
     finished groups not yet trained on, with their per-sample advantages
-    (``buffered_advantages[i][j]`` for sample j of group i) and stage index;
+    (``buffered_advantages[i][j]`` for sample j of group i) and draw;
     ``in_flight`` are the draws started but not finished (re-run on resume, so
     the consumed uids have no gaps).
     """
@@ -146,7 +146,7 @@ class ControllerState(msgspec.Struct, frozen=True, kw_only=True):
     ledger: LedgerState  # consumed sample uids
     buffered_groups: list[Group] = []
     buffered_advantages: list[list[float]] = []
-    buffered_stages: list[int] = []
+    buffered_draws: list[tuple[int, int, str, int]] = []  # the Draw of each buffered group (stale: runs again)
     in_flight: list[tuple[int, int, str, int]] = []  # Draw(draw, stage, source, item)
 
 
