@@ -142,7 +142,7 @@ class Learner:
         if (grpo_cfg.proximal == "recompute" and len(chunks) > 1) or grpo_cfg.m2po_threshold > 0:
             arrays["proximal"] = self._proximal(batch)
         if grpo_cfg.m2po_threshold > 0:
-            prox, mu = torch.from_numpy(arrays["proximal"]), torch.from_numpy(arrays["behaviour_logprobs"])
+            prox, mu = torch.from_numpy(arrays["proximal"]), torch.tensor(arrays["behaviour_logprobs"])
             _, in_band, _ = grpo.behaviour_weight(prox, mu, grpo_cfg.is_mode, grpo_cfg.is_cap, grpo_cfg.is_mask_low,
                                                    grpo_cfg.is_mask_high)
             keep = grpo.m2po_keep(prox - mu, torch.from_numpy(arrays["loss_mask"] > 0) & in_band, grpo_cfg.m2po_threshold)
