@@ -82,13 +82,44 @@ def test_sync_kill_and_resume_matches_uninterrupted_run(tmp_path):
     assert _consumed(tmp_path / "cut") == whole_consumed
 
 
+def _ledger_log(run_dir: Path) -> list[dict]:
+    """ledger.jsonl, one line per step; a resumed run re-does the steps after its checkpoint: the last line wins."""
+    return list(_per_step(run_dir / "ledger.jsonl").values())
+
+
+def _check_exactly_once(run_dir: Path, steps: int, groups_per_step: int, group_size: int) -> None:
+    """No uid trained twice, and every draw started is trained, pending at the end, or dropped (logged)."""
+    lines = _ledger_log(run_dir)
+    assert sorted(line["step"] for line in lines) == list(range(1, steps + 1))
+    trained = [uid for line in lines for uid in line["consumed"]]
+    assert len(trained) == steps * groups_per_step * group_size
+    assert len(trained) == len(set(trained)), "a sample was trained on twice"
+    state = load_controller_state(latest_checkpoint(run_dir))
+    assert sorted(trained) == state.ledger.consumed  # the checkpointed ledger agrees with the log
+    draws = {int(uid.split("/")[0]) for uid in trained}
+    pending = {g.prompt.index for g in state.buffered_groups} | {d[0] for d in state.in_flight}
+    dropped = {int(uid.split("/")[0]) for line in lines for uids in line["dropped"].values() for uid in uids}
+    assert draws | pending | dropped >= set(range(max(draws) + 1)), "a draw was lost"
+
+
 def test_async_kill_and_resume_consumes_without_duplicates_or_gaps(tmp_path):
     _train(tmp_path, "cut", ["async.max_staleness=1"], kill_after_steps=1)
     _train(tmp_path, "cut", ["async.max_staleness=1"], resume=True)
-    state = load_controller_state(latest_checkpoint(tmp_path / "cut"))
-    consumed = state.ledger.consumed
-    assert len(consumed) == len(set(consumed)) == 3 * 2 * 2
-    # Every draw started is consumed or still pending (buffered / in flight) at the end: no gaps.
-    draws = {int(uid.split("/")[0]) for uid in consumed}
-    pending = {g.prompt.index for g in state.buffered_groups} | {d[0] for d in state.in_flight}
-    assert draws | pending == set(range(max(draws | pending) + 1))
+    _check_exactly_once(tmp_path / "cut", steps=3, groups_per_step=2, group_size=2)
+
+
+STAGED = ["stages=[{name: rule, kind: rule, steps: 1, data: {cases: 1.0}},"
+          " {name: rubric, kind: rubric, steps: 1, data: {healthbench: 0.5, cases: 0.5}},"
+          " {name: consult, kind: multiturn, steps: 3, reward: {continuation: sampled, max_slices: 3}}]",
+          "run.steps=5", "stage_eval.healthbench=1", "stage_eval.consultations=1", "stage_eval.max_slices=1",
+          "async.max_staleness=1"]
+
+
+def test_staged_kill_inside_the_multiturn_stage_and_resume_exactly_once(tmp_path):
+    """The default recipe's stages (rule -> rubric -> multi-turn) killed after the first dialogue step:
+    buffered slices and their re-played twins never meet in one batch, nothing is trained twice."""
+    _train(tmp_path, "staged", STAGED, kill_after_steps=3)
+    state = load_controller_state(latest_checkpoint(tmp_path / "staged"))
+    assert state.version >= 3 and state.schedule.step >= 3  # killed inside the multi-turn stage
+    _train(tmp_path, "staged", STAGED, resume=True)
+    _check_exactly_once(tmp_path / "staged", steps=5, groups_per_step=2, group_size=2)

@@ -20,6 +20,7 @@ top to bottom in :meth:`Controller.step`:
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import time
 from pathlib import Path
@@ -102,6 +103,7 @@ class Controller:
         self.retry: list[Draw] = []  # failed or stale draws, re-run first: no gaps in the ledger
         self.in_flight: dict[int, Draw] = {}  # started, not finished: checkpointed and re-run on resume
         self.rerun_after: dict[int, Draw] = {}  # stale slices of a dialogue still running: re-run when it ends
+        self.dropped_since_step: dict[str, list[str]] = {}  # reason -> first uid of each group dropped
         self.consecutive_failures, self.last_failure = 0, ""
         self.reference = None
         self.ref_pending: dict[str, object] = {}
@@ -384,6 +386,7 @@ class Controller:
             for reason, entries in (("groups_wrong_stage", taken.wrong_stage), ("duplicates_dropped", taken.duplicates),
                                     ("stale_dropped", taken.stale)):
                 self.counters[reason] += len(entries)
+                self.dropped_since_step.setdefault(reason, []).extend(entry.uids[0] for entry in entries)
                 for entry in entries:
                     self.admission.dropped(1, buffered=True)
                     self.ref_pending.pop(entry.uids[0], None)
@@ -401,6 +404,15 @@ class Controller:
                 if self.consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
                     raise RuntimeError(f"generation failed {self.consecutive_failures} times in a row; "
                                        f"last error: {self.last_failure}") from None
+
+    def _audit(self, uids: list[str]) -> None:
+        """One line of ``ledger.jsonl`` per step: the uids it trains on and the groups dropped since the
+        last step, by reason, so exactly-once consumption can be checked from outside (a resumed run
+        appends; the last line of a step wins)."""
+        line = {"step": self.version + 1, "consumed": uids, "dropped": self.dropped_since_step}
+        with (self.run_dir / "ledger.jsonl").open("a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
+        self.dropped_since_step = {}
 
     def _rerun(self, draw: Draw) -> None:
         """Play a stale group's draw again (a dialogue still running first finishes, then replays)."""
@@ -420,6 +432,7 @@ class Controller:
         self.admission.consumed(len(results))
         batch = self._batch(results, stage)
         self.ledger.consume(batch.uids)
+        self._audit(batch.uids)
         self.wake.set()
         ref_wait = 0.0
         if self.reference is not None:
