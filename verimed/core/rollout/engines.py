@@ -129,6 +129,11 @@ class VLLMEngine:
         import msgspec
 
         await self.llm.pause_generation(mode="keep", clear_cache=False)
+        # Tokens sampled before the pause sit in their requests' output queues; yield so every
+        # request reads them while ``version`` is still the one that produced them (the engine
+        # is paused: nothing new is sampled until resume, after the version changes).
+        for _ in range(3):
+            await asyncio.sleep(0)
         try:
             results = await self.llm.collective_rpc(
                 "verimed_receive", args=(msgspec.to_builtins(meta), 0 if fail_for_test else -1)
