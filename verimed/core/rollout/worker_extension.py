@@ -52,9 +52,6 @@ class WorkerExtension:
         if not any(isinstance(f, _BenignReloadWarnings) for f in logger.filters):  # a rejoin calls this again
             logger.addFilter(_BenignReloadWarnings(tied))
 
-    def verimed_checkpoint_names(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        return self._verimed_expected or {}
-
     def verimed_set_expected(self, expected: dict[str, tuple[tuple[int, ...], str]]) -> None:
         """Names/shapes/dtypes a sync must carry (the learner's state dict at version 0)."""
         self._verimed_expected = {k: (tuple(v[0]), v[1]) for k, v in expected.items()}
