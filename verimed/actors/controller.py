@@ -344,7 +344,9 @@ class Controller:
             version=self.version, schedule=self.schedule.state(self.version), ledger=self.ledger.to_state(),
             buffered_groups=[r.group for _, r in buffered], buffered_advantages=[r.advantages.tolist() for _, r in buffered],
             buffered_draws=[tuple(d) for d, _ in buffered],
-            in_flight=[tuple(d) for d in [*self.retry, *self.in_flight.values(), *self.rerun_after.values()]],
+            # each draw once: a dialogue still running may also wait for a re-run (rerun_after)
+            in_flight=[tuple(d) for d in {d.draw: d for d in [*self.retry, *self.in_flight.values(),
+                                                                *self.rerun_after.values()]}.values()],
         )
         with atomic_checkpoint_dir(self.run_dir, self.version, keep=self.cfg.run.checkpoint_keep) as tmp:
             await self.learners.save_checkpoint(str(tmp / LEARNER_SUBDIR))
