@@ -265,9 +265,10 @@ def test_reference_group_scores_batches_and_reports_the_wait(ray_cluster, run):
         return whole, wait_whole, split, await group.stats()
 
     whole, wait_whole, split, stats = asyncio.run(go())
-    np.testing.assert_allclose(whole.reference_logprobs.numpy(), run["ref"], atol=1e-5, rtol=0)
+    # Another process, the same packing: fp32 log-probs of ~-15 agree to a relative 1e-5 (~170 ulps).
+    np.testing.assert_allclose(whole.reference_logprobs.numpy(), run["ref"], rtol=1e-5, atol=1e-6)
     # Per-group batches pack differently: fp32 summation-order noise only.
-    np.testing.assert_allclose(split.reference_logprobs.numpy(), run["ref"], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(split.reference_logprobs.numpy(), run["ref"], rtol=1e-5, atol=1e-6)
     assert wait_whole > 0.0 and stats["reference/calls"] == 1.0 + len(groups)
 
 
