@@ -61,8 +61,8 @@ def main() -> int:
 
     import verimed
     from verimed.core.config import load_config
-    from verimed.core.train.learner import Learner
     from verimed.core.models import resolve_model_path
+    from verimed.core.train.learner import Learner
 
     cfg = load_config(args.config, [])
     learner = Learner(cfg, resolve_model_path(cfg.model.path, cfg.model.cache_dir))

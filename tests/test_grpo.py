@@ -12,9 +12,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from verimed.core.config import GRPOConfig
 from verimed.core.rl import advantages
 from verimed.core.rl import loss as grpo
-from verimed.core.config import GRPOConfig
 
 # ----------------------------------------------------------------- advantages
 

@@ -14,17 +14,16 @@ import socket
 
 import numpy as np
 import pytest
-
-from verimed.core.tasks.schedule import ScheduleState
 import torch
 
 from verimed.cli import export as export_cli
-from verimed.core.train import checkpoint as ckpt
-from verimed.core.rl.batch import build_train_batch
 from verimed.core.config import load_config
+from verimed.core.rl.batch import build_train_batch
+from verimed.core.rl.staleness import Ledger
+from verimed.core.tasks.schedule import ScheduleState
+from verimed.core.train import checkpoint as ckpt
 from verimed.core.train.learner import Learner, flatten_parameters
 from verimed.core.train.packing import pack_micro_batches, packed_layout, segment_masks
-from verimed.core.rl.staleness import Ledger
 from verimed.core.types import Array, Group, Prompt, Sample, Turn
 
 OVERRIDES = ["trainer.lr=1e-3", "trainer.micro_batch_tokens=48", "trainer.warmup_steps=1", "trainer.schedule=cosine",

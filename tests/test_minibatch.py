@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from test_learner import OVERRIDES, make_batch, tiny_path  # noqa: F401  (tiny_path is a fixture)
+
 from verimed.core.config import GRPOConfig, load_config
 from verimed.core.rl import loss as grpo
 from verimed.core.train.learner import Learner

@@ -15,10 +15,9 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from verimed.core.config import load_config
-
-from verimed.core.cluster.planner import ClusterResources, PlacementConfig, PlacementError, RoleSpec, format_plan, plan
 from verimed.cli.plan import add_plan_arguments, local_cluster, run_plan
+from verimed.core.cluster.planner import ClusterResources, PlacementConfig, PlacementError, RoleSpec, format_plan, plan
+from verimed.core.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_CONFIGS = sorted((REPO / "configs" / "cluster").glob("*.yaml"))

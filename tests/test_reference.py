@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from verimed.core.rl.batch import build_train_batch
 from verimed.core.config import Config, GRPOConfig, TrainerConfig
+from verimed.core.rl.batch import build_train_batch
 from verimed.core.types import Array, Group, Prompt, Sample, Turn
 
 KL_COEF = 0.1

@@ -15,10 +15,18 @@ import pytest
 import yaml
 
 from verimed.core.config import GRPOConfig, RolloutConfig, load_config
-from verimed.core.tasks.schedule import MixSampler, Schedule, ScheduleState, stage_at
-from verimed.core.config.stages import StageConfig, StageEvalConfig, StageError, effective_config, effective_grpo, total_steps, validate_stages
-from verimed.core.tasks.single_turn import rubric_group, rule_group
+from verimed.core.config.stages import (
+    StageConfig,
+    StageError,
+    StageEvalConfig,
+    effective_config,
+    effective_grpo,
+    total_steps,
+    validate_stages,
+)
 from verimed.core.tasks.pools import split_heldout
+from verimed.core.tasks.schedule import MixSampler, Schedule, ScheduleState, stage_at
+from verimed.core.tasks.single_turn import rubric_group, rule_group
 from verimed.core.types import Array, Prompt, RubricItem, Sample, Turn
 
 RECIPES = Path(__file__).parent.parent / "configs"
@@ -135,8 +143,8 @@ class FakeRoles:
     """generate returns fixed texts; rubric/judge are the in-process rules cores."""
 
     def __init__(self, texts):
-        from verimed.core.rubrics import make_generator, make_judge
         from verimed.core.config import JudgeConfig, RubricConfig
+        from verimed.core.rubrics import make_generator, make_judge
 
         self.texts, self.tokenizer = texts, self
         self.rubrics, self.judge = make_generator(RubricConfig()), make_judge(JudgeConfig())

@@ -12,8 +12,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from verimed.core.rl.staleness import (AdmissionControl, DuplicateConsumption, Ledger, LedgerState, Ready, ReadyBuffer,
-                                       staleness_histogram, staleness_stats)
+from verimed.core.rl.staleness import (
+    AdmissionControl,
+    DuplicateConsumption,
+    Ledger,
+    LedgerState,
+    Ready,
+    ReadyBuffer,
+    staleness_histogram,
+    staleness_stats,
+)
 
 START, FINISH, DROP, TRAIN_BEGIN, TRAIN_END = range(5)
 

@@ -32,24 +32,29 @@ from verimed.actors.learner import LearnerGroup
 from verimed.actors.logs import with_log_file
 from verimed.actors.rollout import EngineGroupClient, EngineRouter, RolloutActor
 from verimed.actors.weight_sync import WeightSyncCoordinator
-from verimed.core.rl.batch import build_train_batch
-from verimed.core.train.checkpoint import LEARNER_SUBDIR, CheckpointError, ControllerState, atomic_checkpoint_dir, latest_checkpoint, load_controller_state, save_controller_state
-from verimed.core.config import Config, ConfigError, to_yaml
-from verimed.core.rollout.llm import OpenAIClient
-from verimed.core.tasks.groups import GroupResult, Roles
+from verimed.core.config import Config, ConfigError, reference_needed, to_yaml
+from verimed.core.config.stages import StageConfig, effective_config
+from verimed.core.eval.stage import evaluate
 from verimed.core.metrics import MetricsSink
 from verimed.core.models import load_tokenizer, resolve_model_path
+from verimed.core.rl.batch import build_train_batch
+from verimed.core.rl.staleness import AdmissionControl, Ledger, Ready, ReadyBuffer, staleness_histogram, staleness_stats
+from verimed.core.rollout.llm import OpenAIClient
 from verimed.core.tasks.dialogue import dialogue_slices
-from verimed.core.train.reference import reference_model_path
-from verimed.core.config import reference_needed
-from verimed.core.rl.staleness import (AdmissionControl, Ledger, Ready, ReadyBuffer, staleness_histogram,
-                                       staleness_stats)
-from verimed.core.tasks.schedule import Draw, Schedule, stage_at
-from verimed.core.config.stages import StageConfig, effective_config
+from verimed.core.tasks.groups import GroupResult, Roles
 from verimed.core.tasks.pools import DataPools
-from verimed.core.eval.stage import evaluate
+from verimed.core.tasks.schedule import Draw, Schedule, stage_at
 from verimed.core.tasks.single_turn import single_turn_group
-
+from verimed.core.train.checkpoint import (
+    LEARNER_SUBDIR,
+    CheckpointError,
+    ControllerState,
+    atomic_checkpoint_dir,
+    latest_checkpoint,
+    load_controller_state,
+    save_controller_state,
+)
+from verimed.core.train.reference import reference_model_path
 
 # Give up (with the last error) when this many groups fail in a row with nothing succeeding.
 MAX_CONSECUTIVE_FAILURES = 50

@@ -13,10 +13,9 @@ import numpy as np
 import ray
 
 from verimed.actors.logs import redirect_output
-
 from verimed.core.config import Config, GRPOConfig
-from verimed.core.types import TrainBatch, WeightVersion
 from verimed.core.rollout import weight_sync
+from verimed.core.types import TrainBatch, WeightVersion
 
 
 def free_port() -> int:
@@ -35,8 +34,8 @@ class LearnerActor:
         redirect_output()  # first: all later output, child processes included, goes to its log file
         import torch
 
-        from verimed.core.train.learner import Learner
         from verimed.core.train.distributed import init_distributed
+        from verimed.core.train.learner import Learner
 
         if not torch.cuda.is_available():
             torch.set_num_threads(cfg.trainer.cpu_threads or os.cpu_count() or 1)

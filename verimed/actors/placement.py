@@ -13,7 +13,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from verimed.core.cluster.planner import ClusterResources, NodeResources, Plan, PlacementError
+from verimed.core.cluster.planner import ClusterResources, NodeResources, PlacementError, Plan
 
 # role -> per replica: (placement group, bundle index), or (None, None) for an actor
 # that needs no resources and is scheduled anywhere.

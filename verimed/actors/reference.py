@@ -24,7 +24,6 @@ import numpy as np
 import ray
 
 from verimed.actors.logs import redirect_output
-
 from verimed.core.config import Config
 from verimed.core.train.reference import with_reference
 from verimed.core.types import TrainBatch

@@ -14,11 +14,10 @@ import psutil
 import ray
 
 from verimed.actors.logs import redirect_output
-
 from verimed.core.config import Config
+from verimed.core.models import load_tokenizer
 from verimed.core.rollout.engines import TransformersEngine, VLLMEngine
 from verimed.core.rollout.llm import EngineClient
-from verimed.core.models import load_tokenizer
 from verimed.core.types import Sample, WeightVersion
 
 

@@ -19,6 +19,7 @@ from verimed.core.config.base import ConfigError
 from verimed.core.config.schema import Config
 from verimed.core.config.stages import StageError, validate_stages
 
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load ``path`` (YAML) and apply ``section.key=value`` overrides; validate all."""
     raw: dict[str, Any] = {}

@@ -32,8 +32,8 @@ from typing import Any, Iterator
 
 import msgspec
 
-from verimed.core.tasks.schedule import ScheduleState
 from verimed.core.rl.staleness import LedgerState
+from verimed.core.tasks.schedule import ScheduleState
 from verimed.core.types import Group
 
 CHECKPOINTS = "checkpoints"
