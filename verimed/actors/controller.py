@@ -137,7 +137,7 @@ class Controller:
         self.router = EngineRouter(self.engines)
         self.roles = Roles(simulator=Remote(self.simulator), rubrics=Remote(self.rubric_generator),
                            judge=Remote(self.verifier), generate=self._generate, tokenizer=self.tokenizer)
-        self.sync = WeightSyncCoordinator(cfg, self.learners, self.engines, self.tokenizer)
+        self.sync = WeightSyncCoordinator(cfg, self.learners, self.engines, self.tokenizer, router=self.router)
         await self.sync.init()
 
     async def _llm_client(self, options):
