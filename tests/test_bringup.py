@@ -225,3 +225,33 @@ def test_when_every_engine_lags_the_router_still_routes():
     assert router.skip == set() and router.pick() in (0, 1)
     router.skip = frozenset({0, 1})
     assert router.pick() in (0, 1)
+
+
+# ------------------------------------------------------ 6: learner memory
+
+
+def test_save_hf_keeps_the_full_weights_on_rank_zero_only(monkeypatch):
+    from verimed.core.train import checkpoint
+    from verimed.core.train.learner import Learner
+
+    copies, gathered = [], []
+
+    class Gathered:  # one full tensor of the all-gather
+        def cpu(self):
+            copies.append(self)
+            return self
+
+    def iter_full_parameters():
+        for i in range(3):
+            gathered.append(i)  # every rank must take part in every all-gather
+            yield f"w{i}", Gathered()
+
+    written = []
+    monkeypatch.setattr(checkpoint, "write_hf", lambda state, *rest: written.append(len(state)))
+    for rank in (1, 0):
+        rank_self = types.SimpleNamespace(rank=rank, iter_full_parameters=iter_full_parameters,
+                                          cfg=types.SimpleNamespace(model=types.SimpleNamespace(dtype="float32")))
+        Learner.save_hf(rank_self, "/out", "/base")
+        if rank == 1:
+            assert gathered == [0, 1, 2] and copies == [] and written == []
+    assert len(copies) == 3 and written == [3]
