@@ -255,3 +255,19 @@ def test_save_hf_keeps_the_full_weights_on_rank_zero_only(monkeypatch):
         if rank == 1:
             assert gathered == [0, 1, 2] and copies == [] and written == []
     assert len(copies) == 3 and written == [3]
+
+
+def test_the_sharded_reference_rendezvous_on_rank_zeros_node(monkeypatch):
+    from verimed.actors import learner as la
+    from verimed.actors import reference as ra
+
+    asked, started = [], []
+    monkeypatch.setattr(la, "_node_address", types.SimpleNamespace(options=lambda **o: types.SimpleNamespace(
+        remote=lambda: asked.append(o) or ("ip-ref", "port-ref"))))
+    monkeypatch.setattr(la, "node_ip", lambda: pytest.fail("the driver's node IP must not be the rendezvous"))
+    monkeypatch.setattr(ra, "ReferenceActor", types.SimpleNamespace(options=lambda **o: types.SimpleNamespace(
+        remote=lambda *args: started.append(args[2:6]))))
+    cfg = load_config(None, ["placement.reference.replicas=2"])
+    ra.ReferenceGroup(cfg, "/m", [{"num_cpus": 1, "scheduling_strategy": "bundle-0"}, {"num_cpus": 1}])
+    assert asked == [{"scheduling_strategy": "bundle-0", "num_returns": 2}]
+    assert started == [(0, 2, "ip-ref", "port-ref"), (1, 2, "ip-ref", "port-ref")]

@@ -30,6 +30,20 @@ def node_ip() -> str:
     return ray.util.get_node_ip_address()
 
 
+@ray.remote(num_cpus=0)
+def _node_address() -> tuple[str, int]:
+    return node_ip(), free_port()
+
+
+def address_on(options: dict):
+    """(IP ref, port ref) of the node an actor started with ``options`` lands on (its placement bundle).
+
+    For a process group whose rank 0 hosts the rendezvous before it exists (the actor
+    needs the address in its constructor); Ray resolves the two references first.
+    """
+    return _node_address.options(scheduling_strategy=options.get("scheduling_strategy"), num_returns=2).remote()
+
+
 @ray.remote
 class LearnerActor:
     def __init__(self, cfg: Config, model_path: str, rank: int, world_size: int):
