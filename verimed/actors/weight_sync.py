@@ -57,13 +57,13 @@ class WeightSyncCoordinator:
         await asyncio.gather(*[e.set_expected.remote(expected) for e in self.engines])
 
     async def rejoin(self, timeout_s: float = 600.0) -> None:
-        """Rebuild the group after an engine restart: a gloo/NCCL group cannot re-admit
+        """Rebuild the group after an engine restart or a failed sync: a gloo/NCCL group cannot re-admit
         one member, so every engine (once ready) joins a fresh group."""
         self.rejoins += 1
         await asyncio.gather(*[_until_ready(e, timeout_s) for e in self.engines])
         await self.init()
         self.needs_rejoin = False
-        print("verimed: engine restarted; weight-sync group rebuilt", file=sys.stderr)
+        print("verimed: weight-sync group rebuilt (an engine restarted or a sync failed)", file=sys.stderr)
 
     async def sync(self, version: int) -> dict[str, float]:
         """Broadcast ``version`` into every engine; failures keep the engines on their old weights."""
