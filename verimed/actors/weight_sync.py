@@ -81,12 +81,11 @@ class WeightSyncCoordinator:
                                        *[e.update_weights.remote(meta) for e in self.engines], return_exceptions=True)
         out: dict[str, float] = {"sync/seconds": time.perf_counter() - t0}
         failed = [r for r in results if isinstance(r, BaseException)]
+        self._route_around_lagging(version, results[1:])
         if failed:
             # A restarted engine is outside the group, and a sync that failed part-way (a
             # timeout) may leave members a different number of buckets apart: rebuild it.
             self.needs_rejoin = True
-        self._route_around_lagging(version, results[1:])
-        if failed:
             self.failures += 1
             print(f"verimed: weight sync to version {version} failed: {str(failed[0])[:300]}", file=sys.stderr)
         if isinstance(results[0], dict):

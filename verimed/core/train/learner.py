@@ -8,7 +8,9 @@ them into micro-batches of at most ``trainer.micro_batch_tokens`` tokens
 contributions add up to the full-batch loss.
 
 Sharding: ``fully_shard`` on every transformer block, then on the root
-(:class:`FusedPolicy`, which holds embedding, final norm and the tied LM head).
+(:class:`FusedPolicy`, which holds embedding, final norm and the tied LM head). A sharded
+model is built on the meta device and each rank materialises only its shards, filled from
+the checkpoint that rank 0 alone reads (``broadcast_from_rank0``).
 GPU: bf16 parameters in compute, fp32 gradient reduction; CPU: fp32 throughout.
 The caller initialises ``torch.distributed`` (gloo on CPU, NCCL on GPU) first.
 A single CPU rank (or no process group: the single-process reference of
