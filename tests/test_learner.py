@@ -202,8 +202,12 @@ def test_unsharded_learner_keeps_parameters_in_one_buffer(tiny_path):
 
 
 def _rank_main(rank: int, world: int, port: int, model_path: str, out_dir: str) -> None:
+    from verimed.core.train import learner as learner_module
     from verimed.core.train.distributed import init_distributed
 
+    full_loads = []  # every full-model read of this rank (only rank 0 may read the checkpoint)
+    load = learner_module.load_causal_lm
+    learner_module.load_causal_lm = lambda *a, **k: full_loads.append(a) or load(*a, **k)
     torch.set_num_threads(1)
     init_distributed(rank, world, "127.0.0.1", port)
     cfg = load_config(None, OVERRIDES)
@@ -224,6 +228,7 @@ def _rank_main(rank: int, world: int, port: int, model_path: str, out_dir: str) 
         torch.save({"m1": m1, "m2": m2, "r2": r2, "after1": after1, "after2": after2, "after2_resumed": after2_resumed,
                     "version": resumed.version, "lr": resumed.scheduler.get_last_lr(),
                     "rng_restored": torch.equal(rng_after_save, rng_after_load)}, f"{out_dir}/rank0.pt")
+    torch.save(len(full_loads), f"{out_dir}/rank{rank}_full_loads.pt")
     # Both ranks finish their gloo work before either tears the group down: rank 1 once aborted
     # ("terminate called without an active exception") when rank 0 (the store host) left first.
     torch.distributed.barrier()
@@ -256,6 +261,12 @@ def test_two_rank_fsdp2_matches_unsharded_step(two_rank, tiny_path):
     assert res["m1"]["loss/tokens"] == m1["loss/tokens"]  # metrics reduced over both ranks
     assert abs(res["m1"]["train/grad_norm"] - m1["train/grad_norm"]) <= 1e-5 * m1["train/grad_norm"]
     assert rel_diff(res["after1"], after) <= REL_TOL
+
+
+def test_only_rank_zero_reads_the_full_model(two_rank):
+    """Sharded ranks build on the meta device and receive their shards from rank 0."""
+    out, _ = two_rank
+    assert [torch.load(out / f"rank{r}_full_loads.pt") for r in range(2)] == [2, 0]  # two Learners per rank
 
 
 def test_two_rank_resume_is_exact(two_rank):

@@ -74,12 +74,12 @@ def test_colocated_reference_shares_learner_gpus():
 
 
 def test_guest_on_a_resourceless_host_gets_renumbered_bundles():
-    cfg = placement(simulator=RoleSpec(replicas=2, cpus_per_replica=0),
-                    verifier=RoleSpec(replicas=1, cpus_per_replica=1, colocate_with="simulator"))
+    cfg = placement(simulator_engine=RoleSpec(replicas=2, cpus_per_replica=0),
+                    verifier_engine=RoleSpec(replicas=1, cpus_per_replica=1, colocate_with="simulator_engine"))
     p = plan(cfg, kl_enabled=False, cluster=ClusterResources.parse("1x0gpu,cpus_per_node=3"))
-    assert [(b.gpus, b.cpus) for b in p.group("verimed-simulator").bundles] == [(0, 1.0)]
-    assert [(a.group, a.bundle) for a in p.actors_of("simulator")] == [("verimed-simulator", 0), (None, None)]
-    assert [(a.group, a.bundle) for a in p.actors_of("verifier")] == [("verimed-simulator", 0)]
+    assert [(b.gpus, b.cpus) for b in p.group("verimed-simulator_engine").bundles] == [(0, 1.0)]
+    assert [(a.group, a.bundle) for a in p.actors_of("simulator_engine")] == [("verimed-simulator_engine", 0), (None, None)]
+    assert [(a.group, a.bundle) for a in p.actors_of("verifier_engine")] == [("verimed-simulator_engine", 0)]
 
 
 def test_tensor_parallel_replica_is_one_bundle_on_one_node():
@@ -101,9 +101,9 @@ def test_strict_strategies():
     assert {b.node for b in p.group("verimed-learner").bundles} == {0}
     with pytest.raises(PlacementError, match=r"all on one node \(STRICT_PACK\)"):
         plan(packed, kl_enabled=False, cluster=ClusterResources.parse("4x2gpu"))
-    spread = placement(verifier=gpu_role(3, strategy="STRICT_SPREAD"))
+    spread = placement(verifier_engine=gpu_role(3, strategy="STRICT_SPREAD"))
     p = plan(spread, kl_enabled=False, cluster=ClusterResources.parse("3x8gpu"))
-    assert sorted(b.node for b in p.group("verimed-verifier").bundles) == [0, 1, 2]
+    assert sorted(b.node for b in p.group("verimed-verifier_engine").bundles) == [0, 1, 2]
     with pytest.raises(PlacementError, match="STRICT_SPREAD over 3 bundles"):
         plan(spread, kl_enabled=False, cluster=ClusterResources.parse("2x8gpu"))
 
@@ -126,6 +126,8 @@ def test_totals_fit_but_bundles_do_not_pack():
       "reference": {"gpus_per_replica": 1, "colocate_with": "learner"}}, "sharing GPUs needs gpus_per_replica 1"),
     ({"rollout": {"colocate_with": "trainer"}}, "Invalid enum value 'trainer'"),
     ({"rollout": {"replica": 2}}, "unknown field `replica`"),
+    ({"verifier": {"gpus_per_replica": 4}}, "the verifier actor is a client and uses no GPU"),
+    ({"simulator": {"replicas": 2}}, "the controller starts one simulator actor"),
 ])
 def test_config_mistakes_are_refused(roles, message):
     with pytest.raises(msgspec.ValidationError, match=re.escape(message)):
@@ -204,9 +206,33 @@ def test_m2_config_uses_all_64_gpus_with_separate_engines():
     p = plan(pl, kl_enabled=cfg.grpo.kl_coef > 0, cluster=ClusterResources.parse("8x8gpu,cpus_per_node=96"))
     assert p.total_gpus == 64
     gpus = {g.role: sum(b.gpus for b in g.bundles) for g in p.groups}
-    assert gpus["simulator"] > 0 and gpus["verifier"] > 0 and gpus["rollout"] > 0 and gpus["learner"] > 0
+    assert gpus == {"learner": 24, "rollout": 24, "simulator_engine": 8, "verifier_engine": 8, "simulator": 0,
+                    "verifier": 0, "rubric_generator": 0}
     text = format_plan(p)
     assert "64 GPUs" in text and "rollout[0-1]" in text
+
+
+PLANNED_CONFIGS = CLUSTER_CONFIGS + sorted((REPO / "configs" / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PLANNED_CONFIGS, ids=lambda p: p.name)
+def test_every_gpu_bundle_holds_exactly_the_actors_the_controller_starts_on_it(path):
+    """What the config promises is what is started: every planned actor is started, every started
+    actor is planned, each GPU bundle's GPUs are asked for by GPU-using actors exactly once over."""
+    from verimed.core.cluster.roles import started_actors
+    from verimed.core.config import reference_needed
+    from verimed.core.config.placement import GPU_ROLES
+
+    cfg = load_config(path)
+    kl = reference_needed(cfg)
+    p = plan(cfg.placement, kl_enabled=kl, cluster=ClusterResources.parse(intended_cluster(path)))
+    assert sorted((a.role, a.replica) for a in p.actors) == sorted(started_actors(cfg, kl_enabled=kl))
+    for g in p.groups:
+        for i, bundle in enumerate(g.bundles):
+            users = [a for a in p.actors if (a.group, a.bundle) == (g.name, i) and a.num_gpus]
+            assert all(a.role in GPU_ROLES for a in users), f"{g.name}[{i}]: {users} hold GPUs they never use"
+            assert sum(a.num_gpus for a in users) == bundle.gpus, f"{g.name}[{i}]: {bundle.gpus} GPUs, users {users}"
+            assert all(a.tensor_parallel_size == a.num_gpus for a in users if len(users) == 1)
 
 
 def test_cpu_default_config_is_the_default():

@@ -32,13 +32,22 @@ from verimed.actors.learner import LearnerGroup
 from verimed.actors.logs import with_log_file
 from verimed.actors.rollout import EngineGroupClient, EngineRouter, RolloutActor
 from verimed.actors.weight_sync import WeightSyncCoordinator
+from verimed.core.cluster.roles import llm_clients, llm_engine_roles
 from verimed.core.config import Config, ConfigError, reference_needed, to_yaml
+from verimed.core.config.placement import ROLES
 from verimed.core.config.stages import StageConfig, effective_config
 from verimed.core.eval.stage import evaluate
 from verimed.core.metrics import MetricsSink
 from verimed.core.models import load_tokenizer, resolve_model_path
 from verimed.core.rl.batch import build_train_batch
-from verimed.core.rl.staleness import AdmissionControl, Ledger, Ready, ReadyBuffer, staleness_histogram, staleness_stats
+from verimed.core.rl.staleness import (
+    AdmissionControl,
+    Ledger,
+    Ready,
+    ReadyBuffer,
+    staleness_histogram,
+    staleness_stats,
+)
 from verimed.core.rollout.llm import OpenAIClient
 from verimed.core.tasks.dialogue import dialogue_slices
 from verimed.core.tasks.groups import GroupResult, Roles
@@ -131,9 +140,10 @@ class Controller:
         llm = await self._llm_client(options)
         # Rules-backend roles are light: the CPU default gives them num_cpus=0 so they
         # never starve the queue (DESIGN §10); their placement says otherwise on a cluster.
-        self.simulator = SimulatorActor.options(**options("simulator", 0)).remote(cfg.simulator, llm)
-        self.rubric_generator = RubricGeneratorActor.options(**options("rubric_generator", 0)).remote(cfg.rubrics, llm)
-        self.verifier = VerifierActor.options(**options("verifier", 0)).remote(cfg.judge, llm)
+        self.simulator = SimulatorActor.options(**options("simulator", 0)).remote(cfg.simulator, llm.get("simulator"))
+        self.rubric_generator = RubricGeneratorActor.options(**options("rubric_generator", 0)).remote(
+            cfg.rubrics, llm.get("rubric_generator"))
+        self.verifier = VerifierActor.options(**options("verifier", 0)).remote(cfg.judge, llm.get("verifier"))
         if reference_needed(cfg):  # with kl_coef 0 in every stage no reference actor exists
             self.reference = ReferenceGroup(cfg, reference_model_path(cfg, self.model_path),
                                             [options("reference", r) for r in range(cfg.placement.reference.replicas)])
@@ -142,36 +152,47 @@ class Controller:
         self.router = EngineRouter(self.engines)
         self.roles = Roles(simulator=Remote(self.simulator), rubrics=Remote(self.rubric_generator),
                            judge=Remote(self.verifier), generate=self._generate, tokenizer=self.tokenizer)
-        self.sync = WeightSyncCoordinator(cfg, self.learners, self.engines, self.tokenizer)
+        self.sync = WeightSyncCoordinator(cfg, self.learners, self.engines, self.tokenizer, router=self.router)
         await self.sync.init()
 
-    async def _llm_client(self, options):
-        """The LLMClient of the LLM-backed roles (``llm:`` section), or None when all use rules.
+    async def _llm_client(self, options) -> dict:
+        """Each LLM-backed client role's LLMClient (``llm:`` section); empty when all use rules.
 
         ``openai``: an OpenAI-compatible endpoint; ``policy``: the policy engines (the
-        router is shipped to the role actors, its handles are picklable); ``vllm``: a
-        separate engine group serving ``llm.model``, placed with the verifier's resources.
+        router is shipped to the role actors, its handles are picklable); ``vllm``: engine
+        groups serving ``llm.model`` on their own placement roles, ``simulator_engine`` and
+        ``verifier_engine`` (``verimed/core/cluster/roles.py:llm_engine_roles``).
         """
         cfg = self.cfg
-        if "llm" not in (cfg.simulator.backend, cfg.judge.backend, cfg.rubrics.generator):
-            return None
+        clients = llm_clients(cfg)
+        if not clients:
+            return {}
         if cfg.llm.type == "openai":
             if not (cfg.llm.base_url and cfg.llm.model):
                 raise ConfigError("llm.type=openai needs llm.base_url and llm.model")
-            return OpenAIClient(cfg.llm.base_url, cfg.llm.model, cfg.llm.api_key_env)
+            return dict.fromkeys(clients, OpenAIClient(cfg.llm.base_url, cfg.llm.model, cfg.llm.api_key_env))
         if cfg.llm.type == "policy":
-            return EngineGroupClient(EngineRouter(self.engines))
+            return dict.fromkeys(clients, EngineGroupClient(EngineRouter(self.engines)))
         if not cfg.llm.model:
             raise ConfigError("llm.type=vllm needs llm.model (a local model directory or 'smollm2')")
         path = resolve_model_path(cfg.llm.model, cfg.model.cache_dir)
-        self.llm_engines = [RolloutActor.options(**options("verifier", i, f"llm-engine-{i}")).remote(cfg, path, 1000 + i)
-                            for i in range(cfg.placement.verifier.replicas)]
+        serving = llm_engine_roles(cfg)
+        # Engine "replica" numbers seed sampling and name pid files: distinct from the policy engines'.
+        groups = {role: [RolloutActor.options(**options(role, i)).remote(cfg, path, 1000 * ROLES.index(role) + i, role)
+                         for i in range(getattr(cfg.placement, role).replicas)]
+                  for role in sorted(set(serving.values()))}
+        self.llm_engines = [e for engines in groups.values() for e in engines]
         await asyncio.gather(*[e.ready.remote() for e in self.llm_engines])
-        return EngineGroupClient(EngineRouter(self.llm_engines))
+        routed = {role: EngineGroupClient(EngineRouter(engines)) for role, engines in groups.items()}
+        return {client: routed[role] for client, role in serving.items()}
 
     def _placement(self):
         """Placement groups for the plan of ``cfg.placement``; returns ``options(role, replica[, log name])``."""
-        from verimed.actors.placement import actor_options, cluster_resources_from_ray, create_placement_groups
+        from verimed.actors.placement import (
+            actor_options,
+            cluster_resources_from_ray,
+            create_placement_groups,
+        )
         from verimed.core.cluster.planner import plan
 
         the_plan = plan(self.cfg.placement, kl_enabled=reference_needed(self.cfg), cluster=cluster_resources_from_ray())

@@ -19,8 +19,9 @@ from verimed.core.types import TrainBatch, WeightVersion
 
 
 def free_port() -> int:
+    """A TCP port free on this node's every interface (peers on other nodes connect to it)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return s.getsockname()[1]
 
 
@@ -28,22 +29,44 @@ def node_ip() -> str:
     return ray.util.get_node_ip_address()
 
 
+@ray.remote(num_cpus=0)
+def _node_address() -> tuple[str, int]:
+    return node_ip(), free_port()
+
+
+def address_on(options: dict):
+    """(IP ref, port ref) of the node an actor started with ``options`` lands on (its placement bundle).
+
+    For a process group whose rank 0 hosts the rendezvous before it exists (the actor
+    needs the address in its constructor); Ray resolves the two references first.
+    """
+    return _node_address.options(scheduling_strategy=options.get("scheduling_strategy"), num_returns=2).remote()
+
+
 @ray.remote
 class LearnerActor:
-    def __init__(self, cfg: Config, model_path: str, rank: int, world_size: int, master_addr: str, master_port: int):
+    def __init__(self, cfg: Config, model_path: str, rank: int, world_size: int):
         redirect_output()  # first: all later output, child processes included, goes to its log file
+        self.cfg, self.model_path, self.rank, self.world_size = cfg, model_path, rank, world_size
+        self.sync_group = None
+        self.send_buffers = None
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """(this node's IP, a port free on it): rank 0 hosts the learners' and the weight-sync rendezvous."""
+        return node_ip(), free_port()
+
+    def setup(self, address: tuple[str, int]) -> None:
+        """Join the learners' process group at ``address`` (rank 0's) and build the sharded model."""
         import torch
 
         from verimed.core.train.distributed import init_distributed
         from verimed.core.train.learner import Learner
 
+        cfg, rank, world_size = self.cfg, self.rank, self.world_size
         if not torch.cuda.is_available():
             torch.set_num_threads(cfg.trainer.cpu_threads or os.cpu_count() or 1)
-        init_distributed(rank, world_size, master_addr, master_port)
-        self.learner = Learner(cfg, model_path, rank, world_size)
-        self.cfg = cfg
-        self.sync_group = None
-        self.send_buffers = None
+        init_distributed(rank, world_size, *address)
+        self.learner = Learner(cfg, self.model_path, rank, world_size)
 
     def train_step(self, batch: TrainBatch, grpo_cfg: GRPOConfig | None = None) -> dict[str, float]:
         return self.learner.train_step(batch, grpo_cfg)
@@ -57,8 +80,10 @@ class LearnerActor:
                                     int(self.cfg.weight_sync.bucket_mb * 2**20), dtype=self.cfg.model.dtype)
 
     def init_sync(self, host: str, port: int, world_size: int, backend: str) -> None:
-        """Rank 0 joins the weight-sync group as its rank 0 (the TCPStore host)."""
+        """Rank 0 joins the weight-sync group as its rank 0 (the TCPStore host); a rejoin destroys the old group."""
         if self.learner.rank == 0:
+            weight_sync.destroy_group(self.sync_group)
+            self.sync_group = None
             self.sync_group = weight_sync.make_group(host, port, 0, world_size, backend)
 
     def broadcast(self, meta: WeightVersion) -> dict[str, float]:
@@ -92,37 +117,43 @@ class LearnerGroup:
 
     def __init__(self, cfg: Config, model_path: str, actor_options: list[dict] | None = None):
         world = cfg.placement.learner.replicas
-        addr, port = node_ip(), free_port()
         options = actor_options or [{"num_cpus": 1}] * world
-        self.actors = [
-            LearnerActor.options(**options[r]).remote(cfg, model_path, r, world, addr, port) for r in range(world)
-        ]
+        self.actors = [LearnerActor.options(**options[r]).remote(cfg, model_path, r, world) for r in range(world)]
+        # MASTER_ADDR/PORT are rank 0's node and a port free there, not the driver's: on a
+        # cluster rank 0 may run on another node. Ray resolves the reference before every
+        # rank's setup runs, and runs each actor's calls in order, so later calls find a learner.
+        address = self.actors[0].rendezvous_address.remote()
+        self.setups = [a.setup.remote(address) for a in self.actors]
 
-    def _all(self, method: str, *args):
-        return [getattr(a, method).remote(*args) for a in self.actors]
+    async def _all(self, method: str, *args) -> list:
+        """Every rank's answer; a failed setup surfaces here with its own error (not a missing attribute)."""
+        if self.setups:
+            await _gather(self.setups)
+            self.setups = []
+        return await _gather([getattr(a, method).remote(*args) for a in self.actors])
 
     async def train_step(self, batch: TrainBatch, grpo_cfg: GRPOConfig | None = None) -> dict[str, float]:
-        return (await _gather(self._all("train_step", batch, grpo_cfg)))[0]
+        return (await self._all("train_step", batch, grpo_cfg))[0]
 
     async def broadcast(self, meta: WeightVersion) -> dict[str, float]:
-        return (await _gather(self._all("broadcast", meta)))[0]
+        return (await self._all("broadcast", meta))[0]
 
     async def weight_meta(self) -> WeightVersion:
-        return (await _gather(self._all("weight_meta")))[0]
+        return (await self._all("weight_meta"))[0]
 
     async def score(self, token_ids: list[int]) -> np.ndarray:
-        return (await _gather(self._all("score", token_ids)))[0]
+        return (await self._all("score", token_ids))[0]
 
     async def save_hf(self, out_dir: str, base_model_path: str) -> None:
-        await _gather(self._all("save_hf", out_dir, base_model_path))
+        await self._all("save_hf", out_dir, base_model_path)
 
     async def save_checkpoint(self, path: str) -> None:
         """Sharded learner checkpoint into ``path`` (e.g. ``<tmp ckpt dir>/learner``); all ranks write."""
-        await _gather(self._all("save_checkpoint", path))
+        await self._all("save_checkpoint", path)
 
     async def load_checkpoint(self, path: str) -> int:
         """Restore every rank from ``path``; returns the restored policy version."""
-        return (await _gather(self._all("load_checkpoint", path)))[0]
+        return (await self._all("load_checkpoint", path))[0]
 
 
 async def _gather(refs):

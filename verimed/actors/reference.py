@@ -84,7 +84,7 @@ class ReferenceGroup:
     """All reference replicas; ``submit`` fans a batch out to every replica and returns at once."""
 
     def __init__(self, cfg: Config, model_path: str, actor_options: list[dict] | None = None):
-        from verimed.actors.learner import free_port, node_ip
+        from verimed.actors.learner import address_on
 
         world = cfg.placement.reference.replicas
         if world < 1:
@@ -92,7 +92,8 @@ class ReferenceGroup:
         options = actor_options or [{"num_cpus": cfg.placement.reference.cpus_per_replica}] * world
         if len(options) != world:
             raise ValueError(f"{len(options)} actor_options for {world} reference replicas")
-        addr, port = (node_ip(), free_port()) if world > 1 else (None, None)
+        # Rank 0 hosts the rendezvous: its node's address and a port free there, not the driver's.
+        addr, port = address_on(options[0]) if world > 1 else (None, None)
         self.actors = [ReferenceActor.options(**options[r]).remote(cfg, model_path, r, world, addr, port) for r in range(world)]
         self.waited_s = 0.0
 

