@@ -67,7 +67,7 @@ def test_ray_job_submit_joins_existing_cluster(tmp_path):
         assert job.returncode == 0, logs[-4000:]
         assert "succeeded" in logs, logs[-2000:]
         # The driver joined the head we started (no second, local cluster).
-        assert "Connecting to existing Ray cluster" in logs or "Connected to Ray cluster" in logs, logs[-3000:]
+        assert "verimed: joined the Ray cluster at" in logs and "Started a local Ray instance" not in logs, logs[-3000:]
         rows = [json.loads(line) for line in (out_dir / "job" / "metrics.jsonl").read_text().splitlines()]
         assert [r["version"] for r in rows] == [1.0, 2.0]
     finally:

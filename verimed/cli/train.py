@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from pathlib import Path
 
 from verimed.core.config import load_config, to_yaml
@@ -53,6 +54,8 @@ def init_ray(cfg, verbose: bool = False) -> None:
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **quiet)
+        # Ray's own "Connected to Ray cluster" is an INFO line, silenced above: say which cluster was joined.
+        print(f"verimed: joined the Ray cluster at {address}", file=sys.stderr)
     else:
         # Logical CPUs above the physical count: helper actors and engines share
         # cores on a laptop; scheduling must not deadlock on 0.5-CPU fragments.
