@@ -51,9 +51,11 @@ _TOPIC_CUES: dict[str, tuple[str, ...]] = {
 }
 
 # First-person action markers: "let me", "I'll", "we're going to", "can I" ...
-_ACTION = (r"(let me|let's|let us|lets|allow me|i('ll| will| would like to|'d like to| want to| am going to|'m going to|"
-           r" need to| have to| must| shall| should| can| could| may)|we('ll| will| should| need to| are going to|'re going to|"
-           r" can| could| must| shall)|i'm gonna|going to|please|now)")
+_ACTION = (r"\b(?:let me|let's|let us|lets|allow me|i(?:'ll| will| would like to|'d like to| want to| am going to|'m going to|"
+           r" need to| have to| must| shall| should| can| could| may)|we(?:'ll| will| should| need to| are going to|"
+           r"'re going to| can| could| must| shall)|i'm gonna|going to|(?:can|may|could) i)\b")
+# A polite imperative ("please get a CT", "now lie back"): only at the start of a sentence, never inside a question.
+_POLITE_ORDER = r"^(?:(?:ok(?:ay)?|right|alright|now|so)[, ]+)?(?:please|now)\b"
 _EXAM_IMPERATIVE = (r"(take a deep breath|breathe in|lie (down|back)|open your mouth|say ah|follow my finger|squeeze my|"
                     r"while i (examine|listen|check|look|feel|press)|i('m| am) (now )?(examining|listening|checking|"
                     r"looking at|feeling|pressing|palpating))")
@@ -64,7 +66,12 @@ _TEST_NOUNS = (r"(\btests?\b|testing|blood ?work|\blabs?\b|laborator|\bcbc\b|blo
                r"\bmri\b|\bscans?\b|ultrasound|sonogra|\becg\b|\bekg\b|\becho|biopsy|urin|culture|swab|panel|imaging|"
                r"spirometr|endoscop|colonoscop|\beeg\b|\bemg\b|serolog|antibod|screen|levels?\b|smear|radiograph|"
                r"electrolyte|metabolic|thyroid|workup|work-up|investigation|angiogra|mammogra|pcr\b)")
-_ORDER = (_ACTION + r"|\border\w*|\bsend (you|off)|\bget (a|an|some|you)\b|\brun (a|an|some)|\barrange|\bschedule|\brequest")
+_ORDER = (_ACTION + r"|\border\w*|\bsend(ing)? (you|off)|\bget (a|an|some|you)\b|\brun (a|an|some)|\barrange|\bschedule|\brequest")
+# Order verbs that make a test order whatever the test is called ("let's order a D-dimer").
+_ORDER_STRONG = (r"\b(?:order(?:ing)?|request(?:ing)?|arrang(?:e|ing)|send(?:ing)? you (?:for|to get))\b|\bget (?:a|an|some) "
+                 r"[\w -]{2,40} done\b|\b(?:go|went) (?:and get|for) (?:a|an)\b|\bi(?:'d| would) like (?:a|an)\b|"
+                 r"\bi (?:want|need) (?:a|an)\b|\bwe need (?:a|an)\b")
+_ASKING = r"^(?:do|did|have|has|are|were|is|was|can you tell|could you tell|what|when|how|why|which|any)\b"
 
 _DX_STATEMENT = (
     r"(diagnos(is|ed|e) (is|of|would be|seems)|you (have|'ve got|have got|are suffering from|suffer from|likely have|"
@@ -72,7 +79,8 @@ _DX_STATEMENT = (
     r"(this|it|that) (is|'s|looks like|sounds like|seems like|appears to be|could be|is likely|is probably|is consistent with)"
     r"(?! (okay|ok|fine|good|alright|all right|great|important|normal|helpful|right|true|possible|hard|difficult))|"
     r"i (think|believe|suspect|am confident|'m confident)( that)? (you|this|it|that|your)|consistent with|"
-    r"suggestive of|suggests|indicat(es|ive of)|most likely|likely (a|an|to be)|my (working )?(diagnosis|impression))"
+    r"suggestive of|suggests|indicat(es|ive of)|most likely|likely (a|an|to be)|my (working )?(diagnosis|impression)|"
+    r"points? to|you('ve| have) got)"
 )
 _PLAN = (r"(treat|therap|prescri|start (you|on)|put you on|medication|antibiotic|steroid|surgery|surgical|operat|"
          r"refer|follow[- ]?up|come back|return (if|in)|admit|monitor|manage|plan\b|recommend|advise|should (take|avoid|"
@@ -82,9 +90,15 @@ _PLAN = (r"(treat|therap|prescri|start (you|on)|put you on|medication|antibiotic
          r"(start|begin|give|put|try|use|book|schedule))")
 _CLOSE = (r"(good ?bye|\bbye\b|take care|that's all|that is all|see you|we're done|we are done|have a (good|nice|great)|"
           r"thank you for coming|you (can|may) go|end (of )?(the|this|our) (consultation|visit|appointment)|get well)")
-_ASK_DX = (r"(what (do you think|would you say) (it|this|you)|what('s| is) (your|the) diagnosis|what (do you think )?you have|"
-           r"do you know what (it|this|you)|tell me (the|your) diagnosis|what (disease|condition|illness)|"
-           r"have you been told what|is it (a|an)?\b)")
+_ASK_DX = (r"(what (do you think|would you say) (it|this|you)|what('s| is) (your|the) (working )?diagnosis|"
+           r"what (do you think )?you (have|'ve got)|do you know what (it|this|you)|tell me (the|your) diagnosis|"
+           r"what (disease|condition|illness)( is (it|this)| do you (think you )?have| have you got| are you suffering)|"
+           r"have you been told what|what('s| is) wrong with (me|you)|what (did|do) (they|the (other )?doctors?|your gp|"
+           r"the specialist) (say|think|call)|what('s| is) (causing|the cause)|cause (of|could)|what (could|might) it be|"
+           r"(what|how) would you call|given a name|name (of|your) (the )?(condition|illness|disease)|label|"
+           r"has anyone (told|mentioned)|were you told|what (have|were) you (been )?told|suffering from|"
+           r"diagn[oó]s(is|tic|tico|i|e\b(?! you))|maladie|krankheit|enfermedad|doen[cç]a|malattia|hastal|"
+           r"\u8bca\u65ad|\u75c5|\u0434\u0438\u0430\u0433\u043d\u043e\u0437|\u0627\u0644\u062a\u0634\u062e\u064a\u0635)")
 _ASK_RESULTS = (r"(what('s| is| was) (your|the) (blood pressure|temperature|heart rate|pulse|weight|oxygen|sugar|glucose|"
                 r"white count|hemoglobin|haemoglobin|\w+ level)|results?|what did (the|your) \w+( \w+)? show|levels?\b|values?\b|what was your|"
                 r"what (are|were) your|findings|reading|numbers?)")
@@ -113,7 +127,10 @@ EXAM_TARGETS: dict[str, tuple[str, ...]] = {
     "leg": ("leg", "extremit", "lower", "musculoskelet", "neurovasc"), "arm": ("arm", "extremit", "upper"),
     "pelvi": ("pelvi", "genit", "gyn", "vagin"), "breast": ("breast",), "rectal": ("rectal", "rectum"),
     "mental": ("mental", "psych", "cognit"), "hand": ("hand", "finger", "wrist"),
+    "nervous": ("neuro", "reflex", "cranial", "motor", "sensat", "gait"), "foot": ("foot", "feet", "extremit"),
+    "spine": ("spine", "back", "musculoskelet"), "mouth": ("mouth", "oral", "throat", "oropharyn"),
 }
+UNKNOWN_TARGET = "?"
 
 
 class DoctorIntent(msgspec.Struct, frozen=True):
@@ -135,31 +152,44 @@ class DoctorIntent(msgspec.Struct, frozen=True):
     greeting_only: bool = False
 
 
+def _split(text: str) -> list[str]:
+    """Sentences of the doctor's turn; a lower-case start after ". " or "? " also begins one (sloppy typing)."""
+    return [p for x in sentences(text) for p in re.split(r"(?<=[.!?])\s+(?=[a-z])", x) if p.strip()]
+
+
 def _has(pattern: str, text: str) -> bool:
     return re.search(pattern, text) is not None
 
 
 def understand(text: str) -> DoctorIntent:
     """Understand a doctor turn sentence by sentence (see module docstring)."""
-    low = text.lower().replace("’", "'").strip()
+    clean = text.replace("’", "'").strip()
+    low = clean.lower()
     topics: set[str] = set()
     flags = dict(is_question=False, exam=False, tests=False, diagnosis=False, plan=False, closing=False,
                  asks_diagnosis=False, asks_results=False)
     exam_targets: list[str] = []
     test_words: list[str] = []
-    for sent in sentences(low) or [low]:
+    # Split the original text: the splitter needs the capital letter that starts the next sentence.
+    for sent in [x.lower() for x in _split(clean)] or [low]:
         sent = sent.strip()
         question = sent.endswith("?") or bool(_QUESTION_START.match(sent))
+        polite = not question and _has(_POLITE_ORDER, sent)
         flags["is_question"] |= question
         for topic, cues in _TOPIC_CUES.items():
             if any(_has(c, sent) for c in cues) and question:
                 topics.add(topic)
-        action = _has(r"(^|\b)" + _ACTION, sent) and not _has(r"^(do|did|have|has|are|were) you\b", sent)
+        action = (_has(_ACTION, sent) or polite) and not _has(r"^(do|did|have|has|are|were) you\b", sent)
         if (action and (_has(_EXAM_NOUNS, sent) or _has(r"\b" + _EXAM_VERBS + r"\b.{0,30}\byour\b", sent))
                 and not _has(_TEST_NOUNS + r".{0,3}$", sent.rstrip("?.! "))) or _has(_EXAM_IMPERATIVE, sent):
             flags["exam"] = True
-            exam_targets += [t for t in EXAM_TARGETS if _has(r"\b" + t, sent)]
-        if _has(_TEST_NOUNS, sent) and (_has(_ORDER, sent)) and not _has(r"^(have|did|has) you\b", sent):
+            named = [t for t in EXAM_TARGETS if _has(r"\b" + t, sent)]
+            # A body part this table does not know gets nothing, not every finding of the case.
+            if not named and _has(r"\byour (?!body\b|whole\b)[a-z]{3,}", sent):
+                named = [UNKNOWN_TARGET]
+            exam_targets += named
+        ordered = (_has(_TEST_NOUNS, sent) and (_has(_ORDER, sent) or polite)) or _has(_ORDER_STRONG, sent)
+        if ordered and not _has(_ASKING, sent) or _has(r"^(could|can|would) you (please )?(go and )?(get|have)\b", sent):
             flags["tests"] = True
             test_words += [w for w in content_stems(sent) if w not in _ORDER_WORDS]
         if not question and _has(_DX_STATEMENT, sent):
@@ -189,4 +219,5 @@ _CUE_WORDS = frozenset(stem(w) for w in """ask tell know think describe start be
     history past medical medication medicine take taking current right now lately recent recently little bit please
     would could should like let examine exam check look listen order test run get some okay alright doctor sir
     mam madam thank thanks good great sure see going go will time also kind sort much many often how what""".split())
-_ORDER_WORDS = _CUE_WORDS | frozenset(stem(w) for w in "order send arrange schedule request need want confirm some few".split()) | STOPWORDS
+_ORDER_WORDS = _CUE_WORDS | frozenset(stem(w) for w in """order send arrange schedule request need want confirm some few one today done right away
+    additionally well quickly urgently first next then too get go please now for me sending ordering""".split()) | STOPWORDS

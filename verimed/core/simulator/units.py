@@ -21,7 +21,7 @@ import msgspec
 from verimed.core.simulator.intent import EXAM_TARGETS, TOPIC_KINDS, DoctorIntent
 from verimed.core.simulator.persona import PHRASES, Traits
 from verimed.core.simulator.retrieval import Retriever, expand
-from verimed.core.simulator.script import PATIENT_KINDS, Fact, PatientScript
+from verimed.core.simulator.script import NEGATED_ITEM, PATIENT_KINDS, Fact, PatientScript, is_report_line
 from verimed.core.simulator.text import content_stems, numbers, stem, words
 
 Mode = Literal["answer", "unknown", "exam", "tests", "ask_dx", "ask_results", "greeting", "statement"]
@@ -122,32 +122,48 @@ def allowed_kinds(intent: DoctorIntent) -> set[str]:
 def _gated(script: PatientScript, kind: str, cue_stems: tuple[str, ...], targets: tuple[str, ...]) -> list[Fact]:
     """Exam findings for the named body parts (all for a general exam); test results for what was ordered.
 
-    A named exam / test the case has no record of yields nothing (the reply
-    says so) rather than unrelated findings; a generic order yields everything.
+    A named exam / test the case has no record of yields nothing (the patient
+    says so in their own words) rather than unrelated findings; only an order
+    that names no test at all ("let's run some tests") yields everything.
     """
     facts = script.facts_of(kind)
     if kind == "exam":
-        pats = [p for t in targets for p in EXAM_TARGETS[t]]
+        pats = [p for t in targets for p in EXAM_TARGETS.get(t, ())]
         vitals_asked = any(t in ("vital", "blood pressure", "pulse", "temperature") for t in targets)
+        if targets and not pats:
+            return []
         return [f for f in facts if any(p in f.key.lower() for p in pats)
                 and (vitals_asked or not f.key.lower().startswith("exam/vital"))] if pats else facts
-    cues = set(expand(cue_stems)) - _GENERIC_TEST_WORDS
-    hit = [f for f in facts if (cues - {"scan", "imag"}) & set(content_stems(f.key))]
-    if not hit and cues & {"scan", "imag"}:
-        hit = [f for f in facts if _IMAGING.search(f.key)]
-    if set(cue_stems) & _BLOOD_WORDS:
-        hit += [f for f in facts if _is_blood_test(f.key) and f not in hit]
-    if hit:
-        return hit
-    return [] if set(cue_stems) & _TEST_NAMES else facts
+    cues = [c for c in dict.fromkeys(cue_stems) if c not in _GENERIC_TEST_WORDS and len(c) > 1]
+    if not cues:
+        return facts
+    if set(cues) <= _BLOOD_WORDS:  # "blood work", "labs", "a CBC": the blood tests
+        return [f for f in facts if _is_blood_test(f.key)]
+    if set(cues) <= {"scan", "imag"}:
+        return [f for f in facts if _IMAGING.search(f.key)]
+    return [f for f in facts if _names_test(cues, f)]
 
 
-_GENERIC_TEST_WORDS = frozenset({"test", "lab", "work", "some", "blood", "result", "level", "order", "run", "check"})
+def _names_test(cues: list[str], fact: Fact) -> bool:
+    """Most of the order's words (6-letter prefixes, aliases expanded) are in the fact's key."""
+    key = {s[:6] for s in content_stems(fact.key.replace("_", " ").replace("/", " "))}
+    key |= {a for s in list(key) for a in _TEST_ALIASES.get(s, ())}
+    words = [c[:6] for c in cues if c not in _WEAK_TEST_WORDS] or [c[:6] for c in cues]
+    hits = sum(any(w == k or _TEST_ALIASES.get(w, ()) and k in _TEST_ALIASES[w] for k in key) for w in words)
+    return hits > 0 and hits * 5 >= len(words) * 3
+
+
+_WEAK_TEST_WORDS = frozenset(stem(w) for w in "function level count panel study serum plasma test exam".split())
+_TEST_ALIASES = {"ecg": ("ekg", "electr"), "ekg": ("ecg", "electr"), "cbc": ("comple", "blood", "count"),
+                 "xray": ("ray", "radiog"), "ray": ("xray", "radiog"), "radiog": ("ray", "xray"),
+                 "echo": ("echoca",), "echoca": ("echo",), "ct": ("ct", "tomogr"), "mri": ("mri", "magnet"),
+                 "us": ("ultras",), "ultras": ("us", "sonogr"), "abdome": ("abdomi",), "abdomi": ("abdome",),
+                 "urinal": ("urine", "urin"), "urine": ("urinal",), "thyroi": ("tsh", "t4"), "tsh": ("thyroi",)}
+
+
+_GENERIC_TEST_WORDS = frozenset({"test", "lab", "work", "some", "result", "level", "order", "run", "check"})
 _BLOOD_WORDS = frozenset(stem(w) for w in """blood lab labs cbc count hemoglobin haemoglobin electrolytes chemistry panel
     serum metabolic bloodwork""".split())
-_TEST_NAMES = frozenset(stem(w) for w in """ct mri ray xray x-ray ultrasound echo echocardiogram ecg ekg eeg emg biopsy
-    culture urinalysis urine swab smear endoscopy colonoscopy spirometry scan imaging mammogram angiogram""".split())
-
 
 _IMAGING = re.compile(r"imag|x-?ray|radiog|\bct\b|_ct\b|\bct_|mri|scan|ultraso|sonogra|echocardio|angiogra|mammogra|"
                       r"enema|fluorosc", re.IGNORECASE)
@@ -173,8 +189,8 @@ def select_facts(intent: DoctorIntent, script: PatientScript, state: SessionStat
         return Selection("tests" if intent.tests else "exam", out)
     if intent.exam or intent.tests:
         return Selection("tests" if intent.tests else "exam", [])
-    if intent.asks_diagnosis:
-        return Selection("ask_dx", [])
+    if intent.asks_diagnosis or (intent.is_question and script.leaks_diagnosis(intent.text)):
+        return Selection("ask_dx", [])  # "is it <the diagnosis>?" is asking for it too
     if intent.asks_results:
         unlocked = [script[k] for k in state.unlocked]
         ranked = [f for s, f in retriever.rank(intent.query_stems, unlocked) if s >= STRONG_MATCH]
@@ -234,6 +250,7 @@ _CONVERSATION_WORDS = """doctor thank thanks hello hi yes yeah sure okay ok alri
     plain words medical terms explain option options cost afford money cheap expensive next step plan treatment
     test tests exam examination result results appointment visit see seen look looking sounds right wrong honestly
     because would could should been have having there here where when what which while other another same"""
+_PHRASE_VARIANTS = sorted({v for vs in PHRASES.values() for v in vs}, key=len, reverse=True)
 _CONVERSATION = frozenset(content_stems(" ".join(v for vs in PHRASES.values() for v in vs) + " " + _CONVERSATION_WORDS))
 
 
@@ -248,16 +265,10 @@ def check_reply(text: str, script: PatientScript, allowed: list[Fact], state: Se
     allowed_text = " ".join(f"{f.label} {f.text}" for f in allowed)
     sources = " ".join((allowed_text, doctor_text, said_before))
     unlocked_text = " ".join(f"{script[k].label} {script[k].text}" for k in state.unlocked)
-    # Diagnosis words are allowed only where an ordered test result itself says them.
-    if script.leaks_diagnosis(text) and not (script.diagnosis_stems & set(content_stems(text))
-                                             <= set(content_stems(unlocked_text + " " + allowed_text))):
+    # Never the diagnosis, whatever unlocked the text that says it (an ordered report included).
+    if script.leaks_diagnosis(text, doctor_text):
         problems.append("diagnosis")
-    ok_numbers = numbers(sources) | script.patient_numbers
-    for f in script.facts:
-        if f.kind in ("exam", "test") and f.key not in state.unlocked and f not in allowed:
-            own = numbers(f.text) - ok_numbers
-            if own and own & numbers(text):
-                problems.append(f"locked {f.kind} {f.key.split('/', 1)[1]}")
+    problems += _locked_findings(text, script, allowed, state, sources)
     known = numbers(sources) | script.patient_numbers | numbers(unlocked_text)
     invented = numbers(text) - known - script.all_numbers
     problems += [f"invented number {n}" for n in sorted(invented)]
@@ -271,19 +282,46 @@ def check_reply(text: str, script: PatientScript, allowed: list[Fact], state: Se
     return list(dict.fromkeys(problems))
 
 
+def _locked_findings(text: str, script: PatientScript, allowed: list[Fact], state: SessionState,
+                     sources: str) -> list[str]:
+    """Exam / test facts not examined / ordered whose own numbers or most of whose own words are in ``text``."""
+    story = " ".join(f.text for f in script.facts if f.kind in PATIENT_KINDS)
+    ok_numbers = numbers(sources) | script.patient_numbers
+    ok_stems = set(content_stems(f"{story} {sources}"))
+    said_numbers, said_stems = numbers(text), set(content_stems(text))
+    out = []
+    for f in script.facts:
+        if f.kind not in ("exam", "test") or f.key in state.unlocked or f in allowed:
+            continue
+        own = numbers(f.text) - ok_numbers
+        distinct = {s for s in content_stems(f.text) if len(s) > 3} - ok_stems - _CONVERSATION
+        hits = distinct & said_stems
+        if (own and own & said_numbers) or (len(hits) >= 2 and 2 * len(hits) >= len(distinct)):
+            out.append(f"locked {f.kind} {f.key.split('/', 1)[1]}")
+    return out
+
+
 def _speech(text: str) -> str:
-    """The patient's own words: bracketed exam/test report lines removed."""
-    return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("["))
+    """The patient's own words: relayed exam / test report lines removed."""
+    return "\n".join(line for line in text.splitlines() if not is_report_line(line))
 
 
 def _contradictions(text: str, script: PatientScript) -> list[str]:
-    """Denials of the case's own symptoms ("I don't have a fever" when the case has fever)."""
+    """Denials of the case's own symptoms ("I don't have a fever" when the case has fever).
+
+    A listed item that is itself negated ("No vomiting") is not a symptom the
+    patient claims, and the persona's stock phrases ("no problem") deny nothing.
+    """
     present = set()
     for f in script.facts_of("chief_complaint", "symptom_primary", "symptom_secondary"):
-        present |= {s for s in content_stems(f.text) if len(s) > 3}
+        if not NEGATED_ITEM.match(f.text):
+            present |= {s for s in content_stems(f.text) if len(s) > 3}
     story = " ".join(words(" ".join(f"{f.text} {f.spoken}" for f in script.facts if f.kind in PATIENT_KINDS)))
     out = []
-    toks = words(_speech(text))
+    speech = _speech(text)
+    for variant in _PHRASE_VARIANTS:
+        speech = speech.replace(variant, " ")
+    toks = words(speech)
     for i, tok in enumerate(toks):
         if _NEGATION.fullmatch(tok):
             window = toks[i + 1:i + 5]

@@ -131,7 +131,7 @@ _CASE_FILE = re.compile(
     r"\[(result|examination|exam|test|finding)s?\]|\b(is|are|was|were) (not )?recorded\b|no (result|finding)s? (is|are)?"
     r"|\b(not provided|not documented|not specified|information not|no information)\b|\b[a-z]+_[a-z_]+\b"
     r"|\bobjective\b|correct diagnosis|patient actor|\bosce\b|\bthe patient\b|case author|\bnote:|\bfindings:", re.I)
-_BROKEN = re.compile(r"\b(also have|been having|has been having|also has) (no|recent|improvement|worsening|presence|"
+_BROKEN = re.compile(r"\b(also have|been having|has been having|also has) (no|recent|improvement|presence|"
                      r"absence|history|onset|denies|negative|normal)\b|\bmy my\b|\bi (has|is|was been)\b|\bi'm am\b", re.I)
 
 
