@@ -61,7 +61,9 @@ _EXAM_IMPERATIVE = (r"(take a deep breath|breathe in|lie (down|back)|open your m
                     r"looking at|feeling|pressing|palpating))")
 _EXAM_VERBS = (r"(examin\w*|exam\b|listen|auscultat\w*|check\w*|take|look|palpat\w*|feel|press\w*|measur\w*|"
                r"inspect\w*|perform\w*|do|conduct\w*|assess\w*|test your|see your|percuss\w*)")
-_EXAM_NOUNS = r"(physical exam|examination|\bexam\b|examine|vital|blood pressure|pulse|heart rate|temperature|reflexes|auscultat|palpat|listen to)"
+# "exam" alone is not an examination ("this is an exam"): it needs "physical", "full", ... or "of you / now".
+_EXAM_NOUNS = (r"(physical exam|(full|quick|complete|general|brief|proper) exam|exam(ination)? (of you|now|you)|examine|"
+               r"vital|blood pressure|pulse|heart rate|temperature|reflexes|auscultat|palpat|listen to)")
 _TEST_NOUNS = (r"(\btests?\b|testing|blood ?work|\blabs?\b|laborator|\bcbc\b|blood count|blood test|x-?rays?|\bct\b|cat scan|"
                r"\bmri\b|\bscans?\b|ultrasound|sonogra|\becg\b|\bekg\b|\becho|biopsy|urin|culture|swab|panel|imaging|"
                r"spirometr|endoscop|colonoscop|\beeg\b|\bemg\b|serolog|antibod|screen|levels?\b|smear|radiograph|"

@@ -195,7 +195,8 @@ def _capitalise(t: str) -> str:
 _GENERIC_LABEL = re.compile(r"(?i)findings?|results?|values?|others?|interpretation|report|value")
 # Sections that are the case author's notes to the examiner, not findings ("Note", "Not performed but would show").
 _AUTHOR_NOTE_KEY = re.compile(r"(?i)(^|/ )\s*(notes?|remarks?|comments?|scheduled|pending)\s*($| /)")
-_AUTHOR_NOTE_VALUE = re.compile(r"(?i)^\s*(not (performed|done|available|obtained)|pending|to be (done|performed)|would show)")
+_AUTHOR_NOTE_VALUE = re.compile(r"(?i)^\s*(not (performed|done|available|obtained|indicated)|pending|to be (done|performed)|"
+                                r"would show)|\bin the (scenario|case)\b")
 # What a released exam finding / test result line starts with (the patient relays it in plain words).
 EXAM_LINE, TEST_LINE = "On examination, ", "Test result, "
 
@@ -209,6 +210,7 @@ def _label(flat_key: str) -> str:
     """"Vital_Signs / Blood_Pressure" -> "Vital signs, blood pressure"."""
     parts = [p.replace("_", " ").strip() for p in flat_key.split(" / ")
              if p.strip() and not p.strip().isdigit() and not _GENERIC_LABEL.fullmatch(p.strip())]
+    parts = [re.sub(r"(?i)\s+(findings?|results?)$", "", p) for p in parts]
     parts = [p[:1].upper() + p[1:].lower() if not p.isupper() else p for p in parts]
     return ", ".join(parts) or flat_key
 
@@ -239,8 +241,12 @@ class PatientScript:
 
         def add(key: str, kind: FactKind, text: str, spoken: str | None = None, label: str = "") -> None:
             text = text.strip()
-            if text and not _is_not_provided(text):
-                facts.append(Fact(key, kind, text, spoken if spoken is not None else to_first_person(text, speaker), label))
+            if not text or _is_not_provided(text):
+                return
+            said = spoken if spoken is not None else to_first_person(text, speaker)
+            said = said if kind in GATED_KINDS else patient_words(said)
+            if said:
+                facts.append(Fact(key, kind, text, said, label))
 
         if case.demographics.strip():
             add("demographics", "demographics", case.demographics, _demographics_spoken(case.demographics, speaker))
@@ -300,6 +306,11 @@ def _dx_stems(text: str) -> set[str]:
     return {s[:6] for s in content_stems(low)}
 
 
+_INTERPRETATION = (r"(?:(?:which |that )?(?:could|may|might|would) (?:suggest|indicate|be)|(?:consistent|compatible) with|"
+                   r"suggestive of|indicative of|diagnostic of|confirming|suggesting|suggests|indicating|"
+                   r"these findings are|likely due to)")
+
+
 class DiagnosisTerms:
     """The words that name a case's diagnosis, and how to keep them out of anything the patient says."""
 
@@ -307,7 +318,8 @@ class DiagnosisTerms:
         story = " ".join([case.demographics, case.history, case.primary_symptom, *case.secondary_symptoms,
                           case.past_medical_history, case.social_history, case.review_of_systems,
                           *case.other_history.values()])
-        own = _dx_stems(story)
+        # Words of the patient's story or of the case's section names (anatomy: "External_Genitalia") are not the diagnosis.
+        own = _dx_stems(story) | _dx_stems(" ".join([*case.exam_findings, *case.test_results]).replace("_", " "))
         dx = re.sub(r"\(([^)]*)\)", r" \1 ", case.diagnosis)
         # Diagnosis words the patient never uses for their own story: saying one leaks the diagnosis.
         self.stems = frozenset(s for s in _dx_stems(dx) if s not in own and len(s) > 3
@@ -328,11 +340,28 @@ class DiagnosisTerms:
 
     def redact(self, value: str) -> str:
         """``value`` without the clauses that name the diagnosis ("..., consistent with X" -> "...")."""
-        clauses = re.split(r"(?<=[,;.])\s+|\s+(?=(?:consistent|compatible) with|suggestive of|indicative of|"
-                           r"diagnostic of|confirming|suggesting|indicating)", value)
-        kept = [c for c in clauses if not self.found(c)]
+        clauses = re.split(r"(?<=[,;.])\s+|\s+(?=" + _INTERPRETATION + ")", value)
+        # Interpretations ("which could suggest valvular disease") are the doctor's to draw, findings are relayed.
+        kept = [c for c in clauses if not self.found(c) and not re.match(_INTERPRETATION, c, re.I)]
         out = " ".join(kept).strip().rstrip(",;")
         return out or "the report is for the doctor to explain"
+
+
+_AUTHOR_ASIDE = re.compile(r"(?i)should be (explored|assessed|considered|asked|evaluated)|may include|relevant to|"
+                           r"to be determined|\bnot (specified|provided|mentioned|documented|reported)\b|information not|"
+                           r"^\s*(though|but) (details|specifics)")
+
+
+def patient_words(text: str) -> str:
+    """``text`` without the case file's voice: field names ("Alcohol_Use: ...") in plain words, and
+    clauses that are the author's asides ("though specifics are not provided") left out."""
+    text = re.sub(r"\b([A-Za-z]+)_([A-Za-z_]+)\b", lambda m: m.group(0).replace("_", " ").lower(), text)
+    kept = []
+    for sentence in sentences(text):
+        clauses = [c for c in re.split(r"(?<=[;,])\s+", sentence) if not _AUTHOR_ASIDE.search(c)]
+        if clauses:
+            kept.append(_capitalise(" ".join(clauses).rstrip(",; ")).rstrip(".") + ".")
+    return " ".join(kept) if kept else ""
 
 
 def _is_not_provided(text: str) -> bool:

@@ -132,36 +132,67 @@ def _gated(script: PatientScript, kind: str, cue_stems: tuple[str, ...], targets
         vitals_asked = any(t in ("vital", "blood pressure", "pulse", "temperature") for t in targets)
         if targets and not pats:
             return []
-        return [f for f in facts if any(p in f.key.lower() for p in pats)
+        return [f for f in facts if any(_key_has(f.key, p) for p in pats)
                 and (vitals_asked or not f.key.lower().startswith("exam/vital"))] if pats else facts
     cues = [c for c in dict.fromkeys(cue_stems) if c not in _GENERIC_TEST_WORDS and len(c) > 1]
     if not cues:
         return facts
-    if set(cues) <= _BLOOD_WORDS:  # "blood work", "labs", "a CBC": the blood tests
+    if set(cues) <= _GENERIC_BLOOD:  # "blood work", "labs": every blood test (a named panel gets only itself)
         return [f for f in facts if _is_blood_test(f.key)]
     if set(cues) <= {"scan", "imag"}:
         return [f for f in facts if _IMAGING.search(f.key)]
     return [f for f in facts if _names_test(cues, f)]
 
 
+def _key_has(key: str, pattern: str) -> bool:
+    """A body-part pattern in an exam key; short ones only at a word start ("ent" is not in "mental", "ear" not in "heart")."""
+    low = key.lower()
+    return pattern in low if len(pattern) > 4 else re.search(r"(?:^|[^a-z])" + re.escape(pattern), low) is not None
+
+
 def _names_test(cues: list[str], fact: Fact) -> bool:
-    """Most of the order's words (6-letter prefixes, aliases expanded) are in the fact's key."""
-    key = {s[:6] for s in content_stems(fact.key.replace("_", " ").replace("/", " "))}
+    """Most of the order's words are in the fact's key, and its modality (CT, MRI, ...) if it names one."""
+    key = set(content_stems(fact.key.replace("_", " ").replace("/", " ")))
     key |= {a for s in list(key) for a in _TEST_ALIASES.get(s, ())}
-    words = [c[:6] for c in cues if c not in _WEAK_TEST_WORDS] or [c[:6] for c in cues]
-    hits = sum(any(w == k or _TEST_ALIASES.get(w, ()) and k in _TEST_ALIASES[w] for k in key) for w in words)
+    has = lambda w: any(_same_word(w, k) for k in key)  # noqa: E731
+    modality = [c for c in cues if c in _MODALITIES]
+    if modality and not any(has(m) for m in modality):
+        return False
+    words = [c for c in cues if c not in _WEAK_TEST_WORDS] or cues
+    hits = sum(has(w) for w in words)
     return hits > 0 and hits * 5 >= len(words) * 3
 
 
-_WEAK_TEST_WORDS = frozenset(stem(w) for w in "function level count panel study serum plasma test exam".split())
-_TEST_ALIASES = {"ecg": ("ekg", "electr"), "ekg": ("ecg", "electr"), "cbc": ("comple", "blood", "count"),
-                 "xray": ("ray", "radiog"), "ray": ("xray", "radiog"), "radiog": ("ray", "xray"),
-                 "echo": ("echoca",), "echoca": ("echo",), "ct": ("ct", "tomogr"), "mri": ("mri", "magnet"),
-                 "us": ("ultras",), "ultras": ("us", "sonogr"), "abdome": ("abdomi",), "abdomi": ("abdome",),
-                 "urinal": ("urine", "urin"), "urine": ("urinal",), "thyroi": ("tsh", "t4"), "tsh": ("thyroi",)}
+def _same_word(a: str, b: str) -> bool:
+    """Equal stems, or a long shared start ("echocardiogram" / "echocardiography", not "electrolyte" / "electroencephalogram")."""
+    if a == b:
+        return True
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n >= 7 and n >= 0.7 * min(len(a), len(b))
+
+
+_WEAK_TEST_WORDS = frozenset(stem(w) for w in """function level count panel study serum plasma test exam left right
+    bilateral upper lower""".split())
+_MODALITIES = frozenset(stem(w) for w in """ct mri ray xray radiograph ultrasound sonography echo echocardiogram ecg ekg
+    electrocardiogram eeg electroencephalogram emg biopsy culture smear endoscopy colonoscopy angiography angiogram
+    mammogram spirometry urinalysis swab pcr""".split())
+_TEST_ALIASES = {stem(k): tuple(stem(v) for v in vs) for k, vs in {
+    "ecg": ("ekg", "electrocardiogram"), "ekg": ("ecg", "electrocardiogram"), "electrocardiogram": ("ecg", "ekg"),
+    "eeg": ("electroencephalogram",), "electroencephalogram": ("eeg",), "cbc": ("complete", "blood", "count"),
+    "xray": ("ray", "radiograph"), "ray": ("xray", "radiograph"), "radiograph": ("ray", "xray"),
+    "radiography": ("ray", "xray"), "echo": ("echocardiogram",), "echocardiogram": ("echo",),
+    "echocardiography": ("echo", "echocardiogram"), "ultrasound": ("sonography", "ultrasonography"),
+    "ultrasonography": ("ultrasound",), "abdomen": ("abdominal",), "abdominal": ("abdomen",),
+    "urinalysis": ("urine",), "thyroid": ("tsh",), "tsh": ("thyroid",), "head": ("brain",), "brain": ("head",),
+}.items()}
 
 
 _GENERIC_TEST_WORDS = frozenset({"test", "lab", "work", "some", "result", "level", "order", "run", "check"})
+_GENERIC_BLOOD = frozenset(stem(w) for w in "blood bloods lab labs bloodwork laboratory".split())
 _BLOOD_WORDS = frozenset(stem(w) for w in """blood lab labs cbc count hemoglobin haemoglobin electrolytes chemistry panel
     serum metabolic bloodwork""".split())
 

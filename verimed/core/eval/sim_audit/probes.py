@@ -42,7 +42,7 @@ REGIONS = {
     "nervous system": r"neuro|reflex|cranial|motor|sensat|sensory|gait|strength|coordinat|cerebell|pupil|mental|romberg",
     "skin": r"skin|derm|rash|lesion|nail|vesic|integument",
     "eyes": r"eye|pupil|fund|vision|ophthal|conjunct|visual|ocular|retina|lid",
-    "ears and throat": r"ear|otosc|tympan|throat|pharyn|tonsil|mouth|oral|nose|nasal|heent|ent\b",
+    "ears and throat": r"ear|auric|otosc|tympan|throat|pharyn|tonsil|mouth|oral|nose|nasal|heent|ent(\b|_)",
     "legs": r"leg|extremit|calf|ankle|foot|feet|knee|musculo|joint|hip|limb",
     "neck": r"neck|thyroid|lymph|cervical",
     "back": r"back|spine|spinal|lumbar|sacroil|schober",

@@ -88,9 +88,10 @@ class CaseView(msgspec.Struct, frozen=True):
         fields = {k: (v if informative(v) else "") for k, v in fields.items()}
         patient_text = " ".join([case.demographics, case.history, case.primary_symptom, *case.secondary_symptoms,
                                  case.past_medical_history, case.social_history, case.review_of_systems, *other.values()])
-        own = key_words(patient_text)
+        # Words the patient's story or the case's section names (anatomy: "External_Genitalia") use are not the diagnosis.
+        own = set(tokens(patient_text)) | set(tokens(" ".join([*case.exam_findings, *case.test_results]).replace("_", " ")))
         dx = re.sub(r"\(.*?\)", " ", case.diagnosis)
-        words = frozenset(w for w in key_words(dx) if w not in own)
+        words = frozenset(t for t in tokens(dx) if len(t) >= 4 and t not in GENERIC and not any(_same(t, o) for o in own))
         acronyms = set(re.findall(r"\(([A-Z][A-Za-z0-9/-]{1,9})\)", case.diagnosis))
         initials = "".join(t[0] for t in re.findall(r"[A-Za-z]+", dx) if len(t) > 2).upper()
         if len(initials) >= 3:
@@ -99,20 +100,35 @@ class CaseView(msgspec.Struct, frozen=True):
                    " ".join(tokens(dx)), words, frozenset(acronyms))
 
 
+def _same(dx_word: str, token: str) -> bool:
+    """``token`` is a form of ``dx_word``: it shares all but the word's last two letters ("hemorrhagic" ~
+    "hemorrhage", "diabetic" ~ "diabetes"; "lymph" !~ "lymphoma", "keratin" !~ "keratoacanthoma")."""
+    n = 0
+    for a, b in zip(dx_word, token):
+        if a != b:
+            break
+        n += 1
+    return n >= max(4, len(dx_word) - 2)
+
+
 def diagnosis_leaks(view: CaseView, reply: str, doctor_said: str) -> list[str]:
     """Diagnosis terms in ``reply`` that the doctor has not said first (phrase, distinctive word, acronym)."""
-    said, doc = " ".join(tokens(reply)), key_words(doctor_said)
+    said = " ".join(tokens(reply))
     out = []
     if view.dx_phrase and f" {view.dx_phrase} " in f" {said} " and view.dx_phrase not in " ".join(tokens(doctor_said)):
         out.append(view.dx_phrase)
-    out += sorted((key_words(reply) & view.dx_words) - doc)
+    doc_toks = set(tokens(doctor_said))
+    out += sorted({w for w in view.dx_words for t in tokens(reply) if _same(w, t) and not any(_same(w, d) for d in doc_toks)})
     out += sorted(a for a in view.dx_acronyms if re.search(rf"\b{re.escape(a)}\b", reply) and a not in doctor_said)
     return list(dict.fromkeys(out))
 
 
 def finding_leaks(view: CaseView, reply: str, allowed: set[str], doctor_said: str) -> list[str]:
     """Exam / test keys whose distinctive value shows in ``reply`` though not examined / ordered (``allowed``)."""
-    own_words, own_nums = key_words(view.patient_text + " " + doctor_said), nums(view.patient_text + " " + doctor_said)
+    # Words / numbers the patient's story, the doctor or an already legitimate leaf also has prove nothing.
+    shown = " ".join([view.patient_text, doctor_said] + [v for kind, leaves in (("exam", view.exam), ("test", view.tests))
+                                                         for k, v in leaves.items() if f"{kind}:{k}" in allowed])
+    own_words, own_nums = key_words(shown), nums(shown)
     r_words, r_nums = key_words(reply), nums(reply)
     out = []
     for kind, leaves in (("exam", view.exam), ("test", view.tests)):
