@@ -31,20 +31,26 @@ TOPIC_KINDS: dict[str, tuple[str, ...]] = {
 _TOPIC_CUES: dict[str, tuple[str, ...]] = {
     "complaint": (r"brings? you", r"bring you", r"what('s| is) (wrong|going on|the (problem|matter|issue))",
                   r"how can i help", r"what seems", r"complaint", r"come in (for|today)", r"\bproblem\b",
-                  r"what happened", r"trouble"),
+                  r"what happened", r"trouble", r"\bhelp\b", r"bother", r"\bissue\b", r"main thing",
+                  r"worrying you", r"what can i do for you", r"what'?s up\b"),
     "course": (r"\bwhen\b", r"\bstart", r"\bbegan\b", r"\bbegin", r"how long", r"\bsince\b", r"\bworse", r"\bbetter\b",
                r"tell me (more|about)", r"describe", r"\bonset\b", r"how often", r"\bsevere", r"what makes",
-               r"\bhistory of (the|this|your) (present|current)"),
+               r"\bhistory of (the|this|your) (present|current)", r"\bwen\b", r"sudden", r"gradual", r"how quickly",
+               r"come on\b", r"came on\b", r"feeling unwell", r"timeline", r"how many (days|weeks)", r"staying the same",
+               r"\bconstant", r"come and go", r"got worse"),
     "symptoms": (r"symptom", r"anything else", r"\bother\b", r"\bfeel", r"\bnotice", r"\bpain\b", r"\bhurt",
-                 r"experienc", r"\bchange"),
+                 r"experienc", r"\bchange", r"otherwise", r"unusual", r"complaints", r"in general", r"besides",
+                 r"apart from"),
     "past": (r"medical history", r"past (medical|history|illness)", r"(health|medical) (problem|condition|issue)s?",
              r"\bconditions?\b", r"illness", r"surger", r"operation", r"hospital", r"diagnosed with", r"chronic",
-             r"pregnan", r"vaccin", r"allerg"),
+             r"pregnan", r"vaccin", r"allerg", r"seriously ill", r"\bill\b", r"\bhx\b", r"admission",
+             r"diagnosed with anything", r"had this before", r"previous"),
     "medications": (r"\bmedicat", r"\bmedicine", r"\bmeds\b", r"\bpills?\b", r"prescri", r"\btaking\b", r"supplement", r"allerg",
                     r"\bdrugs? (do|are) you"),
     "social": (r"\bsmok", r"tobacco", r"cigar", r"alcohol", r"\bdrink", r"\bdrugs?\b", r"\bwork\b", r"\bjob\b",
                r"occupation", r"\blive\b", r"\bliving\b", r"married", r"\bsex", r"partner", r"travel", r"exercise",
-               r"\bdiet\b", r"\beat\b", r"social", r"lifestyle", r"school", r"\bpets?\b", r"home"),
+               r"\bdiet\b", r"\beat\b", r"social", r"lifestyle", r"school", r"\bpets?\b", r"home",
+               r"what do you do\b", r"for a living"),
     "family": (r"family", r"mother", r"father", r"\bparents?\b", r"sibling", r"brother", r"sister",
                r"relative", r"runs? in", r"inherit"),
     "demographics": (r"how old", r"\byour age\b", r"\bage\b"),
@@ -106,7 +112,7 @@ _ASK_RESULTS = (r"(what('s| is| was) (your|the) (blood pressure|temperature|hear
                 r"what (are|were) your|findings|reading|numbers?)")
 _QUESTION_START = re.compile(
     r"^(do|does|did|are|is|was|were|have|has|had|can|could|would|will|when|what|where|how|why|which|who|any|tell me|"
-    r"describe|ever)\b")
+    r"describe|ever|whats|wats|wat|wen|hows|please (describe|tell|explain|walk)|explain|walk me|talk me)\b")
 
 # Body-part / system words in an exam request, matched against exam keys.
 EXAM_TARGETS: dict[str, tuple[str, ...]] = {
@@ -220,6 +226,10 @@ _CUE_WORDS = frozenset(stem(w) for w in """ask tell know think describe start be
     any other anything else symptom notice feel feeling problem issue thing today bring brings come came happen
     history past medical medication medicine take taking current right now lately recent recently little bit please
     would could should like let examine exam check look listen order test run get some okay alright doctor sir
-    mam madam thank thanks good great sure see going go will time also kind sort much many often how what""".split())
+    mam madam thank thanks good great sure see going go will time also kind sort much many often how what help
+    bother bothering issue issues seem seems main worry worrying wrong up sudden suddenly gradual gradually quickly
+    worse better same staying constant wen unwell otherwise unusual general complaints besides apart seriously ill
+    hx diagnosed admission admissions hospital previous before social describe do noticed noticing hi hello hey
+    whats wen""".split())
 _ORDER_WORDS = _CUE_WORDS | frozenset(stem(w) for w in """order send arrange schedule request need want confirm some few one today done right away
     additionally well quickly urgently first next then too get go please now for me sending ordering""".split()) | STOPWORDS

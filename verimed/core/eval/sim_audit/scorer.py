@@ -34,6 +34,7 @@ _NOT_PROVIDED = re.compile(r"not (provided|available|specified|mentioned|documen
                            r"(information|data|details)|unknown|n/a|none provided", re.I)
 RELATIVES_F = ("mother", "mum", "mom", "sister", "wife", "daughter", "grandmother", "aunt", "girlfriend")
 RELATIVES_M = ("father", "dad", "brother", "husband", "son", "grandfather", "uncle", "boyfriend")
+_PARENTS = ("mother", "mum", "mom", "father", "dad", "parents", "caregiver")
 THIRD_PARTIES = RELATIVES_F + RELATIVES_M + ("parents", "partner", "friend", "friends", "peers", "colleague",
                                              "coworker", "roommate", "family", "sibling", "siblings", "cousin")
 
@@ -74,6 +75,7 @@ class CaseView(msgspec.Struct, frozen=True):
     dx_phrase: str
     dx_words: frozenset[str]
     dx_acronyms: frozenset[str]
+    child: bool  # a parent speaks for the patient: "the mother" may become "I"
 
     @classmethod
     def from_case(cls, case: Case) -> "CaseView":
@@ -86,7 +88,7 @@ class CaseView(msgspec.Struct, frozen=True):
             "meds": pick(r"medic|drug|prescri|allerg"), "family": pick(r"famil"), "age": case.demographics,
         }
         fields = {k: (v if informative(v) else "") for k, v in fields.items()}
-        patient_text = " ".join([case.demographics, case.history, case.primary_symptom, *case.secondary_symptoms,
+        patient_text = "\n".join([case.demographics, case.history, case.primary_symptom, *case.secondary_symptoms,
                                  case.past_medical_history, case.social_history, case.review_of_systems, *other.values()])
         # Words the patient's story or the case's section names (anatomy: "External_Genitalia") use are not the diagnosis.
         own = set(tokens(patient_text)) | set(tokens(" ".join([*case.exam_findings, *case.test_results]).replace("_", " ")))
@@ -96,8 +98,11 @@ class CaseView(msgspec.Struct, frozen=True):
         initials = "".join(t[0] for t in re.findall(r"[A-Za-z]+", dx) if len(t) > 2).upper()
         if len(initials) >= 3:
             acronyms.add(initials)
+        years = re.search(r"(\d+)[\s-]*(?:year|yr)", case.demographics, re.I)
+        child = bool(re.search(r"newborn|neonate|infant|baby|\d+[\s-]*(month|week|day)", case.demographics, re.I)) \
+            or bool(years and int(years.group(1)) < 13)
         return cls(case, patient_text, fields, dict(case.exam_findings), dict(case.test_results),
-                   " ".join(tokens(dx)), words, frozenset(acronyms))
+                   " ".join(tokens(dx)), words, frozenset(acronyms), child)
 
 
 def _same(dx_word: str, token: str) -> bool:
@@ -227,13 +232,14 @@ def attribution(view: CaseView, reply: str) -> tuple[int, list[str]]:
         words = key_words(sent)
         if len(words) < 2:
             continue
-        best = max(case_sents, key=lambda c: len(key_words(c) & words), default="")
+        # The case sentence this one restates: the largest share of its words said (ties: the shorter sentence).
+        best = max(case_sents, key=lambda c: len(key_words(c) & words) / (len(key_words(c)) or 1), default="")
         cw = key_words(best)
         if not cw or len(cw & words) < max(2, 0.5 * len(cw)):
             continue
         checked += 1
         ct, rt = tokens(best), tokens(sent)
-        parties = [p for p in THIRD_PARTIES if p in ct]
+        parties = [p for p in THIRD_PARTIES if p in ct and not (view.child and p in _PARENTS)]
         if parties and not any(p in rt for p in THIRD_PARTIES):
             errors.append(f"dropped {parties[0]}: {sent.strip()[:80]}")
             continue
