@@ -171,7 +171,7 @@ def _has(pattern: str, text: str) -> bool:
 
 def understand(text: str) -> DoctorIntent:
     """Understand a doctor turn sentence by sentence (see module docstring)."""
-    clean = text.replace("’", "'").strip()
+    clean = text.replace("’", "'").replace("？", "?").replace("؟", "?").strip()
     low = clean.lower()
     topics: set[str] = set()
     flags = dict(is_question=False, exam=False, tests=False, diagnosis=False, plan=False, closing=False,

@@ -400,6 +400,9 @@ def _symptom_spoken(symptom: str, speaker: Speaker, opening: bool, also: bool = 
         head = m.group(1).lower()
         verb = f"{subj} {'has' if speaker.is_caregiver else 'have'}"
         return f"{verb} a history of {m.group(2)}." if head == "history of" else f"{verb} {m.group(2)}."
+    if re.match(r"(?i)(improvement|worsening|exacerbation|relief|increase|decrease|resolution)\b", s):
+        return f"{subj} {'has' if speaker.is_caregiver else 'have'}{' also' if also else ''} noticed {s}." \
+            if speaker.is_caregiver else f"I've{' also' if also else ''} noticed {s}."
     if re.match(r"(?i)normal\b", s):  # "Normal birth history": a reassurance, not a complaint
         return f"{subj} {'has' if speaker.is_caregiver else 'have'} had a {s}."
     if _CLAUSE.search(s) or re.match(r"(?i)recent\b", s):

@@ -172,7 +172,7 @@ def _same_word(a: str, b: str) -> bool:
         if x != y:
             break
         n += 1
-    return n >= 7 and n >= 0.7 * min(len(a), len(b))
+    return n >= 7 and n >= 0.8 * min(len(a), len(b))
 
 
 _WEAK_TEST_WORDS = frozenset(stem(w) for w in """function level count panel study serum plasma test exam left right

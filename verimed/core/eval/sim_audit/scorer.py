@@ -29,6 +29,7 @@ absent positive negative elevated increased decreased reduced high low mild mark
 patient history examination exam general appearance value values total count rate blood serum urine note
 there their this that which have were been some other more less than after before around about over under
 shows showed show consistent suggest suggestive evidence seen no not none both side sides upper lower
+like likely possible probable form
 """.split())
 _NOT_PROVIDED = re.compile(r"not (provided|available|specified|mentioned|documented|given|known)|no (additional |further )?"
                            r"(information|data|details)|unknown|n/a|none provided", re.I)
