@@ -88,7 +88,8 @@ _DX_STATEMENT = (
     r"(?! (okay|ok|fine|good|alright|all right|great|important|normal|helpful|right|true|possible|hard|difficult))|"
     r"i (think|believe|suspect|am confident|'m confident)( that)? (you|this|it|that|your)|consistent with|"
     r"suggestive of|suggests|indicat(es|ive of)|most likely|likely (a|an|to be)|my (working )?(diagnosis|impression)|"
-    r"points? to|you('ve| have) got)"
+    r"points? to|you('ve| have) got|the (problem|issue|cause|culprit) (is|here is)|is the (diagnosis|problem|cause)|"
+    r"(i'm|i am) (fairly |pretty |quite )?(confident|sure|certain))"
 )
 _PLAN = (r"(treat|therap|prescri|start (you|on)|put you on|medication|antibiotic|steroid|surgery|surgical|operat|"
          r"refer|follow[- ]?up|come back|return (if|in)|admit|monitor|manage|plan\b|recommend|advise|should (take|avoid|"
@@ -111,7 +112,7 @@ _ASK_RESULTS = (r"(what('s| is| was) (your|the) (blood pressure|temperature|hear
                 r"white count|hemoglobin|haemoglobin|\w+ level)|results?|what did (the|your) \w+( \w+)? show|levels?\b|values?\b|what was your|"
                 r"what (are|were) your|findings|reading|numbers?)")
 _QUESTION_START = re.compile(
-    r"^(do|does|did|are|is|was|were|have|has|had|can|could|would|will|when|what|where|how|why|which|who|any|tell me|"
+    r"^(?:(?:so|ok|okay|right|and|well|now|alright|hi|hello|morning)[,!.]?\s+)*(do|does|did|are|is|was|were|have|has|had|can|could|would|will|when|what|where|how|why|which|who|any|tell me|"
     r"describe|ever|whats|wats|wat|wen|hows|please (describe|tell|explain|walk)|explain|walk me|talk me)\b")
 
 # Body-part / system words in an exam request, matched against exam keys.
@@ -230,6 +231,6 @@ _CUE_WORDS = frozenset(stem(w) for w in """ask tell know think describe start be
     bother bothering issue issues seem seems main worry worrying wrong up sudden suddenly gradual gradually quickly
     worse better same staying constant wen unwell otherwise unusual general complaints besides apart seriously ill
     hx diagnosed admission admissions hospital previous before social describe do noticed noticing hi hello hey
-    whats wen""".split())
+    whats wen significant serious ongoing regularly daily matter story troubling morning made""".split())
 _ORDER_WORDS = _CUE_WORDS | frozenset(stem(w) for w in """order send arrange schedule request need want confirm some few one today done right away
     additionally well quickly urgently first next then too get go please now for me sending ordering""".split()) | STOPWORDS

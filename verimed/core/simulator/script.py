@@ -392,6 +392,8 @@ def _symptom_spoken(symptom: str, speaker: Speaker, opening: bool, also: bool = 
     s = symptom.strip().rstrip(".")
     s = s if s[:2].isupper() else s[:1].lower() + s[1:]
     subj, have, has = ("My " + speaker.child_noun, "has", "hasn't") if speaker.is_caregiver else ("I", "have", "haven't")
+    s = re.sub(r"(?i)\bthe patient's\b", f"my {speaker.child_noun}'s" if speaker.is_caregiver else "my", s)
+    s = re.sub(r"(?i)\bthe patient\b", f"my {speaker.child_noun}" if speaker.is_caregiver else "me", s)
     if NEGATED_ITEM.match(s):  # "No vomiting": a denial, not a complaint
         rest = re.sub(r"(?i)^\s*(no|not|denies|denied|without|absence of|absent|negative for)\s+(any\s+)?", "", s)
         return f"{subj} {has} had any {rest}."

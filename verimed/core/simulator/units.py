@@ -14,6 +14,7 @@ The affective unit (phrasing) lives in the backends (``rules.py``, ``llm.py``).
 from __future__ import annotations
 
 import re
+from itertools import zip_longest
 from typing import Literal
 
 import msgspec
@@ -110,6 +111,7 @@ def _topic_facts(script: PatientScript, topic: str) -> list[Fact]:
     return out
 
 
+_BROAD_TOPICS = frozenset({"complaint", "course", "symptoms"})
 _TIMING = re.compile(r"\b(\d+|few|several|one|two|three)[- ](hour|day|week|month|year)s?\b(?! of gestation)|\bago\b|\bsince\b|\bbegan\b|"
                      r"\bstarted\b|\bonset\b|history of|for the (past|last)|\bsudden", re.IGNORECASE)
 
@@ -245,7 +247,9 @@ def _answer(intent: DoctorIntent, script: PatientScript, state: SessionState, re
         pool += script.facts_of("demographics")
     ranked = retriever.rank(intent.query_stems, pool, intent.text)
     strong = [f for s, f in ranked if s >= STRONG_MATCH]
-    specific = [q for q in intent.query_stems if q not in _TOPIC_VOCAB]
+    # "What made you come in?", "How did it progress?": about the main problem whatever the framing words.
+    about_complaint = bool(intent.topics & {"complaint", "course"})
+    specific = [] if about_complaint else [q for q in intent.query_stems if q not in _TOPIC_VOCAB]
     if strong:
         # Facts of the asked-about kinds first, then other strong matches.
         strong.sort(key=lambda f: f.kind not in kinds)
@@ -253,7 +257,12 @@ def _answer(intent: DoctorIntent, script: PatientScript, state: SessionState, re
     elif specific:
         return Selection("unknown", [])
     else:
-        chosen = [f for t in sorted(intent.topics) for f in _topic_facts(script, t)]
+        # Specific topics ("...and do you smoke?") in turn, then the broad ones (the story, other symptoms).
+        specific_topics = [_topic_facts(script, t) for t in sorted(intent.topics - _BROAD_TOPICS)]
+        chosen = [f for row in zip_longest(*specific_topics) for f in row if f is not None]
+        broad = intent.topics & _BROAD_TOPICS
+        broad -= {"symptoms"} if "course" in broad else set()  # "has it changed since?" is about the course
+        chosen += [f for t in sorted(broad) for f in _topic_facts(script, t)]
     chosen = list({f.key: f for f in chosen}.values())
     if not chosen:
         return Selection("unknown", [])

@@ -223,4 +223,43 @@ exam | Let me now check your {region}.
 exam | Please let me examine your {region}.
 close_plain | You have {dx}. I'll refer you and start treatment. Take care.
 close_question | You have {dx}. I'll refer you and start treatment. Do you have any questions?
+hist_complaint | What's the story?
+hist_complaint | Morning! What's the matter?
+hist_complaint | What made you come to see me?
+hist_complaint | What's troubling you?
+hist_complaint | Why are you seeing me today?
+hist_complaint | So tell me whats happening
+hist_course | How long ago did this begin?
+hist_course | Tell me how it developed.
+hist_course | Is it worse now than when it started?
+hist_course | When was the first time you had it?
+hist_course | How did it progress over the days?
+hist_course | And it's been going on how long?
+hist_past | Any significant illnesses in the past?
+hist_past | Been to hospital before?
+hist_past | Any ongoing health problems?
+hist_past | Do you see a doctor for anything regularly?
+hist_past | Tell me about any illnesses you've had.
+hist_meds | Anything you take daily?
+hist_meds | What are you taking at the moment?
+hist_meds | Are you using any inhalers, creams or tablets?
+hist_social | Tell me about your daily life.
+hist_social | Who's at home with you?
+hist_social | What's your work?
+hist_social | Any habits like smoking?
+hist_family | Any conditions that run in the family?
+hist_family | What illnesses have your relatives had?
+hist_family | Is your family healthy?
+hist_ros | How are you otherwise?
+hist_ros | Anything else going on?
+hist_ros | What other problems have you had?
+hist_ros | Is there more you want to tell me?
+close_plain | From what I see, you have {dx}. I'll prescribe something and see you in a week.
+close_plain | Okay, so this is {dx}. We're going to treat it with medication; come back if it gets worse.
+close_plain | I'm fairly confident it's {dx}. You'll need treatment, and I'll refer you.
+close_plain | So the problem is {dx}. Let's begin treatment and check on you next month.
+close_plain | Based on everything, {dx} is the diagnosis. I'll start you on medication and arrange follow-up.
+close_plain | You've got {dx}. Rest, take the medication I'm prescribing, and return in two weeks.
+close_question | From what I see, you have {dx}. I'll prescribe something and see you in a week. Questions?
+close_question | So the problem is {dx}. Let's begin treatment and check on you next month. Anything unclear?
 """
