@@ -111,6 +111,9 @@ _ASK_DX = (r"(what (do you think|would you say) (it|this|you)|what('s| is) (your
 _ASK_RESULTS = (r"(what('s| is| was) (your|the) (blood pressure|temperature|heart rate|pulse|weight|oxygen|sugar|glucose|"
                 r"white count|hemoglobin|haemoglobin|\w+ level)|results?|what did (the|your) \w+( \w+)? show|levels?\b|values?\b|what was your|"
                 r"what (are|were) your|findings|reading|numbers?)")
+# An open question (what / how / tell me ...) asks about a topic; any other question is a yes/no one about a thing.
+_OPEN_Q = (r"^(?:(?:so|ok|okay|and|right|now|alright|well)[,!.]?\s+)*(what|whats|which|who|whom|where|how|hows|why|"
+           r"when|wen|tell|describe|explain|walk|talk|please (describe|tell|explain|walk))\b")
 _QUESTION_START = re.compile(
     r"^(?:(?:so|ok|okay|right|and|well|now|alright|hi|hello|morning)[,!.]?\s+)*(do|does|did|are|is|was|were|have|has|had|can|could|would|will|when|what|where|how|why|which|who|any|tell me|"
     r"describe|ever|whats|wats|wat|wen|hows|please (describe|tell|explain|walk)|explain|walk me|talk me)\b")
@@ -159,6 +162,7 @@ class DoctorIntent(msgspec.Struct, frozen=True):
     asks_diagnosis: bool = False  # the doctor asks the patient to name the diagnosis
     asks_results: bool = False  # the doctor asks for results / measurements
     greeting_only: bool = False
+    closed: bool = False  # a yes/no question about one thing ("any chest pain?"), not an open one ("what do you do?")
 
 
 def _split(text: str) -> list[str]:
@@ -179,12 +183,14 @@ def understand(text: str) -> DoctorIntent:
                  asks_diagnosis=False, asks_results=False)
     exam_targets: list[str] = []
     test_words: list[str] = []
+    closed = False
     # Split the original text: the splitter needs the capital letter that starts the next sentence.
     for sent in [x.lower() for x in _split(clean)] or [low]:
         sent = sent.strip()
         question = sent.endswith("?") or bool(_QUESTION_START.match(sent))
         polite = not question and _has(_POLITE_ORDER, sent)
         flags["is_question"] |= question
+        closed |= question and not _has(_OPEN_Q, sent)
         for topic, cues in _TOPIC_CUES.items():
             if any(_has(c, sent) for c in cues) and question:
                 topics.add(topic)
@@ -219,7 +225,8 @@ def understand(text: str) -> DoctorIntent:
     if not topics and flags["is_question"] and not (flags["asks_diagnosis"] or flags["asks_results"]):
         topics.add("symptoms" if query else "complaint")
     return DoctorIntent(text=text, topics=frozenset(topics), query_stems=query, exam_targets=tuple(dict.fromkeys(exam_targets)),
-                        test_stems=tuple(dict.fromkeys(test_words)), greeting_only=greeting, **flags)
+                        test_stems=tuple(dict.fromkeys(test_words)), greeting_only=greeting, closed=closed,
+                        **flags)
 
 
 # Words that carry the doctor's speech act, not the thing asked about.

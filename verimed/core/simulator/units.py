@@ -98,7 +98,9 @@ _PRIMARY_KINDS = {
 _TOPIC_VOCAB = frozenset(stem(w) for w in """family relatives parents mother father anyone smoke smoking drink drinking
     alcohol drugs work job occupation live living married medical problems conditions illnesses surgery surgeries
     hospital allergies pills medications meds prescriptions supplements social life lifestyle home old age
-    health issue issues""".split())
+    health issue issues tablet tablets regularly regular daily remedies remedy vitamins herbal otc counter creams inhalers
+    relatives siblings brothers sisters genetic runs hereditary occupation living alone partner children kids
+    illness illnesses diseases disease chronic long term ongoing previous past significant serious seriously ill""".split())
 
 
 def _topic_facts(script: PatientScript, topic: str) -> list[Fact]:
@@ -249,7 +251,9 @@ def _answer(intent: DoctorIntent, script: PatientScript, state: SessionState, re
     strong = [f for s, f in ranked if s >= STRONG_MATCH]
     # "What made you come in?", "How did it progress?": about the main problem whatever the framing words.
     about_complaint = bool(intent.topics & {"complaint", "course"})
-    specific = [] if about_complaint else [q for q in intent.query_stems if q not in _TOPIC_VOCAB]
+    # Only a yes/no question is about one thing ("any asthma?" -> "I don't know"); an open one about a topic
+    # ("what sort of work do you do?") wants the topic, whatever its framing words.
+    specific = [] if about_complaint or not intent.closed else [q for q in intent.query_stems if q not in _TOPIC_VOCAB]
     if strong:
         # Facts of the asked-about kinds first, then other strong matches.
         strong.sort(key=lambda f: f.kind not in kinds)

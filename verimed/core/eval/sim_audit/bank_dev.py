@@ -262,4 +262,25 @@ close_plain | Based on everything, {dx} is the diagnosis. I'll start you on medi
 close_plain | You've got {dx}. Rest, take the medication I'm prescribing, and return in two weeks.
 close_question | From what I see, you have {dx}. I'll prescribe something and see you in a week. Questions?
 close_question | So the problem is {dx}. Let's begin treatment and check on you next month. Anything unclear?
+hist_complaint | Right then, what can I help you with this morning?
+hist_complaint | Sorry to keep you waiting. What's going on?
+hist_course | Could you tell me how long it has been bothering you?
+hist_course | Did it start all at once?
+hist_course | What was it like at the very beginning?
+hist_past | Have you got any illnesses the doctors know about?
+hist_past | Do you have any health problems I should be aware of?
+hist_past | Tell me what you've been treated for in the past.
+hist_meds | Do you take any tablets or injections?
+hist_meds | What treatments are you on right now?
+hist_meds | Do you regularly take anything from the pharmacy?
+hist_social | How do you spend your days?
+hist_social | Are you working at the moment?
+hist_social | Tell me about who you live with and what you do.
+hist_social | How much do you smoke or drink?
+hist_family | Is there anything that runs in the family I should know about?
+hist_family | Have your relatives had any serious illnesses?
+hist_family | How are your mum and dad, health-wise?
+hist_ros | Any other bits of your body giving you trouble?
+hist_ros | Is everything else okay with your health?
+hist_ros | What else has been going on with your body?
 """
