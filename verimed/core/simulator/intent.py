@@ -32,7 +32,8 @@ _TOPIC_CUES: dict[str, tuple[str, ...]] = {
     "complaint": (r"brings? you", r"bring you", r"what('s| is) (wrong|going on|the (problem|matter|issue))",
                   r"how can i help", r"what seems", r"complaint", r"come in (for|today)", r"\bproblem\b",
                   r"what happened", r"trouble", r"\bhelp\b", r"bother", r"\bissue\b", r"main thing",
-                  r"worrying you", r"what can i do for you", r"what'?s up\b"),
+                  r"worrying you", r"what can i do for you", r"what'?s up\b", r"\breason", r"\bvisit\b", r"appointment",
+                  r"(came|come) (in|to see)", r"here for", r"brought you", r"made you"),
     "course": (r"\bwhen\b", r"\bstart", r"\bbegan\b", r"\bbegin", r"how long", r"\bsince\b", r"\bworse", r"\bbetter\b",
                r"tell me (more|about)", r"describe", r"\bonset\b", r"how often", r"\bsevere", r"what makes",
                r"\bhistory of (the|this|your) (present|current)", r"\bwen\b", r"sudden", r"gradual", r"how quickly",
@@ -114,6 +115,7 @@ _ASK_RESULTS = (r"(what('s| is| was) (your|the) (blood pressure|temperature|hear
 # An open question (what / how / tell me ...) asks about a topic; any other question is a yes/no one about a thing.
 _OPEN_Q = (r"^(?:(?:so|ok|okay|and|right|now|alright|well)[,!.]?\s+)*(what|whats|which|who|whom|where|how|hows|why|"
            r"when|wen|tell|describe|explain|walk|talk|please (describe|tell|explain|walk))\b")
+_ELSE = r"\b(else|other|besides|apart from|otherwise|in general|as well|additional|aside from)\b"
 _QUESTION_START = re.compile(
     r"^(?:(?:so|ok|okay|right|and|well|now|alright|hi|hello|morning)[,!.]?\s+)*(do|does|did|are|is|was|were|have|has|had|can|could|would|will|when|what|where|how|why|which|who|any|tell me|"
     r"describe|ever|whats|wats|wat|wen|hows|please (describe|tell|explain|walk)|explain|walk me|talk me)\b")
@@ -222,8 +224,11 @@ def understand(text: str) -> DoctorIntent:
     query = tuple(s for s in content_stems(low) if s not in _CUE_WORDS)
     greeting = bool(re.fullmatch(r"\W*(hi|hello|hey|good (morning|afternoon|evening)|greetings)( there)?( doctor| dr)?[\s\W]*"
                                  r"(i'm|i am|my name is)?[\w .,'-]{0,30}\W*", low)) and not flags["is_question"]
+    if _has(_ELSE, low) and topics & {"complaint", "course"} and not topics - {"complaint", "course", "symptoms"}:
+        topics = {"symptoms"}  # "anything else bothering you?" asks past the main complaint
     if not topics and flags["is_question"] and not (flags["asks_diagnosis"] or flags["asks_results"]):
-        topics.add("symptoms" if query else "complaint")
+        # An open question on no known topic is about why they came; a yes/no one about some symptom.
+        topics.add("symptoms" if query and closed or _has(_ELSE, low) else "complaint")
     return DoctorIntent(text=text, topics=frozenset(topics), query_stems=query, exam_targets=tuple(dict.fromkeys(exam_targets)),
                         test_stems=tuple(dict.fromkeys(test_words)), greeting_only=greeting, closed=closed,
                         **flags)
@@ -238,6 +243,7 @@ _CUE_WORDS = frozenset(stem(w) for w in """ask tell know think describe start be
     bother bothering issue issues seem seems main worry worrying wrong up sudden suddenly gradual gradually quickly
     worse better same staying constant wen unwell otherwise unusual general complaints besides apart seriously ill
     hx diagnosed admission admissions hospital previous before social describe do noticed noticing hi hello hey
-    whats wen significant serious ongoing regularly daily matter story troubling morning made""".split())
+    whats wen significant serious ongoing regularly daily matter story troubling morning made moment minute present
+    presently currently nowadays anymore still trouble troubles bit aware""".split())
 _ORDER_WORDS = _CUE_WORDS | frozenset(stem(w) for w in """order send arrange schedule request need want confirm some few one today done right away
     additionally well quickly urgently first next then too get go please now for me sending ordering""".split()) | STOPWORDS

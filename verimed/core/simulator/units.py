@@ -100,7 +100,8 @@ _TOPIC_VOCAB = frozenset(stem(w) for w in """family relatives parents mother fat
     hospital allergies pills medications meds prescriptions supplements social life lifestyle home old age
     health issue issues tablet tablets regularly regular daily remedies remedy vitamins herbal otc counter creams inhalers
     relatives siblings brothers sisters genetic runs hereditary occupation living alone partner children kids
-    illness illnesses diseases disease chronic long term ongoing previous past significant serious seriously ill""".split())
+    illness illnesses diseases disease chronic long term ongoing previous past significant serious seriously ill
+    operation operations procedure procedures admitted treated""".split())
 
 
 def _topic_facts(script: PatientScript, topic: str) -> list[Fact]:

@@ -283,4 +283,16 @@ hist_family | How are your mum and dad, health-wise?
 hist_ros | Any other bits of your body giving you trouble?
 hist_ros | Is everything else okay with your health?
 hist_ros | What else has been going on with your body?
+hist_complaint | And the reason you're here?
+hist_complaint | Tell me what the visit is about.
+hist_complaint | What is it you'd like me to look into?
+hist_past | Were you ever admitted to hospital?
+hist_past | Any procedures or operations in the past?
+hist_past | Do you have a history of any illness?
+hist_ros | Anything else troubling you at the moment?
+hist_ros | Is there anything other than that?
+hist_ros | Any additional symptoms you've noticed?
+hist_ros | And besides this, is anything else wrong?
+hist_social | Where do you live and with whom?
+hist_social | What's your daily routine like?
 """
