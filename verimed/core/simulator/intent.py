@@ -33,7 +33,8 @@ _TOPIC_CUES: dict[str, tuple[str, ...]] = {
                   r"how can i help", r"what seems", r"complaint", r"come in (for|today)", r"\bproblem\b",
                   r"what happened", r"trouble", r"\bhelp\b", r"bother", r"\bissue\b", r"main thing",
                   r"worrying you", r"what can i do for you", r"what'?s up\b", r"\breason", r"\bvisit\b", r"appointment",
-                  r"(came|come) (in|to see)", r"here for", r"brought you", r"made you"),
+                  r"(came|come) (in|to see)", r"here for", r"brought you", r"made you", r"why did you come",
+                  r"why (are|you're|you are) here"),
     "course": (r"\bwhen\b", r"\bstart", r"\bbegan\b", r"\bbegin", r"how long", r"\bsince\b", r"\bworse", r"\bbetter\b",
                r"tell me (more|about)", r"describe", r"\bonset\b", r"how often", r"\bsevere", r"what makes",
                r"\bhistory of (the|this|your) (present|current)", r"\bwen\b", r"sudden", r"gradual", r"how quickly",
@@ -113,12 +114,13 @@ _ASK_RESULTS = (r"(what('s| is| was) (your|the) (blood pressure|temperature|hear
                 r"white count|hemoglobin|haemoglobin|\w+ level)|results?|what did (the|your) \w+( \w+)? show|levels?\b|values?\b|what was your|"
                 r"what (are|were) your|findings|reading|numbers?)")
 # An open question (what / how / tell me ...) asks about a topic; any other question is a yes/no one about a thing.
-_OPEN_Q = (r"^(?:(?:so|ok|okay|and|right|now|alright|well)[,!.]?\s+)*(what|whats|which|who|whom|where|how|hows|why|"
+_OPEN_Q = (r"(?:^|[,;:]\s*)(?:(?:so|ok|okay|and|right|now|alright|well)[,!.]?\s+)*(what|whats|which|who|whom|where|how|hows|why|"
            r"when|wen|tell|describe|explain|walk|talk|please (describe|tell|explain|walk))\b")
 _ELSE = r"\b(else|other|besides|apart from|otherwise|in general|as well|additional|aside from)\b"
 _QUESTION_START = re.compile(
     r"^(?:(?:so|ok|okay|right|and|well|now|alright|hi|hello|morning)[,!.]?\s+)*(do|does|did|are|is|was|were|have|has|had|can|could|would|will|when|what|where|how|why|which|who|any|tell me|"
-    r"describe|ever|whats|wats|wat|wen|hows|please (describe|tell|explain|walk)|explain|walk me|talk me)\b")
+    r"describe|ever|whats|wats|wat|wen|hows|please (describe|tell|explain|walk)|explain|walk me|talk me|anything|anyone|"
+    r"anybody|something|other|apart from|besides|u|ur)\b")
 
 # Body-part / system words in an exam request, matched against exam keys.
 EXAM_TARGETS: dict[str, tuple[str, ...]] = {
@@ -244,6 +246,6 @@ _CUE_WORDS = frozenset(stem(w) for w in """ask tell know think describe start be
     worse better same staying constant wen unwell otherwise unusual general complaints besides apart seriously ill
     hx diagnosed admission admissions hospital previous before social describe do noticed noticing hi hello hey
     whats wen significant serious ongoing regularly daily matter story troubling morning made moment minute present
-    presently currently nowadays anymore still trouble troubles bit aware""".split())
+    presently currently nowadays anymore still trouble troubles bit aware body change changes lately own words""".split())
 _ORDER_WORDS = _CUE_WORDS | frozenset(stem(w) for w in """order send arrange schedule request need want confirm some few one today done right away
     additionally well quickly urgently first next then too get go please now for me sending ordering""".split()) | STOPWORDS

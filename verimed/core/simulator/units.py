@@ -255,6 +255,9 @@ def _answer(intent: DoctorIntent, script: PatientScript, state: SessionState, re
     # Only a yes/no question is about one thing ("any asthma?" -> "I don't know"); an open one about a topic
     # ("what sort of work do you do?") wants the topic, whatever its framing words.
     specific = [] if about_complaint or not intent.closed else [q for q in intent.query_stems if q not in _TOPIC_VOCAB]
+    if not strong and len(specific) > 1:
+        # "Any fever, weight loss or night sweats?": each item on its own may be in the case.
+        strong = list({f.key: f for q in specific for sc, f in retriever.rank((q,), pool) if sc >= STRONG_MATCH}.values())
     if strong:
         # Facts of the asked-about kinds first, then other strong matches.
         strong.sort(key=lambda f: f.kind not in kinds)

@@ -295,4 +295,22 @@ hist_ros | Any additional symptoms you've noticed?
 hist_ros | And besides this, is anything else wrong?
 hist_social | Where do you live and with whom?
 hist_social | What's your daily routine like?
+hist_ros | Any other changes you've seen in yourself?
+hist_ros | Other than that, how do you feel overall?
+hist_ros | anything else happening apart from this
+hist_ros | Have there been any other issues recently?
+hist_ros | Noticed any other problems with your health lately?
+hist_ros | Is there something else that worries you?
+hist_ros | Any more symptoms?
+hist_ros | Are there other things wrong?
+hist_complaint | What's been happening to you?
+hist_complaint | How are you doing today?
+hist_complaint | What's bringing you in?
+hist_complaint | What do you need help with?
+hist_complaint | In your own words, why did you come?
+hist_complaint | Tell me what's been bothering you.
+hist_past | Are you being treated for anything else?
+hist_past | Any conditions you've been told about before?
+hist_social | Tell me a little about yourself, job, home, habits.
+hist_social | What kind of work do you do?
 """
