@@ -116,6 +116,8 @@ _ASK_RESULTS = (r"(what('s| is| was) (your|the) (blood pressure|temperature|hear
 # An open question (what / how / tell me ...) asks about a topic; any other question is a yes/no one about a thing.
 _OPEN_Q = (r"(?:^|[,;:]\s*)(?:(?:so|ok|okay|and|right|now|alright|well)[,!.]?\s+)*(what|whats|which|who|whom|where|how|hows|why|"
            r"when|wen|tell|describe|explain|walk|talk|please (describe|tell|explain|walk))\b")
+# "ok, go ahead, what's wrong": a question after a framing clause, typed without a question mark.
+_LATER_QUESTION = r"[,;:]\s*(what|whats|what's|how|when|why|where|which|who|tell me|any)\b"
 _ELSE = r"\b(else|other|besides|apart from|otherwise|in general|as well|additional|aside from)\b"
 _QUESTION_START = re.compile(
     r"^(?:(?:so|ok|okay|right|and|well|now|alright|hi|hello|morning)[,!.]?\s+)*(do|does|did|are|is|was|were|have|has|had|can|could|would|will|when|what|where|how|why|which|who|any|tell me|"
@@ -191,7 +193,7 @@ def understand(text: str) -> DoctorIntent:
     # Split the original text: the splitter needs the capital letter that starts the next sentence.
     for sent in [x.lower() for x in _split(clean)] or [low]:
         sent = sent.strip()
-        question = sent.endswith("?") or bool(_QUESTION_START.match(sent))
+        question = sent.endswith("?") or bool(_QUESTION_START.match(sent)) or _has(_LATER_QUESTION, sent)
         polite = not question and _has(_POLITE_ORDER, sent)
         flags["is_question"] |= question
         closed |= question and not _has(_OPEN_Q, sent)

@@ -313,4 +313,18 @@ hist_past | Are you being treated for anything else?
 hist_past | Any conditions you've been told about before?
 hist_social | Tell me a little about yourself, job, home, habits.
 hist_social | What kind of work do you do?
+hist_complaint | Hey, what's happened?
+hist_complaint | So what has been the problem lately?
+hist_complaint | Tell me about the problem you've been having.
+hist_complaint | What would you like to discuss today?
+hist_complaint | ok, go ahead, what's wrong
+hist_past | Do you have diabetes, blood pressure or anything like that?
+hist_past | Any other medical history I should know?
+hist_past | What illnesses have you had over the years?
+hist_social | Do you live on your own?
+hist_social | Tell me about your home situation.
+hist_social | Any alcohol?
+hist_social | Are you a smoker?
+hist_ros | Feeling okay otherwise?
+hist_ros | Anything else at all?
 """
