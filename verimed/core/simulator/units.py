@@ -21,7 +21,7 @@ import msgspec
 
 from verimed.core.simulator.intent import EXAM_TARGETS, TOPIC_KINDS, DoctorIntent
 from verimed.core.simulator.persona import PHRASES, Traits
-from verimed.core.simulator.retrieval import Retriever, expand
+from verimed.core.simulator.retrieval import Retriever
 from verimed.core.simulator.script import NEGATED_ITEM, PATIENT_KINDS, Fact, PatientScript, is_report_line
 from verimed.core.simulator.text import content_stems, numbers, stem, words
 

@@ -11,7 +11,6 @@ imports nothing of the simulator.
 """
 from __future__ import annotations
 
-import asyncio
 from typing import Any, Awaitable, Callable, Protocol, Sequence
 
 import msgspec
