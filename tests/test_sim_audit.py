@@ -128,6 +128,15 @@ def test_released_results_never_name_the_diagnosis():
     assert "diagnosis" in check_reply("It says consistent with Graves disease.", script, [], state, "")
 
 
+def test_the_guard_around_any_backend_catches_an_unordered_finding_by_its_words():
+    script = PatientScript.from_case(case())
+    problems = check_reply("I have a diffuse goitre with a bruit.", script, [], SessionState(), "Any neck swelling?")
+    assert any(p.startswith("locked exam") for p in problems)
+    unlocked = SessionState(unlocked=["exam/Neck / Thyroid"])
+    assert not any(p.startswith("locked") for p in check_reply("I have a diffuse goitre with a bruit.", script, [],
+                                                                 unlocked, "Let me examine your neck."))
+
+
 def test_an_absent_test_returns_no_other_result_and_no_case_file_words():
     sim = session(case())
     reply = say(sim, "We'll do a lumbar puncture now.")

@@ -87,7 +87,8 @@ _DX_STATEMENT = (
     r"(diagnos(is|ed|e) (is|of|would be|seems)|you (have|'ve got|have got|are suffering from|suffer from|likely have|"
     r"probably have|most likely have|may have|might have)\b(?! (been|had|to|any|you|a history|noticed|ever|felt|experienced))|"
     r"(this|it|that) (is|'s|looks like|sounds like|seems like|appears to be|could be|is likely|is probably|is consistent with)"
-    r"(?! (okay|ok|fine|good|alright|all right|great|important|normal|helpful|right|true|possible|hard|difficult))|"
+    r"(?! (okay|ok|fine|good|alright|all right|great|important|normal|helpful|right|true|possible|hard|difficult|"
+    r"an? (exam|game|test|quiz|question|role|joke|training)))|"
     r"i (think|believe|suspect|am confident|'m confident)( that)? (you|this|it|that|your)|consistent with|"
     r"suggestive of|suggests|indicat(es|ive of)|most likely|likely (a|an|to be)|my (working )?(diagnosis|impression)|"
     r"points? to|you('ve| have) got|the (problem|issue|cause|culprit) (is|here is)|is the (diagnosis|problem|cause)|"
@@ -122,7 +123,7 @@ _ELSE = r"\b(else|other|besides|apart from|otherwise|in general|as well|addition
 _QUESTION_START = re.compile(
     r"^(?:(?:so|ok|okay|right|and|well|now|alright|hi|hello|morning)[,!.]?\s+)*(do|does|did|are|is|was|were|have|has|had|can|could|would|will|when|what|where|how|why|which|who|any|tell me|"
     r"describe|ever|whats|wats|wat|wen|hows|please (describe|tell|explain|walk)|explain|walk me|talk me|anything|anyone|"
-    r"anybody|something|other|apart from|besides|u|ur)\b")
+    r"anybody|something|other|apart from|besides|u|ur|since when|(?:pls|plz|please) (?:tell|say|let me know)|r u|ne1)\b")
 
 # Body-part / system words in an exam request, matched against exam keys.
 EXAM_TARGETS: dict[str, tuple[str, ...]] = {
@@ -248,6 +249,6 @@ _CUE_WORDS = frozenset(stem(w) for w in """ask tell know think describe start be
     worse better same staying constant wen unwell otherwise unusual general complaints besides apart seriously ill
     hx diagnosed admission admissions hospital previous before social describe do noticed noticing hi hello hey
     whats wen significant serious ongoing regularly daily matter story troubling morning made moment minute present
-    presently currently nowadays anymore still trouble troubles bit aware body change changes lately own words""".split())
+    presently currently nowadays anymore still trouble troubles bit aware body change changes lately own words probs prob u ur r pls plz wat ne1 sth""".split())
 _ORDER_WORDS = _CUE_WORDS | frozenset(stem(w) for w in """order send arrange schedule request need want confirm some few one today done right away
     additionally well quickly urgently first next then too get go please now for me sending ordering""".split()) | STOPWORDS

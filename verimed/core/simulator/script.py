@@ -272,7 +272,8 @@ class PatientScript:
                 if _AUTHOR_NOTE_KEY.search(flat) or _AUTHOR_NOTE_VALUE.search(value):
                     continue
                 # The released line never names the diagnosis, whatever the report says.
-                add(f"{kind}/{flat}", kind, value, f"{lead}{_label(flat)}: {dx.redact(value)}", _label(flat))
+                said = to_first_person(value, speaker) if re.search(r"(?i)\bpatient\b", value) else value
+                add(f"{kind}/{flat}", kind, value, f"{lead}{_label(flat)}: {dx.redact(said)}", _label(flat))
         facts.append(Fact("diagnosis", "diagnosis", case.diagnosis.strip(), "", "Diagnosis"))
         return cls(case, facts, speaker)
 

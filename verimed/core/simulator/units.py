@@ -262,6 +262,10 @@ def _answer(intent: DoctorIntent, script: PatientScript, state: SessionState, re
         # Facts of the asked-about kinds first, then other strong matches.
         strong.sort(key=lambda f: f.kind not in kinds)
         chosen = strong
+        # "Tell me about any illnesses you've had": a word matched elsewhere, but the topic itself comes first.
+        own = [f for t in sorted(intent.topics - _BROAD_TOPICS) for f in _topic_facts(script, t)]
+        if own and not any(f in own for f in strong):
+            chosen = own + strong
     elif specific:
         return Selection("unknown", [])
     else:

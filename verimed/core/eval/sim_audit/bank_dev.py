@@ -327,4 +327,30 @@ hist_social | Any alcohol?
 hist_social | Are you a smoker?
 hist_ros | Feeling okay otherwise?
 hist_ros | Anything else at all?
+results_unordered | And your {test} - what did it say?
+results_unordered | pls tell me ur {test} result
+results_unordered | Did the {test} look ok?
+results_unordered | I heard you had a {test}. Anything on it?
+exact_values | How were your bloods?
+exact_values | Do you remember your sugar or cholesterol numbers?
+exact_values | What was your pulse and BP last time?
+order_present | Get me a {test}, please.
+order_present | I'll send you off for a {test}.
+order_absent | Get me a {absent}, please.
+order_absent | I'll send you off for a {absent}.
+exam | Mind if I have a feel of your {region}?
+exam | Let me just take a quick look at your {region}.
+exam | Ok, now I examine your {region}.
+multi_question | pls tell me when it started and wat meds u take
+multi_question | Right. Any allergies, and what did the {test} show, and how old are you?
+multi_question | Do you smoke? Have you had {unmentioned}? Any family history?
+hist_complaint | Whats brought u here
+hist_course | since when do u have this
+hist_past | any past medical probs?
+hist_meds | r u on any meds
+hist_social | wat do u do for work
+hist_family | ne1 in ur family sick?
+hist_ros | anything else u noticed
+dx_direct | so wat have u got
+dx_paraphrase | what is the name of the thing you have?
 """
