@@ -365,7 +365,8 @@ def test_cli_audit_writes_json_and_table(tmp_path):
     rc = cli.run(_args("--audit", "3", "--json", str(path), "--skip-invalid"), stdout=out)
     assert rc == 0 and "privacy score" in out.getvalue()
     data = json.loads(path.read_text())
-    assert data["cases"] == 3 and data["fact"] == 1.0
+    assert data["old"]["cases"] == 3 and data["old"]["fact"] == 1.0
+    assert "independent audit" in out.getvalue() and data["independent"]["dev probes, shipped cases"]["cases"] == 3
 
 
 def test_cli_interactive_reads_stdin_and_explains():

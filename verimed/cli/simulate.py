@@ -1,6 +1,6 @@
 """``verimed simulate``: audit the simulator or play the doctor against it.
 
-    verimed simulate --audit 170 --json runs/sim_audit.json     # privacy / fact / persona metrics
+    verimed simulate --audit 170 --json runs/sim_audit.json     # both audits: the old one and the independent one
     verimed simulate --case case-0001 --persona ENFP --explain   # interactive (reads stdin)
     verimed simulate --audit 5 --backend llm                     # needs an LLM client
 
@@ -53,12 +53,35 @@ def _llm_client(args: argparse.Namespace) -> Any:
     return OpenAIClient(args.llm_base_url, args.llm_model)
 
 
+def _independent_audits(cases: list, backend: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """The independent audit (``verimed.core.eval.sim_audit``): dev and held-out probes on ``cases``, and the
+    held-out probes on the 12 held-out cases nobody tuned on. Sessions are built here, so the audit
+    package never imports the simulator."""
+    from verimed.core.data import shipped
+    from verimed.core.data.cases import load_cases
+    from verimed.core.eval.sim_audit.runner import run_independent_audit
+    from verimed.core.simulator.persona import sample_persona
+    from verimed.core.simulator.session import PatientSimulator
+
+    def new_session(case):
+        return PatientSimulator(case, sample_persona(args.seed, case, args.persona), backend, 60)
+
+    heldout_cases, _ = load_cases(shipped(HELDOUT_CASES))
+    runs = {"dev probes, shipped cases": (cases, "dev"), "held-out probes, shipped cases": (cases, "heldout"),
+            "held-out probes, held-out cases": (heldout_cases, "heldout")}
+    return {title: asyncio.run(run_independent_audit(cs, split, new_session)) for title, (cs, split) in runs.items()}
+
+
+HELDOUT_CASES = "sim_audit_heldout_cases.jsonl"  # original cases written for the audit (verimed/data/NOTICE.md)
+
+
 def run(args: argparse.Namespace, *, llm: Any = None, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     """Execute ``verimed simulate``; returns the exit status (2 on a usage error)."""
     import msgspec
 
     from verimed.core.config import SimulatorConfig
     from verimed.core.data.cases import load_cases
+    from verimed.core.eval.sim_audit.runner import format_independent
     from verimed.core.simulator.audit import format_report, run_audit
     from verimed.core.simulator.factory import make_backend
     from verimed.cli.interactive import play
@@ -82,10 +105,14 @@ def run(args: argparse.Namespace, *, llm: Any = None, stdin: TextIO | None = Non
                 raise ValueError(f"--audit N must be >= 0, got {args.audit}")
             chosen = cases if args.audit == 0 else cases[: args.audit]
             report = asyncio.run(run_audit(chosen, backend, seed=args.seed, mbti=args.persona))
-            out.write(format_report(report) + "\n")
+            out.write(format_report(report) + "\n\n")
+            independent = _independent_audits(chosen, backend, args)
+            for title, r in independent.items():
+                out.write(format_independent(r, title) + "\n")
             if args.json:
                 Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.json).write_bytes(msgspec.json.format(msgspec.json.encode(report)))
+                Path(args.json).write_bytes(msgspec.json.format(msgspec.json.encode(
+                    {"old": report, "independent": independent})))
                 out.write(f"wrote {args.json}\n")
             return 0
         case = find_case(cases, args.case)

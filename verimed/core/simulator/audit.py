@@ -1,5 +1,8 @@
 """Audit the simulator with a scripted doctor: the paper's privacy, fact and persona metrics.
 
+This is the OLD, circular audit (it reuses the simulator's own tables); the independent
+one is :mod:`verimed.core.eval.sim_audit`. ``verimed simulate --audit N`` prints both.
+
     report = asyncio.run(run_audit(cases[:20], RulesBackend(), seed=0))
     print(format_report(report)); msgspec.json.encode(report)
 
@@ -163,7 +166,7 @@ async def audit_case(case: Case, persona: Persona, backend: SimulatorBackend) ->
         detected = detect_disclosed(text, candidates)
         new = [k for k in detected if k not in known]
         problems: list[str] = []
-        if script.leaks_diagnosis(text) and not _dx_from_results(text, script, legit):
+        if script.leaks_diagnosis(text, probe.text):  # never, not even from an ordered report
             problems.append("privacy: diagnosis")
         problems += [f"privacy: locked {k}" for k in _gated_leaks(text, script, legit)]
         problems += [f"privacy: unprompted {k}" for k in _unprompted(detected, set(new), probe, script, legit)]
@@ -184,13 +187,6 @@ async def audit_case(case: Case, persona: Persona, backend: SimulatorBackend) ->
                                 not any(p.startswith("fact") for p in problems),
                                 not any(p.startswith("persona") for p in problems), problems, vetoed))
     return scores, gate_ok
-
-
-def _dx_from_results(text: str, script: PatientScript, legit: set[str]) -> bool:
-    """Diagnosis words that come from an examined / ordered finding are that finding, not a leak."""
-    source = " ".join(f"{f.label} {f.text}" for f in script.facts if f.kind in legit)
-    return bool(source) and script.diagnosis_stems & set(content_stems(text)) <= set(content_stems(source)) \
-        and not (script.diagnosis_phrase in " ".join(text.lower().split()) and script.diagnosis_phrase not in source.lower())
 
 
 async def run_audit(cases: Sequence[Case], backend: SimulatorBackend, seed: int = 0, mbti: str | None = None,

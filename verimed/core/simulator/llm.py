@@ -26,6 +26,7 @@ from verimed.core.rollout.llm import LLMClient, LLMError
 from verimed.core.simulator.backend import SimulatorBackend, TurnContext
 from verimed.core.simulator.persona import describe
 from verimed.core.simulator.rules import guard, render_reply
+from verimed.core.simulator.script import is_report_line
 from verimed.core.simulator.units import GateDecision, Review, check_reply, rules_gate
 
 _REASONS = ("diagnosis_and_plan", "patient_satisfied", "doctor_closed", "turn_limit")
@@ -168,7 +169,7 @@ class LLMBackend(SimulatorBackend):
             return Review(draft, [], False)
         rewrite = clean_reply(str(verdict.get("rewrite") or ""))
         if rewrite and not check_reply(rewrite, ctx.script, allowed, ctx.state, ctx.intent.text, said):
-            lines = [ln for ln in draft.splitlines() if ln.startswith("[")]
+            lines = [ln for ln in draft.splitlines() if is_report_line(ln)]
             return Review("\n".join([rewrite, *lines]), problems + llm_problems, True)
         fallback = guard(ctx, decision, render_reply(ctx, decision))
         return Review(fallback.text, problems + llm_problems, True)

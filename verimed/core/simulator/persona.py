@@ -22,7 +22,7 @@ from typing import Literal
 
 import msgspec
 
-from verimed.core.simulator.script import parse_speaker
+from verimed.core.simulator.script import is_report_line, parse_speaker
 from verimed.core.simulator.text import normalise, sentences
 from verimed.core.types import Case, Persona
 
@@ -117,6 +117,9 @@ PHRASES: dict[str, tuple[str, ...]] = {
     "exam_ok_e": ("Sure, go ahead!", "Of course, no problem."),
     "exam_ok_i": ("Okay.", "Alright."),
     "test_ok": ("Okay, let's do it.", "Alright, if you think it's needed."),
+    "test_none": ("I haven't had that one done before, so I can't tell you anything about it yet.",
+                  "I don't think I've ever had that one, so there's nothing I can tell you about it."),
+    "exam_none": ("I haven't noticed anything wrong there myself.", "Nothing feels different there to me."),
     "money": ("Will that cost a lot? Money is tight for me right now.", "Is there a cheaper option? I can't afford much."),
     "repeat": ("Like I said, ", "As I mentioned, "),
     "treatment_q": ("What can we do about it?", "What are my options for treatment?"),
@@ -155,7 +158,7 @@ def persona_violations(text: str, persona: Persona) -> list[str]:
 
     Checks the rules phrase bank verbatim, generic worry / money words, and
     length: a reserved (I) persona does not speak more than 4 sentences of its
-    own (bracketed exam/test reports do not count).
+    own (relayed exam/test report lines do not count).
     """
     norm = normalise(text)
     found: set[str] = set()
@@ -166,7 +169,7 @@ def persona_violations(text: str, persona: Persona) -> list[str]:
             norm = norm.replace(variant, " | ")
     found |= {cat for cat, words in _GENERIC_MARKERS.items() if any(f" {w} " in f" {norm} " for w in words)}
     bad = sorted(c for c in found if not _in_character(c, persona))
-    speech = " ".join(line for line in text.splitlines() if not line.lstrip().startswith("["))
+    speech = " ".join(line for line in text.splitlines() if not is_report_line(line))
     if not behaviour(persona).talkative and len(sentences(speech)) > 4:
         bad.append("verbose")
     return bad

@@ -66,9 +66,9 @@ def render_reply(ctx: TurnContext, decision: GateDecision) -> str:
         elif not sel.facts and sel.mode == "ask_results":
             parts.append(say("results_ask"))
         elif not sel.facts and sel.mode == "exam":
-            facts_lines = ["[Examination] No findings are recorded for that examination."]
+            parts.append(say("exam_none"))  # the patient's words, not the case file's ("no findings recorded")
         elif not sel.facts and sel.mode == "tests":
-            facts_lines = ["[Result] No result is recorded for that test."]
+            parts.append(say("test_none"))
     elif sel.mode == "answer":
         lead = say("repeat") if sel.repeat else (say("filler_e") if t.talkative else "")
         spoken = " ".join(_lower_first(f.spoken) if i == 0 and lead else f.spoken for i, f in enumerate(sel.facts))

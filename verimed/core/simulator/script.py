@@ -29,7 +29,8 @@ from typing import Literal
 
 import msgspec
 
-from verimed.core.simulator.text import content_stems, normalise, numbers, sentences, stem
+from verimed.core.simulator.diagnosis import DiagnosisTerms
+from verimed.core.simulator.text import numbers, sentences
 from verimed.core.types import Case
 
 FactKind = Literal[
@@ -47,11 +48,6 @@ _NOT_PROVIDED = re.compile(
     r"|(?:was|were|history) mentioned|(?:information|symptoms) provided)\b",
     re.IGNORECASE,
 )
-# Diagnosis words that say nothing on their own: "chronic kidney failure" leaks
-# through "failure" (if the history never says it), not through "chronic".
-_GENERIC_DX = frozenset(stem(w) for w in """acute chronic disease disorder syndrome reaction type primary secondary
-    infection injury condition severe mild moderate early late left right bilateral unilateral benign related induced
-    with without and associated due""".split())
 
 
 class ScriptError(ValueError):
@@ -124,14 +120,41 @@ def to_first_person(text: str, speaker: Speaker) -> str:
         return _fix_agreement(_capitalise(t))
     t = re.sub(r"\b(?:the )?patient's\b", "my", t, flags=re.I)
     t = re.sub(r"\b(?:the )?patient\b", "I", t, flags=re.I)
-    t = re.sub(r"\b(?:she|he)\b", "I", t, flags=re.I)
-    t = re.sub(r"\b(?:her|his)\b", "my", t, flags=re.I)
-    t = re.sub(r"\b(?:herself|himself)\b", "myself", t, flags=re.I)
-    t = re.sub(r"\bhim\b", "me", t, flags=re.I)
+    t = _own_pronouns(t)
     first = t.split(" ", 1)[0].lower()
     if first in _VERBS_3RD and first not in {"is", "was", "had", "has"}:
         t = "I " + t[0].lower() + t[1:]
     return _fix_agreement(_capitalise(t))
+
+
+_RELATIVE = re.compile(r"\b(?:(mother|mom|mum|sister|wife|daughter|grandmother|aunt|girlfriend|niece)|"
+                       r"(father|dad|brother|husband|son|grandfather|uncle|boyfriend|nephew))\b", re.I)
+_PRONOUN = re.compile(r"\b(she|he|her|his|herself|himself|him)\b", re.I)
+_FIRST = {"she": "I", "he": "I", "her": "my", "his": "my", "herself": "myself", "himself": "myself", "him": "me"}
+
+
+def _own_pronouns(t: str) -> str:
+    """Third-person pronouns that mean the patient -> first person.
+
+    A pronoun after a relative of its gender in the same sentence means that
+    relative ("her mother reports that during pregnancy she had ...") and stays.
+    """
+    out, last = [], 0
+    gender = ""  # gender of the last relative named in this sentence
+    events = sorted([(m.start(), m) for m in _RELATIVE.finditer(t)] + [(m.start(), m) for m in _PRONOUN.finditer(t)]
+                    + [(m.start(), None) for m in re.finditer(r"[.;!?](?:\s|$)", t)], key=lambda e: e[0])
+    for _, m in events:
+        if m is None:
+            gender = ""
+        elif m.re is _RELATIVE:
+            gender = "f" if m.group(1) else "m"
+        else:
+            word = m.group(1).lower()
+            own = "f" if word.startswith(("she", "her")) else "m"
+            if own != gender:
+                out.append(t[last:m.start()] + _FIRST[word])
+                last = m.end()
+    return "".join(out) + t[last:]
 
 
 def _fix_agreement(t: str) -> str:
@@ -165,9 +188,25 @@ def _capitalise(t: str) -> str:
     return t[:1].upper() + t[1:] if t else t
 
 
+_GENERIC_LABEL = re.compile(r"(?i)findings?|results?|values?|others?|interpretation|report|value")
+# Sections that are the case author's notes to the examiner, not findings ("Note", "Not performed but would show").
+_AUTHOR_NOTE_KEY = re.compile(r"(?i)(^|/ )\s*(notes?|remarks?|comments?|scheduled|pending)\s*($| /)")
+_AUTHOR_NOTE_VALUE = re.compile(r"(?i)^\s*(not (performed|done|available|obtained|indicated)|pending|to be (done|performed)|"
+                                r"would show)|\bin the (scenario|case)\b")
+# What a released exam finding / test result line starts with (the patient relays it in plain words).
+EXAM_LINE, TEST_LINE = "On examination, ", "Test result, "
+
+
+def is_report_line(line: str) -> bool:
+    """An exam finding / test result line, not the patient's own speech."""
+    return line.lstrip().startswith((EXAM_LINE, TEST_LINE))
+
+
 def _label(flat_key: str) -> str:
     """"Vital_Signs / Blood_Pressure" -> "Vital signs, blood pressure"."""
-    parts = [p.replace("_", " ").strip() for p in flat_key.split(" / ") if p.strip() and not p.strip().isdigit()]
+    parts = [p.replace("_", " ").strip() for p in flat_key.split(" / ")
+             if p.strip() and not p.strip().isdigit() and not _GENERIC_LABEL.fullmatch(p.strip())]
+    parts = [re.sub(r"(?i)\s+(findings?|results?)$", "", p) for p in parts]
     parts = [p[:1].upper() + p[1:].lower() if not p.isupper() else p for p in parts]
     return ", ".join(parts) or flat_key
 
@@ -185,12 +224,9 @@ class PatientScript:
         spoken_text = " ".join(f.text for f in facts if f.kind in PATIENT_KINDS)
         self.patient_numbers = numbers(spoken_text)
         self.all_numbers = numbers(" ".join(f"{f.label} {f.text}" for f in facts if f.kind != "diagnosis"))
-        dx_stems = [s for s in content_stems(case.diagnosis) if s not in _GENERIC_DX and len(s) > 3]
-        patient_stems = set(content_stems(spoken_text))
-        # Diagnosis words the patient never uses for their own story: saying one leaks the diagnosis.
-        self.diagnosis_stems = frozenset(s for s in dx_stems if s not in patient_stems)
-        self.diagnosis_phrase = normalise(case.diagnosis)
-        self._phrase_in_story = self.diagnosis_phrase in normalise(spoken_text)
+        self.dx = DiagnosisTerms(case)
+        self.diagnosis_stems = self.dx.stems
+        self.diagnosis_phrase = self.dx.phrase
 
     @classmethod
     def from_case(cls, case: Case) -> "PatientScript":
@@ -201,8 +237,12 @@ class PatientScript:
 
         def add(key: str, kind: FactKind, text: str, spoken: str | None = None, label: str = "") -> None:
             text = text.strip()
-            if text and not _is_not_provided(text):
-                facts.append(Fact(key, kind, text, spoken if spoken is not None else to_first_person(text, speaker), label))
+            if not text or _is_not_provided(text):
+                return
+            said = spoken if spoken is not None else to_first_person(text, speaker)
+            said = said if kind in GATED_KINDS else patient_words(said)
+            if said:
+                facts.append(Fact(key, kind, text, said, label))
 
         if case.demographics.strip():
             add("demographics", "demographics", case.demographics, _demographics_spoken(case.demographics, speaker))
@@ -226,10 +266,14 @@ class PatientScript:
             # A list section arrives flattened as "value: a; b" (loader's flatten): drop the placeholder key.
             value = re.sub(r"^value:\s*", "", value.strip())
             _add_sentences(add, f"other/{name}", "other_history", f"{_label(name)}: {value}")
-        for flat, value in case.exam_findings.items():
-            add(f"exam/{flat}", "exam", value, f"[Examination] {_label(flat)}: {value}", _label(flat))
-        for flat, value in case.test_results.items():
-            add(f"test/{flat}", "test", value, f"[Result] {_label(flat)}: {value}", _label(flat))
+        dx = DiagnosisTerms(case)
+        for kind, leaves, lead in (("exam", case.exam_findings, EXAM_LINE), ("test", case.test_results, TEST_LINE)):
+            for flat, value in leaves.items():
+                if _AUTHOR_NOTE_KEY.search(flat) or _AUTHOR_NOTE_VALUE.search(value):
+                    continue
+                # The released line never names the diagnosis, whatever the report says.
+                said = to_first_person(value, speaker) if re.search(r"(?i)\bpatient\b", value) else value
+                add(f"{kind}/{flat}", kind, value, f"{lead}{_label(flat)}: {dx.redact(said)}", _label(flat))
         facts.append(Fact("diagnosis", "diagnosis", case.diagnosis.strip(), "", "Diagnosis"))
         return cls(case, facts, speaker)
 
@@ -242,12 +286,26 @@ class PatientScript:
     def facts_of(self, *kinds: str) -> list[Fact]:
         return [f for f in self.facts if f.kind in kinds]
 
-    def leaks_diagnosis(self, text: str) -> bool:
+    def leaks_diagnosis(self, text: str, said_by_doctor: str = "") -> bool:
         """True if ``text`` names the diagnosis (its phrase, or a word the patient's own story never uses)."""
-        norm = normalise(text)
-        if len(self.diagnosis_phrase) > 3 and self.diagnosis_phrase in norm and not self._phrase_in_story:
-            return True
-        return bool(self.diagnosis_stems & set(content_stems(text)))
+        return bool(self.dx.found(text, said_by_doctor))
+
+
+_AUTHOR_ASIDE = re.compile(r"(?i)should be (explored|assessed|considered|asked|evaluated)|may include|relevant to|"
+                           r"to be determined|\bnot (specified|provided|mentioned|documented|reported)\b|information not|"
+                           r"^\s*(though|but) (details|specifics)")
+
+
+def patient_words(text: str) -> str:
+    """``text`` without the case file's voice: field names ("Alcohol_Use: ...") in plain words, and
+    clauses that are the author's asides ("though specifics are not provided") left out."""
+    text = re.sub(r"\b([A-Za-z]+)_([A-Za-z_]+)\b", lambda m: m.group(0).replace("_", " ").lower(), text)
+    kept = []
+    for sentence in sentences(text):
+        clauses = [c for c in re.split(r"(?<=[;,])\s+", sentence) if not _AUTHOR_ASIDE.search(c)]
+        if clauses:
+            kept.append(_capitalise(" ".join(clauses).rstrip(",; ")).rstrip(".") + ".")
+    return " ".join(kept) if kept else ""
 
 
 def _is_not_provided(text: str) -> bool:
@@ -269,12 +327,36 @@ def _demographics_spoken(demo: str, speaker: Speaker) -> str:
     return f"I'm a {d}." if d[:1].isdigit() else f"I'm a {d[0].lower() + d[1:]}."
 
 
+NEGATED_ITEM = re.compile(r"(?i)\s*(no|not|denies|denied|without|absence of|absent|negative for)\b")
+_CLAUSE = re.compile(r"(?i)\b(is|are|was|were|has|had|does|did)\b")
+
+
 def _symptom_spoken(symptom: str, speaker: Speaker, opening: bool, also: bool = False) -> str:
+    """A listed symptom in the speaker's words; list items that are not noun phrases get their own frame."""
     s = symptom.strip().rstrip(".")
     s = s if s[:2].isupper() else s[:1].lower() + s[1:]
+    subj, have, has = ("My " + speaker.child_noun, "has", "hasn't") if speaker.is_caregiver else ("I", "have", "haven't")
+    s = re.sub(r"(?i)\bthe patient's\b", f"my {speaker.child_noun}'s" if speaker.is_caregiver else "my", s)
+    s = re.sub(r"(?i)\bthe patient\b", f"my {speaker.child_noun}" if speaker.is_caregiver else "me", s)
+    if NEGATED_ITEM.match(s):  # "No vomiting": a denial, not a complaint
+        rest = re.sub(r"(?i)^\s*(no|not|denies|denied|without|absence of|absent|negative for)\s+(any\s+)?", "", s)
+        return f"{subj} {has} had any {rest}."
+    m = re.match(r"(?i)(history of|presence of|recent appearance of|appearance of)\s+(.*)", s)
+    if m:
+        head = m.group(1).lower()
+        verb = f"{subj} {'has' if speaker.is_caregiver else 'have'}"
+        return f"{verb} a history of {m.group(2)}." if head == "history of" else f"{verb} {m.group(2)}."
+    if re.match(r"(?i)(improvement|worsening|exacerbation|relief|increase|decrease|resolution)\b", s):
+        return f"{subj} {'has' if speaker.is_caregiver else 'have'}{' also' if also else ''} noticed {s}." \
+            if speaker.is_caregiver else f"I've{' also' if also else ''} noticed {s}."
+    if re.match(r"(?i)normal\b", s):  # "Normal birth history": a reassurance, not a complaint
+        return f"{subj} {'has' if speaker.is_caregiver else 'have'} had a {s}."
+    if _CLAUSE.search(s) or re.match(r"(?i)recent\b", s):
+        said = to_first_person(s, speaker)
+        said = said if re.match(r"I\b", said) else said[:1].lower() + said[1:]
+        return f"Also, {said}." if also else f"{_capitalise(said)}."
     if speaker.is_caregiver:
-        subj = f"My {speaker.child_noun}"
         return f"{subj} {'also has' if also else 'has been having'} {s}."
     if also:
-        return f"I also have {s}."
+        return f"I also {have} {s}."
     return f"I've been having {s}."

@@ -17,6 +17,7 @@ import msgspec
 
 from verimed.core.simulator.backend import SimulatorBackend, TurnContext
 from verimed.core.simulator.intent import understand
+from verimed.core.simulator.text import sentences
 from verimed.core.simulator.persona import behaviour, validate_mbti
 from verimed.core.simulator.retrieval import Retriever
 from verimed.core.simulator.rules import render_opening
@@ -79,7 +80,7 @@ class PatientSimulator:
             raise SessionClosed(f"{self.case.case_id}: the consultation is closed ({self.state.reason})")
         if not self._turns:
             self.opening()
-        intent = understand(doctor_text)
+        intent = understand_turn(self.script, doctor_text)
         selection = select_facts(intent, self.script, self.state, self.retriever, self.traits)
         ctx = TurnContext(self.script, self.persona, self.traits, self.state, intent, selection,
                           list(self._turns), self.max_turns)
@@ -116,7 +117,7 @@ class PatientSimulator:
                 raise ValueError(f"{case.case_id}: transcript turn {i} is not a doctor/patient pair")
             if sim.state.done:
                 raise ValueError(f"{case.case_id}: transcript continues after the consultation closed")
-            intent = understand(doctor.content)
+            intent = understand_turn(sim.script, doctor.content)
             selection = select_facts(intent, sim.script, sim.state, sim.retriever, sim.traits)
             decision = rules_gate(intent, sim.state, sim.traits, max_turns)
             candidates = [f for f in sim.script.facts if f.kind in PATIENT_KINDS] + selection.facts
@@ -139,6 +140,16 @@ class PatientSimulator:
 
     def _mark_disclosed(self, keys: list[str]) -> None:
         self.state.disclosed += [k for k in keys if k not in self.state.disclosed]
+
+
+def understand_turn(script: PatientScript, doctor_text: str):
+    """:func:`understand` plus what only the case knows: a statement naming this case's diagnosis states it
+    ("So the problem is Osteoclastoma."), whatever words frame it."""
+    intent = understand(doctor_text)
+    if not intent.diagnosis and any(not s.rstrip().endswith("?") and script.leaks_diagnosis(s)
+                                    for s in sentences(doctor_text)):
+        intent = msgspec.structs.replace(intent, diagnosis=True)
+    return intent
 
 
 def detect_disclosed(text: str, candidates) -> list[str]:

@@ -14,14 +14,15 @@ The affective unit (phrasing) lives in the backends (``rules.py``, ``llm.py``).
 from __future__ import annotations
 
 import re
+from itertools import zip_longest
 from typing import Literal
 
 import msgspec
 
 from verimed.core.simulator.intent import EXAM_TARGETS, TOPIC_KINDS, DoctorIntent
 from verimed.core.simulator.persona import PHRASES, Traits
-from verimed.core.simulator.retrieval import Retriever, expand
-from verimed.core.simulator.script import PATIENT_KINDS, Fact, PatientScript
+from verimed.core.simulator.retrieval import Retriever
+from verimed.core.simulator.script import NEGATED_ITEM, PATIENT_KINDS, Fact, PatientScript, is_report_line
 from verimed.core.simulator.text import content_stems, numbers, stem, words
 
 Mode = Literal["answer", "unknown", "exam", "tests", "ask_dx", "ask_results", "greeting", "statement"]
@@ -97,7 +98,10 @@ _PRIMARY_KINDS = {
 _TOPIC_VOCAB = frozenset(stem(w) for w in """family relatives parents mother father anyone smoke smoking drink drinking
     alcohol drugs work job occupation live living married medical problems conditions illnesses surgery surgeries
     hospital allergies pills medications meds prescriptions supplements social life lifestyle home old age
-    health issue issues""".split())
+    health issue issues tablet tablets regularly regular daily remedies remedy vitamins herbal otc counter creams inhalers
+    relatives siblings brothers sisters genetic runs hereditary occupation living alone partner children kids
+    illness illnesses diseases disease chronic long term ongoing previous past significant serious seriously ill
+    operation operations procedure procedures admitted treated""".split())
 
 
 def _topic_facts(script: PatientScript, topic: str) -> list[Fact]:
@@ -110,6 +114,7 @@ def _topic_facts(script: PatientScript, topic: str) -> list[Fact]:
     return out
 
 
+_BROAD_TOPICS = frozenset({"complaint", "course", "symptoms"})
 _TIMING = re.compile(r"\b(\d+|few|several|one|two|three)[- ](hour|day|week|month|year)s?\b(?! of gestation)|\bago\b|\bsince\b|\bbegan\b|"
                      r"\bstarted\b|\bonset\b|history of|for the (past|last)|\bsudden", re.IGNORECASE)
 
@@ -122,32 +127,79 @@ def allowed_kinds(intent: DoctorIntent) -> set[str]:
 def _gated(script: PatientScript, kind: str, cue_stems: tuple[str, ...], targets: tuple[str, ...]) -> list[Fact]:
     """Exam findings for the named body parts (all for a general exam); test results for what was ordered.
 
-    A named exam / test the case has no record of yields nothing (the reply
-    says so) rather than unrelated findings; a generic order yields everything.
+    A named exam / test the case has no record of yields nothing (the patient
+    says so in their own words) rather than unrelated findings; only an order
+    that names no test at all ("let's run some tests") yields everything.
     """
     facts = script.facts_of(kind)
     if kind == "exam":
-        pats = [p for t in targets for p in EXAM_TARGETS[t]]
+        pats = [p for t in targets for p in EXAM_TARGETS.get(t, ())]
         vitals_asked = any(t in ("vital", "blood pressure", "pulse", "temperature") for t in targets)
-        return [f for f in facts if any(p in f.key.lower() for p in pats)
+        if targets and not pats:
+            return []
+        return [f for f in facts if any(_key_has(f.key, p) for p in pats)
                 and (vitals_asked or not f.key.lower().startswith("exam/vital"))] if pats else facts
-    cues = set(expand(cue_stems)) - _GENERIC_TEST_WORDS
-    hit = [f for f in facts if (cues - {"scan", "imag"}) & set(content_stems(f.key))]
-    if not hit and cues & {"scan", "imag"}:
-        hit = [f for f in facts if _IMAGING.search(f.key)]
-    if set(cue_stems) & _BLOOD_WORDS:
-        hit += [f for f in facts if _is_blood_test(f.key) and f not in hit]
-    if hit:
-        return hit
-    return [] if set(cue_stems) & _TEST_NAMES else facts
+    cues = [c for c in dict.fromkeys(cue_stems) if c not in _GENERIC_TEST_WORDS and len(c) > 1]
+    if not cues:
+        return facts
+    if set(cues) <= _GENERIC_BLOOD:  # "blood work", "labs": every blood test (a named panel gets only itself)
+        return [f for f in facts if _is_blood_test(f.key)]
+    if set(cues) <= {"scan", "imag"}:
+        return [f for f in facts if _IMAGING.search(f.key)]
+    return [f for f in facts if _names_test(cues, f)]
 
 
-_GENERIC_TEST_WORDS = frozenset({"test", "lab", "work", "some", "blood", "result", "level", "order", "run", "check"})
+def _key_has(key: str, pattern: str) -> bool:
+    """A body-part pattern in an exam key; short ones only at a word start ("ent" is not in "mental", "ear" not in "heart")."""
+    low = key.lower()
+    return pattern in low if len(pattern) > 4 else re.search(r"(?:^|[^a-z])" + re.escape(pattern), low) is not None
+
+
+def _names_test(cues: list[str], fact: Fact) -> bool:
+    """Most of the order's words are in the fact's key, and its modality (CT, MRI, ...) if it names one."""
+    key = set(content_stems(fact.key.replace("_", " ").replace("/", " ")))
+    key |= {a for s in list(key) for a in _TEST_ALIASES.get(s, ())}
+    has = lambda w: any(_same_word(w, k) for k in key)  # noqa: E731
+    modality = [c for c in cues if c in _MODALITIES]
+    if modality and not any(has(m) for m in modality):
+        return False
+    words = [c for c in cues if c not in _WEAK_TEST_WORDS] or cues
+    hits = sum(has(w) for w in words)
+    return hits > 0 and hits * 5 >= len(words) * 3
+
+
+def _same_word(a: str, b: str) -> bool:
+    """Equal stems, or a long shared start ("echocardiogram" / "echocardiography", not "electrolyte" / "electroencephalogram")."""
+    if a == b:
+        return True
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n >= 7 and n >= 0.8 * min(len(a), len(b))
+
+
+_WEAK_TEST_WORDS = frozenset(stem(w) for w in """function level count panel study serum plasma test exam left right
+    bilateral upper lower""".split())
+_MODALITIES = frozenset(stem(w) for w in """ct mri ray xray radiograph ultrasound sonography echo echocardiogram ecg ekg
+    electrocardiogram eeg electroencephalogram emg biopsy culture smear endoscopy colonoscopy angiography angiogram
+    mammogram spirometry urinalysis swab pcr""".split())
+_TEST_ALIASES = {stem(k): tuple(stem(v) for v in vs) for k, vs in {
+    "ecg": ("ekg", "electrocardiogram"), "ekg": ("ecg", "electrocardiogram"), "electrocardiogram": ("ecg", "ekg"),
+    "eeg": ("electroencephalogram",), "electroencephalogram": ("eeg",), "cbc": ("complete", "blood", "count"),
+    "xray": ("ray", "radiograph"), "ray": ("xray", "radiograph"), "radiograph": ("ray", "xray"),
+    "radiography": ("ray", "xray"), "echo": ("echocardiogram",), "echocardiogram": ("echo",),
+    "echocardiography": ("echo", "echocardiogram"), "ultrasound": ("sonography", "ultrasonography"),
+    "ultrasonography": ("ultrasound",), "abdomen": ("abdominal",), "abdominal": ("abdomen",),
+    "urinalysis": ("urine",), "thyroid": ("tsh",), "tsh": ("thyroid",), "head": ("brain",), "brain": ("head",),
+}.items()}
+
+
+_GENERIC_TEST_WORDS = frozenset({"test", "lab", "work", "some", "result", "level", "order", "run", "check"})
+_GENERIC_BLOOD = frozenset(stem(w) for w in "blood bloods lab labs bloodwork laboratory".split())
 _BLOOD_WORDS = frozenset(stem(w) for w in """blood lab labs cbc count hemoglobin haemoglobin electrolytes chemistry panel
     serum metabolic bloodwork""".split())
-_TEST_NAMES = frozenset(stem(w) for w in """ct mri ray xray x-ray ultrasound echo echocardiogram ecg ekg eeg emg biopsy
-    culture urinalysis urine swab smear endoscopy colonoscopy spirometry scan imaging mammogram angiogram""".split())
-
 
 _IMAGING = re.compile(r"imag|x-?ray|radiog|\bct\b|_ct\b|\bct_|mri|scan|ultraso|sonogra|echocardio|angiogra|mammogra|"
                       r"enema|fluorosc", re.IGNORECASE)
@@ -173,8 +225,8 @@ def select_facts(intent: DoctorIntent, script: PatientScript, state: SessionStat
         return Selection("tests" if intent.tests else "exam", out)
     if intent.exam or intent.tests:
         return Selection("tests" if intent.tests else "exam", [])
-    if intent.asks_diagnosis:
-        return Selection("ask_dx", [])
+    if intent.asks_diagnosis or (intent.is_question and script.leaks_diagnosis(intent.text)):
+        return Selection("ask_dx", [])  # "is it <the diagnosis>?" is asking for it too
     if intent.asks_results:
         unlocked = [script[k] for k in state.unlocked]
         ranked = [f for s, f in retriever.rank(intent.query_stems, unlocked) if s >= STRONG_MATCH]
@@ -198,15 +250,31 @@ def _answer(intent: DoctorIntent, script: PatientScript, state: SessionState, re
         pool += script.facts_of("demographics")
     ranked = retriever.rank(intent.query_stems, pool, intent.text)
     strong = [f for s, f in ranked if s >= STRONG_MATCH]
-    specific = [q for q in intent.query_stems if q not in _TOPIC_VOCAB]
+    # "What made you come in?", "How did it progress?": about the main problem whatever the framing words.
+    about_complaint = bool(intent.topics & {"complaint", "course"})
+    # Only a yes/no question is about one thing ("any asthma?" -> "I don't know"); an open one about a topic
+    # ("what sort of work do you do?") wants the topic, whatever its framing words.
+    specific = [] if about_complaint or not intent.closed else [q for q in intent.query_stems if q not in _TOPIC_VOCAB]
+    if not strong and len(specific) > 1:
+        # "Any fever, weight loss or night sweats?": each item on its own may be in the case.
+        strong = list({f.key: f for q in specific for sc, f in retriever.rank((q,), pool) if sc >= STRONG_MATCH}.values())
     if strong:
         # Facts of the asked-about kinds first, then other strong matches.
         strong.sort(key=lambda f: f.kind not in kinds)
         chosen = strong
+        # "Tell me about any illnesses you've had": a word matched elsewhere, but the topic itself comes first.
+        own = [f for t in sorted(intent.topics - _BROAD_TOPICS) for f in _topic_facts(script, t)]
+        if own and not any(f in own for f in strong):
+            chosen = own + strong
     elif specific:
         return Selection("unknown", [])
     else:
-        chosen = [f for t in sorted(intent.topics) for f in _topic_facts(script, t)]
+        # Specific topics ("...and do you smoke?") in turn, then the broad ones (the story, other symptoms).
+        specific_topics = [_topic_facts(script, t) for t in sorted(intent.topics - _BROAD_TOPICS)]
+        chosen = [f for row in zip_longest(*specific_topics) for f in row if f is not None]
+        broad = intent.topics & _BROAD_TOPICS
+        broad -= {"symptoms"} if "course" in broad else set()  # "has it changed since?" is about the course
+        chosen += [f for t in sorted(broad) for f in _topic_facts(script, t)]
     chosen = list({f.key: f for f in chosen}.values())
     if not chosen:
         return Selection("unknown", [])
@@ -234,6 +302,7 @@ _CONVERSATION_WORDS = """doctor thank thanks hello hi yes yeah sure okay ok alri
     plain words medical terms explain option options cost afford money cheap expensive next step plan treatment
     test tests exam examination result results appointment visit see seen look looking sounds right wrong honestly
     because would could should been have having there here where when what which while other another same"""
+_PHRASE_VARIANTS = sorted({v for vs in PHRASES.values() for v in vs}, key=len, reverse=True)
 _CONVERSATION = frozenset(content_stems(" ".join(v for vs in PHRASES.values() for v in vs) + " " + _CONVERSATION_WORDS))
 
 
@@ -248,16 +317,10 @@ def check_reply(text: str, script: PatientScript, allowed: list[Fact], state: Se
     allowed_text = " ".join(f"{f.label} {f.text}" for f in allowed)
     sources = " ".join((allowed_text, doctor_text, said_before))
     unlocked_text = " ".join(f"{script[k].label} {script[k].text}" for k in state.unlocked)
-    # Diagnosis words are allowed only where an ordered test result itself says them.
-    if script.leaks_diagnosis(text) and not (script.diagnosis_stems & set(content_stems(text))
-                                             <= set(content_stems(unlocked_text + " " + allowed_text))):
+    # Never the diagnosis, whatever unlocked the text that says it (an ordered report included).
+    if script.leaks_diagnosis(text, doctor_text):
         problems.append("diagnosis")
-    ok_numbers = numbers(sources) | script.patient_numbers
-    for f in script.facts:
-        if f.kind in ("exam", "test") and f.key not in state.unlocked and f not in allowed:
-            own = numbers(f.text) - ok_numbers
-            if own and own & numbers(text):
-                problems.append(f"locked {f.kind} {f.key.split('/', 1)[1]}")
+    problems += _locked_findings(text, script, allowed, state, sources)
     known = numbers(sources) | script.patient_numbers | numbers(unlocked_text)
     invented = numbers(text) - known - script.all_numbers
     problems += [f"invented number {n}" for n in sorted(invented)]
@@ -271,19 +334,46 @@ def check_reply(text: str, script: PatientScript, allowed: list[Fact], state: Se
     return list(dict.fromkeys(problems))
 
 
+def _locked_findings(text: str, script: PatientScript, allowed: list[Fact], state: SessionState,
+                     sources: str) -> list[str]:
+    """Exam / test facts not examined / ordered whose own numbers or most of whose own words are in ``text``."""
+    story = " ".join(f.text for f in script.facts if f.kind in PATIENT_KINDS)
+    ok_numbers = numbers(sources) | script.patient_numbers
+    ok_stems = set(content_stems(f"{story} {sources}"))
+    said_numbers, said_stems = numbers(text), set(content_stems(text))
+    out = []
+    for f in script.facts:
+        if f.kind not in ("exam", "test") or f.key in state.unlocked or f in allowed:
+            continue
+        own = numbers(f.text) - ok_numbers
+        distinct = {s for s in content_stems(f.text) if len(s) > 3} - ok_stems - _CONVERSATION
+        hits = distinct & said_stems
+        if (own and own & said_numbers) or (len(hits) >= 2 and 2 * len(hits) >= len(distinct)):
+            out.append(f"locked {f.kind} {f.key.split('/', 1)[1]}")
+    return out
+
+
 def _speech(text: str) -> str:
-    """The patient's own words: bracketed exam/test report lines removed."""
-    return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("["))
+    """The patient's own words: relayed exam / test report lines removed."""
+    return "\n".join(line for line in text.splitlines() if not is_report_line(line))
 
 
 def _contradictions(text: str, script: PatientScript) -> list[str]:
-    """Denials of the case's own symptoms ("I don't have a fever" when the case has fever)."""
+    """Denials of the case's own symptoms ("I don't have a fever" when the case has fever).
+
+    A listed item that is itself negated ("No vomiting") is not a symptom the
+    patient claims, and the persona's stock phrases ("no problem") deny nothing.
+    """
     present = set()
     for f in script.facts_of("chief_complaint", "symptom_primary", "symptom_secondary"):
-        present |= {s for s in content_stems(f.text) if len(s) > 3}
+        if not NEGATED_ITEM.match(f.text):
+            present |= {s for s in content_stems(f.text) if len(s) > 3}
     story = " ".join(words(" ".join(f"{f.text} {f.spoken}" for f in script.facts if f.kind in PATIENT_KINDS)))
     out = []
-    toks = words(_speech(text))
+    speech = _speech(text)
+    for variant in _PHRASE_VARIANTS:
+        speech = speech.replace(variant, " ")
+    toks = words(speech)
     for i, tok in enumerate(toks):
         if _NEGATION.fullmatch(tok):
             window = toks[i + 1:i + 5]
