@@ -33,7 +33,7 @@ from verimed.actors.weight_sync import WeightSyncCoordinator
 from verimed.core.rl.batch import build_train_batch
 from verimed.core.train.checkpoint import LEARNER_SUBDIR, CheckpointError, ControllerState, atomic_checkpoint_dir, latest_checkpoint, load_controller_state, save_controller_state
 from verimed.core.config import Config, ConfigError, to_yaml
-from verimed.core.rollout.llm import OpenAIClient
+from verimed.core.rollout.llm import RoleClient, llm_roles
 from verimed.core.tasks.groups import GroupResult, Roles
 from verimed.core.metrics import MetricsSink
 from verimed.core.models import load_tokenizer, resolve_model_path
@@ -114,12 +114,13 @@ class Controller:
         self.engines = [RolloutActor.options(**options("rollout", i)).remote(cfg, self.model_path, i)
                         for i in range(cfg.placement.rollout.replicas)]
         self.learners = LearnerGroup(cfg, self.model_path, [options("learner", r) for r in range(cfg.placement.learner.replicas)])
-        llm = await self._llm_client(options)
+        llm = await self._llm_clients(options)  # one client per LLM role: its own defaults and counters
         # Rules-backend roles are light: the CPU default gives them num_cpus=0 so they
         # never starve the queue (DESIGN §10); their placement says otherwise on a cluster.
-        self.simulator = SimulatorActor.options(**options("simulator", 0)).remote(cfg.simulator, llm)
-        self.rubric_generator = RubricGeneratorActor.options(**options("rubric_generator", 0)).remote(cfg.rubrics, llm)
-        self.verifier = VerifierActor.options(**options("verifier", 0)).remote(cfg.judge, llm)
+        self.simulator = SimulatorActor.options(**options("simulator", 0)).remote(cfg.simulator, llm["simulator"])
+        self.rubric_generator = RubricGeneratorActor.options(**options("rubric_generator", 0)).remote(
+            cfg.rubrics, llm["rubric_generator"])
+        self.verifier = VerifierActor.options(**options("verifier", 0)).remote(cfg.judge, llm["judge"])
         if reference_needed(cfg):  # with kl_coef 0 in every stage no reference actor exists
             self.reference = ReferenceGroup(cfg, reference_model_path(cfg, self.model_path),
                                             [options("reference", r) for r in range(cfg.placement.reference.replicas)])
@@ -131,29 +132,48 @@ class Controller:
         self.sync = WeightSyncCoordinator(cfg, self.learners, self.engines, self.tokenizer)
         await self.sync.init()
 
-    async def _llm_client(self, options):
-        """The LLMClient of the LLM-backed roles (``llm:`` section), or None when all use rules.
+    async def _llm_clients(self, options) -> dict[str, object]:
+        """The LLMClient of each LLM-backed role (``llm:`` section), None for rules roles.
 
-        ``openai``: an OpenAI-compatible endpoint; ``policy``: the policy engines (the
-        router is shipped to the role actors, its handles are picklable); ``vllm``: a
-        separate engine group serving ``llm.model``, placed with the verifier's resources.
+        ``openai``: an OpenAI-compatible endpoint; ``vllm``: a separate engine group
+        serving ``llm.model``, placed with the verifier's resources (a frozen
+        verifier); ``policy``: the policy engines (allowed, with a warning: the
+        verifier then grades its own student and the reward drifts with the policy).
         """
         cfg = self.cfg
-        if "llm" not in (cfg.simulator.backend, cfg.judge.backend, cfg.rubrics.generator):
-            return None
+        try:
+            users, warning = llm_roles(cfg)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        clients: dict[str, object] = {"simulator": None, "rubric_generator": None, "judge": None}
+        if not users:
+            return clients
+        if warning:
+            print(f"verimed: warning: {warning}", file=sys.stderr)
         if cfg.llm.type == "openai":
-            if not (cfg.llm.base_url and cfg.llm.model):
-                raise ConfigError("llm.type=openai needs llm.base_url and llm.model")
-            return OpenAIClient(cfg.llm.base_url, cfg.llm.model, cfg.llm.api_key_env)
+            from verimed.core.rollout.openai_client import make_openai_client
+
+            try:
+                return {**clients, **{r: make_openai_client(cfg.llm, r, seed=cfg.run.seed) for r in users}}
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         if cfg.llm.type == "policy":
-            return EngineGroupClient(EngineRouter(self.engines))
-        if not cfg.llm.model:
-            raise ConfigError("llm.type=vllm needs llm.model (a local model directory or 'smollm2')")
-        path = resolve_model_path(cfg.llm.model, cfg.model.cache_dir)
-        self.llm_engines = [RolloutActor.options(**options("verifier", i)).remote(cfg, path, 1000 + i)
-                            for i in range(cfg.placement.verifier.replicas)]
-        await asyncio.gather(*[e.ready.remote() for e in self.llm_engines])
-        return EngineGroupClient(EngineRouter(self.llm_engines))
+            group = EngineGroupClient(EngineRouter(self.engines))
+        else:
+            if not cfg.llm.model:
+                raise ConfigError("llm.type=vllm needs llm.model (a local model directory or 'smollm2')")
+            path = resolve_model_path(cfg.llm.model, cfg.model.cache_dir)
+            self.llm_engines = [RolloutActor.options(**options("verifier", i)).remote(cfg, path, 1000 + i)
+                                for i in range(cfg.placement.verifier.replicas)]
+            await asyncio.gather(*[e.ready.remote() for e in self.llm_engines])
+            group = EngineGroupClient(EngineRouter(self.llm_engines))
+        return {**clients, **{r: RoleClient(group, r, cfg.llm.max_tokens, cfg.llm.temperature) for r in users}}
+
+    async def _llm_metrics(self) -> dict[str, float]:
+        """``llm/<role>/<counter>`` (cumulative since the start) from the role actors' clients."""
+        actors = {"judge": self.verifier, "simulator": self.simulator, "rubric_generator": self.rubric_generator}
+        stats = await asyncio.gather(*(a.llm_stats.remote() for a in actors.values()))
+        return {f"llm/{role}/{k}": float(v) for role, s in zip(actors, stats) for k, v in s.items()}
 
     def _placement(self):
         """Placement groups for the plan of ``cfg.placement``; returns ``options(role, replica)``."""
@@ -408,6 +428,7 @@ class Controller:
             "counters/sync_failures": float(self.sync.failures), "counters/engine_restarts": float(self.sync.rejoins),
             **{f"counters/{k}": float(v) for k, v in self.counters.items()},
         })
+        metrics.update(await self._llm_metrics())
         if step_in_stage == self.stages[stage].steps - 1 or self.version == self.cfg.run.steps:
             metrics.update(await self._evaluate(stage))
         return metrics

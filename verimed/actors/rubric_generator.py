@@ -10,6 +10,7 @@ from typing import Any
 
 import ray
 
+from verimed.core.rollout.llm import client_stats
 from verimed.core.rubrics import make_generator
 from verimed.core.types import Case, RubricItem, Turn
 
@@ -17,6 +18,7 @@ from verimed.core.types import Case, RubricItem, Turn
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=2)
 class RubricGeneratorActor:
     def __init__(self, cfg: Any, llm: Any = None):
+        self.llm = llm
         self.generator = make_generator(cfg, llm)
 
     async def generate(self, case: Case, dialogue: list[Turn]) -> list[RubricItem]:
@@ -24,3 +26,7 @@ class RubricGeneratorActor:
 
     def stats(self) -> dict[str, int]:
         return dict(self.generator.stats)
+
+    def llm_stats(self) -> dict[str, int]:
+        """This role's LLM client counters (calls, tokens, retries, errors)."""
+        return client_stats(self.llm)

@@ -15,6 +15,7 @@ from typing import Any
 
 import ray
 
+from verimed.core.rollout.llm import client_stats
 from verimed.core.simulator import PatientReply, SimulatorSessions, make_backend
 from verimed.core.types import Case, Persona, Turn
 
@@ -22,6 +23,7 @@ from verimed.core.types import Case, Persona, Turn
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
 class SimulatorActor:
     def __init__(self, cfg: Any, llm: Any = None):
+        self.llm = llm
         self.core = SimulatorSessions(make_backend(cfg, llm), cfg.max_turns)
 
     async def start(self, session_id: str, case: Case, persona: Persona) -> str:
@@ -41,3 +43,7 @@ class SimulatorActor:
 
     def num_sessions(self) -> int:
         return len(self.core.sessions)
+
+    def llm_stats(self) -> dict[str, int]:
+        """This role's LLM client counters (calls, tokens, retries, errors)."""
+        return client_stats(self.llm)

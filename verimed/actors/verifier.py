@@ -12,6 +12,7 @@ from typing import Any
 
 import ray
 
+from verimed.core.rollout.llm import client_stats
 from verimed.core.rubrics import make_judge
 from verimed.core.types import Judgement, RubricItem, Turn
 
@@ -19,6 +20,7 @@ from verimed.core.types import Judgement, RubricItem, Turn
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=2)
 class VerifierActor:
     def __init__(self, cfg: Any, llm: Any = None):
+        self.llm = llm
         self.judge_impl = make_judge(cfg, llm)
 
     async def judge(self, conversation: list[Turn], response: str, items: list[RubricItem]) -> list[Judgement]:
@@ -32,3 +34,7 @@ class VerifierActor:
 
     def stats(self) -> dict[str, int]:
         return dict(self.judge_impl.stats)
+
+    def llm_stats(self) -> dict[str, int]:
+        """This role's LLM client counters (calls, tokens, retries, errors)."""
+        return client_stats(self.llm)
