@@ -44,7 +44,7 @@ from verimed.core.rl.staleness import AdmissionControl, Ledger, staleness_histog
 from verimed.core.tasks.schedule import Draw, Schedule, stage_at
 from verimed.core.config.stages import StageConfig, effective_config
 from verimed.core.tasks.pools import DataPools
-from verimed.core.eval.stage import evaluate
+from verimed.core.eval.stage import StageEvalRunner, evaluate
 from verimed.core.tasks.single_turn import single_turn_group
 
 
@@ -100,6 +100,7 @@ class Controller:
         self.ref_pending: dict[str, object] = {}
         # Rollout idle time: wall time with no group in flight (generation starved by admission).
         self.rollout_idle_s, self._idle_since = 0.0, time.perf_counter()
+        self.eval_runner = StageEvalRunner(cfg.stage_eval.background)  # stage-end held-out evaluations
 
     # ------------------------------------------------------------ actors
 
@@ -320,6 +321,8 @@ class Controller:
                 every = cfg.run.checkpoint_every
                 if self.version == cfg.run.steps or (every and self.version % every == 0):
                     await self.save_checkpoint()
+            if tail := await self.eval_runner.drain():  # background evaluations still running
+                sink.log(self.version, tail)
         finally:
             producer.cancel()
             report = sink.close()
@@ -431,15 +434,15 @@ class Controller:
         metrics.update(await self._llm_metrics())
         if step_in_stage == self.stages[stage].steps - 1 or self.version == self.cfg.run.steps:
             metrics.update(await self._evaluate(stage))
+        metrics.update(self.eval_runner.ready())
         return metrics
 
     async def _evaluate(self, stage: int) -> dict[str, float]:
-        """Held-out evaluation; a failure is reported and never stops training."""
-        try:
-            return await evaluate(self.roles, self.stage_cfgs[stage], self.pools, stage, self.cfg.stage_eval.max_slices)
-        except Exception as exc:
-            print(f"verimed: stage {stage} evaluation failed ({type(exc).__name__}: {str(exc)[:300]})", file=sys.stderr)
-            return {"eval/failed": 1.0}
+        """Held-out evaluation (concurrent; blocking or beside training, ``stage_eval.background``)."""
+        ev = self.cfg.stage_eval
+        return await self.eval_runner.at_stage_end(
+            lambda: evaluate(self.roles, self.stage_cfgs[stage], self.pools, stage, ev.max_slices, ev.concurrency),
+            self.version)
 
     def _step_metrics(self, results: list[GroupResult], stage: int, step_in_stage: int) -> dict[str, float]:
         rewards = np.asarray([r for res in results for r in res.group.rewards])
