@@ -9,8 +9,11 @@ from git at ``--baseline-commit``, thread per call).
 A judge call is one rubric item of a shipped HealthBench example graded by
 ``LLMJudge`` (real judge prompts, ``--max-tokens`` answer budget, greedy); the
 first ``--calls`` items in example order are graded, one response per example.
-Structured output is off for both clients so they ask the server the same thing.
+Structured output is off for ``old`` and ``new`` so they ask the server the same
+thing; ``new+schema`` asks for the judge's JSON schema (``response_format``).
 Prints one markdown table row per (client, concurrency).
+
+    PYTHONPATH=. .venv/bin/python bench/judge_client.py --concurrency 16 --clients new+schema
 """
 from __future__ import annotations
 
@@ -59,14 +62,21 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=32, help="judge calls per measurement")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--baseline-commit", default="8c572d8", help="commit with the urllib client")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--clients", default="old,new", help="comma list of old, new, new+schema")
     args = parser.parse_args()
-    old = old_client_class(args.baseline_commit)
+    makers = {
+        "old": ("urllib (old)", lambda c: old_client_class(args.baseline_commit)(args.url, args.model)),
+        "new": ("AsyncOpenAI (new)", lambda c: OpenAIClient(args.url, args.model, role="judge", max_concurrency=c,
+                                                            structured_output=False)),
+        "new+schema": ("AsyncOpenAI + JSON schema", lambda c: OpenAIClient(args.url, args.model, role="judge",
+                                                                            max_concurrency=c)),
+    }
     print("| client | concurrency | calls | judge calls/s | ungradable |\n|---|---|---|---|---|")
-    for concurrency in (1, 16):
-        for name, client in (("urllib (old)", old(args.url, args.model)),
-                             ("AsyncOpenAI (new)", OpenAIClient(args.url, args.model, role="judge",
-                                                                max_concurrency=concurrency, structured_output=False))):
-            rate, ungradable = asyncio.run(measure(client, concurrency, args.calls, args.max_tokens))
+    for concurrency in args.concurrency:
+        for key in args.clients.split(","):
+            name, make = makers[key]
+            rate, ungradable = asyncio.run(measure(make(concurrency), concurrency, args.calls, args.max_tokens))
             print(f"| {name} | {concurrency} | {args.calls} | {rate:.2f} | {ungradable} |", flush=True)
 
 

@@ -67,19 +67,20 @@ class OpenAIClient:
         self.stats = dict.fromkeys(COUNTERS, 0)
         self._rng = random.Random(seed)
         self._sleep = asyncio.sleep  # tests record the delays
-        self._loops: dict[int, tuple[openai.AsyncOpenAI, asyncio.Semaphore]] = {}
+        self._session_of: tuple[Any, openai.AsyncOpenAI, asyncio.Semaphore] | None = None  # (loop, client, slots)
 
     def __getstate__(self) -> dict[str, Any]:
         # The HTTP pool and semaphore belong to one process and loop; a copy makes its own.
-        return {**self.__dict__, "_loops": {}, "_sleep": None}
+        return {**self.__dict__, "_session_of": None, "_sleep": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._sleep = asyncio.sleep
 
     def _session(self) -> tuple[openai.AsyncOpenAI, asyncio.Semaphore]:
-        loop_id = id(asyncio.get_running_loop())
-        if loop_id not in self._loops:
+        loop = asyncio.get_running_loop()
+        # By identity, not id(): a new loop may reuse a closed one's address.
+        if self._session_of is None or self._session_of[0] is not loop:
             import httpx2
 
             limits = httpx2.Limits(max_connections=self.max_concurrency,
@@ -87,8 +88,8 @@ class OpenAIClient:
             client = openai.AsyncOpenAI(
                 base_url=self.base_url, api_key=os.environ.get(self.api_key_env) or "EMPTY", max_retries=0,
                 timeout=self.timeout_s, http_client=openai.DefaultAsyncHttpxClient(limits=limits))
-            self._loops = {loop_id: (client, asyncio.Semaphore(self.max_concurrency))}
-        return self._loops[loop_id]
+            self._session_of = (loop, client, asyncio.Semaphore(self.max_concurrency))
+        return self._session_of[1], self._session_of[2]
 
     async def chat(self, messages: list[dict[str, str]], *, max_tokens: int | None = None,
                    temperature: float | None = None, affinity_key: str | None = None,

@@ -3,7 +3,11 @@
 LLM judges (especially small ones) wrap JSON in prose or code fences, use
 single quotes, Python booleans or "yes"/"no". :func:`parse_verdict` accepts
 all of that and returns ``True``/``False`` or :data:`UNGRADABLE`; it never
-raises on any input string (property-tested with hypothesis).
+raises on any input string (property-tested with hypothesis). It never guesses
+(DESIGN §8): a verdict is read only from the answer itself, never from an
+echoed format template, a format example, or words inside the explanation;
+conflicting answers, ``null`` and non-boolean verdicts are ungradable (the judge
+re-asks). ``tests/test_judge_parse.py`` holds the adversarial outputs.
 
     parse_verdict('```json\n{"explanation": "ok", "criteria_met": true}\n```') -> (True, "ok")
     parse_verdict("I cannot tell")                                              -> ("ungradable", "")
