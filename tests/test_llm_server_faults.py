@@ -108,7 +108,12 @@ def test_eval_healthbench_with_an_openai_grader_under_faults(proxy, tmp_path):
 
 
 def test_train_with_every_llm_role_on_the_server_under_faults(proxy, tmp_path):
-    cmd = [sys.executable, "-m", "verimed.cli", "train", "configs/default.yaml", "run.steps=2",
+    # configs/default.yaml with one rubric stage of single-turn consultations: the simulated
+    # patient opens, the llm generator writes the rubric, the llm judge grades every reply.
+    base = (REPO / "configs/default.yaml").read_text().split("\nstages:")[0]
+    config = tmp_path / "llm.yaml"
+    config.write_text(base + "\nstages:\n  - {name: consult1, kind: rubric, steps: 2, data: {cases: 1.0}}\n")
+    cmd = [sys.executable, "-m", "verimed.cli", "train", str(config), "run.steps=2",
            "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_tokens=16", "metrics.wandb=offline",
            "metrics.console=false", f"run.output_dir={tmp_path}", "run.name=llm",
            "judge.backend=llm", "simulator.backend=llm", "rubrics.generator=llm", "rubrics.on_failure=case",
