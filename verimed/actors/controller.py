@@ -431,10 +431,10 @@ class Controller:
             "counters/sync_failures": float(self.sync.failures), "counters/engine_restarts": float(self.sync.rejoins),
             **{f"counters/{k}": float(v) for k, v in self.counters.items()},
         })
-        metrics.update(await self._llm_metrics())
         if step_in_stage == self.stages[stage].steps - 1 or self.version == self.cfg.run.steps:
             metrics.update(await self._evaluate(stage))
         metrics.update(self.eval_runner.ready())
+        metrics.update(await self._llm_metrics())  # after a blocking evaluation: its calls count too
         return metrics
 
     async def _evaluate(self, stage: int) -> dict[str, float]:
