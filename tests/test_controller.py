@@ -6,9 +6,6 @@ and that a parity failure stops the run.
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
-
-import msgspec
 import numpy as np
 import pytest
 
@@ -83,6 +80,7 @@ def controller(tmp_path, tiny_model_path, overrides, engine, learner=None, sync=
     ctl.router, ctl.learners = engine, learner or LearnerDouble()
     ctl.sync = sync or SyncDouble(engine)
     ctl.roles = Roles(simulator=None, rubrics=None, judge=None, generate=ctl._generate, tokenizer=ctl.tokenizer)
+    ctl.simulator = ctl.verifier = ctl.rubric_generator = RoleActorDouble()  # rules roles: no LLM calls
     return ctl
 
 
@@ -142,6 +140,16 @@ def test_per_stage_sampling_settings_reach_the_engine_and_the_learner(tmp_path, 
 class _Remote:
     def __init__(self, fn):
         self.remote = fn
+
+
+class RoleActorDouble:
+    """A simulator / verifier / rubric-generator actor double: only its LLM counters are read."""
+
+    def __init__(self):
+        async def stats():
+            return {}
+
+        self.llm_stats = _Remote(stats)
 
 
 class ParityEngine:

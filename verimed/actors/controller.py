@@ -32,11 +32,11 @@ from verimed.actors.learner import LearnerGroup
 from verimed.actors.logs import with_log_file
 from verimed.actors.rollout import EngineGroupClient, EngineRouter, RolloutActor
 from verimed.actors.weight_sync import WeightSyncCoordinator
-from verimed.core.cluster.roles import llm_clients, llm_engine_roles
+from verimed.core.cluster.roles import llm_engine_roles
 from verimed.core.config import Config, ConfigError, reference_needed, to_yaml
 from verimed.core.config.placement import ROLES
 from verimed.core.config.stages import StageConfig, effective_config
-from verimed.core.eval.stage import evaluate
+from verimed.core.eval.stage import StageEvalRunner, evaluate
 from verimed.core.metrics import MetricsSink
 from verimed.core.models import load_tokenizer, resolve_model_path
 from verimed.core.rl.batch import build_train_batch
@@ -48,7 +48,7 @@ from verimed.core.rl.staleness import (
     staleness_histogram,
     staleness_stats,
 )
-from verimed.core.rollout.llm import OpenAIClient
+from verimed.core.rollout.llm import RoleClient, llm_roles
 from verimed.core.tasks.dialogue import dialogue_slices
 from verimed.core.tasks.groups import GroupResult, Roles
 from verimed.core.tasks.pools import DataPools
@@ -123,6 +123,7 @@ class Controller:
         self.ref_pending: dict[str, object] = {}
         # Rollout idle time: wall time with no group in flight (generation starved by admission).
         self.rollout_idle_s, self._idle_since = 0.0, time.perf_counter()
+        self.eval_runner = StageEvalRunner(cfg.stage_eval.background)  # stage-end held-out evaluations
 
     # ------------------------------------------------------------ actors
 
@@ -137,13 +138,13 @@ class Controller:
         self.engines = [RolloutActor.options(**options("rollout", i)).remote(cfg, self.model_path, i)
                         for i in range(cfg.placement.rollout.replicas)]
         self.learners = LearnerGroup(cfg, self.model_path, [options("learner", r) for r in range(cfg.placement.learner.replicas)])
-        llm = await self._llm_client(options)
+        llm = await self._llm_clients(options)  # one client per LLM role: its own defaults and counters
         # Rules-backend roles are light: the CPU default gives them num_cpus=0 so they
         # never starve the queue (DESIGN §10); their placement says otherwise on a cluster.
-        self.simulator = SimulatorActor.options(**options("simulator", 0)).remote(cfg.simulator, llm.get("simulator"))
+        self.simulator = SimulatorActor.options(**options("simulator", 0)).remote(cfg.simulator, llm["simulator"])
         self.rubric_generator = RubricGeneratorActor.options(**options("rubric_generator", 0)).remote(
-            cfg.rubrics, llm.get("rubric_generator"))
-        self.verifier = VerifierActor.options(**options("verifier", 0)).remote(cfg.judge, llm.get("verifier"))
+            cfg.rubrics, llm["rubric_generator"])
+        self.verifier = VerifierActor.options(**options("verifier", 0)).remote(cfg.judge, llm["judge"])
         if reference_needed(cfg):  # with kl_coef 0 in every stage no reference actor exists
             self.reference = ReferenceGroup(cfg, reference_model_path(cfg, self.model_path),
                                             [options("reference", r) for r in range(cfg.placement.reference.replicas)])
@@ -155,36 +156,55 @@ class Controller:
         self.sync = WeightSyncCoordinator(cfg, self.learners, self.engines, self.tokenizer, router=self.router)
         await self.sync.init()
 
-    async def _llm_client(self, options) -> dict:
-        """Each LLM-backed client role's LLMClient (``llm:`` section); empty when all use rules.
+    async def _llm_clients(self, options) -> dict[str, object]:
+        """The LLMClient of each LLM-backed role (``llm:`` section), None for rules roles.
 
-        ``openai``: an OpenAI-compatible endpoint; ``policy``: the policy engines (the
-        router is shipped to the role actors, its handles are picklable); ``vllm``: engine
-        groups serving ``llm.model`` on their own placement roles, ``simulator_engine`` and
-        ``verifier_engine`` (``verimed/core/cluster/roles.py:llm_engine_roles``).
+        ``openai``: an OpenAI-compatible endpoint (one pooled, retried, counted client per
+        role); ``vllm``: engine groups serving ``llm.model`` on their own placement roles,
+        ``simulator_engine`` and ``verifier_engine`` (``verimed/core/cluster/roles.py:
+        llm_engine_roles``) — a frozen verifier; ``policy``: the policy engines (allowed,
+        with a warning: the verifier then grades its own student and the reward drifts).
+        Each role gets a :class:`RoleClient` with its defaults and counters.
         """
         cfg = self.cfg
-        clients = llm_clients(cfg)
-        if not clients:
-            return {}
+        try:
+            users, warning = llm_roles(cfg)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        clients: dict[str, object] = {"simulator": None, "rubric_generator": None, "judge": None}
+        if not users:
+            return clients
+        if warning:
+            print(f"verimed: warning: {warning}", file=sys.stderr)
         if cfg.llm.type == "openai":
-            if not (cfg.llm.base_url and cfg.llm.model):
-                raise ConfigError("llm.type=openai needs llm.base_url and llm.model")
-            return dict.fromkeys(clients, OpenAIClient(cfg.llm.base_url, cfg.llm.model, cfg.llm.api_key_env))
+            from verimed.core.rollout.openai_client import make_openai_client
+
+            try:
+                return {**clients, **{r: make_openai_client(cfg.llm, r, seed=cfg.run.seed) for r in users}}
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         if cfg.llm.type == "policy":
-            return dict.fromkeys(clients, EngineGroupClient(EngineRouter(self.engines)))
-        if not cfg.llm.model:
-            raise ConfigError("llm.type=vllm needs llm.model (a local model directory or 'smollm2')")
-        path = resolve_model_path(cfg.llm.model, cfg.model.cache_dir)
-        serving = llm_engine_roles(cfg)
-        # Engine "replica" numbers seed sampling and name pid files: distinct from the policy engines'.
-        groups = {role: [RolloutActor.options(**options(role, i)).remote(cfg, path, 1000 * ROLES.index(role) + i, role)
-                         for i in range(getattr(cfg.placement, role).replicas)]
-                  for role in sorted(set(serving.values()))}
-        self.llm_engines = [e for engines in groups.values() for e in engines]
-        await asyncio.gather(*[e.ready.remote() for e in self.llm_engines])
-        routed = {role: EngineGroupClient(EngineRouter(engines)) for role, engines in groups.items()}
-        return {client: routed[role] for client, role in serving.items()}
+            groups = dict.fromkeys(users, EngineGroupClient(EngineRouter(self.engines)))
+        else:
+            if not cfg.llm.model:
+                raise ConfigError("llm.type=vllm needs llm.model (a local model directory or 'smollm2')")
+            path = resolve_model_path(cfg.llm.model, cfg.model.cache_dir)
+            serving = llm_engine_roles(cfg)  # client role ("verifier" hosts the judge) -> engine role
+            # Engine "replica" numbers seed sampling and name pid files: distinct from the policy engines'.
+            engines = {role: [RolloutActor.options(**options(role, i)).remote(cfg, path, 1000 * ROLES.index(role) + i, role)
+                              for i in range(getattr(cfg.placement, role).replicas)]
+                       for role in sorted(set(serving.values()))}
+            self.llm_engines = [e for group in engines.values() for e in group]
+            await asyncio.gather(*[e.ready.remote() for e in self.llm_engines])
+            routed = {role: EngineGroupClient(EngineRouter(group)) for role, group in engines.items()}
+            groups = {r: routed[serving["verifier" if r == "judge" else r]] for r in users}
+        return {**clients, **{r: RoleClient(groups[r], r, cfg.llm.max_tokens, cfg.llm.temperature) for r in users}}
+
+    async def _llm_metrics(self) -> dict[str, float]:
+        """``llm/<role>/<counter>`` (cumulative since the start) from the role actors' clients."""
+        actors = {"judge": self.verifier, "simulator": self.simulator, "rubric_generator": self.rubric_generator}
+        stats = await asyncio.gather(*(a.llm_stats.remote() for a in actors.values()))
+        return {f"llm/{role}/{k}": float(v) for role, s in zip(actors, stats) for k, v in s.items()}
 
     def _placement(self):
         """Placement groups for the plan of ``cfg.placement``; returns ``options(role, replica[, log name])``."""
@@ -353,6 +373,8 @@ class Controller:
                 every = cfg.run.checkpoint_every
                 if self.version == cfg.run.steps or (every and self.version % every == 0):
                     await self.save_checkpoint()
+            if tail := await self.eval_runner.drain():  # background evaluations still running
+                sink.log(self.version, tail)
         finally:
             producer.cancel()
             report = sink.close()
@@ -494,15 +516,16 @@ class Controller:
         })
         if step_in_stage == self.stages[stage].steps - 1 or self.version == self.cfg.run.steps:
             metrics.update(await self._evaluate(stage))
+        metrics.update(self.eval_runner.ready())
+        metrics.update(await self._llm_metrics())  # after a blocking evaluation: its calls count too
         return metrics
 
     async def _evaluate(self, stage: int) -> dict[str, float]:
-        """Held-out evaluation; a failure is reported and never stops training."""
-        try:
-            return await evaluate(self.roles, self.stage_cfgs[stage], self.pools, stage, self.cfg.stage_eval.max_slices)
-        except Exception as exc:
-            print(f"verimed: stage {stage} evaluation failed ({type(exc).__name__}: {str(exc)[:300]})", file=sys.stderr)
-            return {"eval/failed": 1.0}
+        """Held-out evaluation (concurrent; blocking or beside training, ``stage_eval.background``)."""
+        ev = self.cfg.stage_eval
+        return await self.eval_runner.at_stage_end(
+            lambda: evaluate(self.roles, self.stage_cfgs[stage], self.pools, stage, ev.max_slices, ev.concurrency),
+            self.version)
 
     def _step_metrics(self, results: list[GroupResult], stage: int, step_in_stage: int) -> dict[str, float]:
         rewards = np.asarray([r for res in results for r in res.group.rewards])

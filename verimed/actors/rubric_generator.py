@@ -11,7 +11,7 @@ from typing import Any
 import ray
 
 from verimed.actors.logs import redirect_output
-
+from verimed.core.rollout.llm import client_stats
 from verimed.core.rubrics import make_generator
 from verimed.core.types import Case, RubricItem, Turn
 
@@ -20,6 +20,7 @@ from verimed.core.types import Case, RubricItem, Turn
 class RubricGeneratorActor:
     def __init__(self, cfg: Any, llm: Any = None):
         redirect_output()  # first: all later output, child processes included, goes to its log file
+        self.llm = llm
         self.generator = make_generator(cfg, llm)
 
     async def generate(self, case: Case, dialogue: list[Turn]) -> list[RubricItem]:
@@ -27,3 +28,7 @@ class RubricGeneratorActor:
 
     def stats(self) -> dict[str, int]:
         return dict(self.generator.stats)
+
+    def llm_stats(self) -> dict[str, int]:
+        """This role's LLM client counters (calls, tokens, retries, errors)."""
+        return client_stats(self.llm)

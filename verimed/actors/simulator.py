@@ -16,7 +16,7 @@ from typing import Any
 import ray
 
 from verimed.actors.logs import redirect_output
-
+from verimed.core.rollout.llm import client_stats
 from verimed.core.simulator import PatientReply, SimulatorSessions, make_backend
 from verimed.core.types import Case, Persona, Turn
 
@@ -25,6 +25,7 @@ from verimed.core.types import Case, Persona, Turn
 class SimulatorActor:
     def __init__(self, cfg: Any, llm: Any = None):
         redirect_output()  # first: all later output, child processes included, goes to its log file
+        self.llm = llm
         self.core = SimulatorSessions(make_backend(cfg, llm), cfg.max_turns)
 
     async def start(self, session_id: str, case: Case, persona: Persona) -> str:
@@ -44,3 +45,7 @@ class SimulatorActor:
 
     def num_sessions(self) -> int:
         return len(self.core.sessions)
+
+    def llm_stats(self) -> dict[str, int]:
+        """This role's LLM client counters (calls, tokens, retries, errors)."""
+        return client_stats(self.llm)

@@ -13,7 +13,7 @@ from typing import Any
 import ray
 
 from verimed.actors.logs import redirect_output
-
+from verimed.core.rollout.llm import client_stats
 from verimed.core.rubrics import make_judge
 from verimed.core.types import Judgement, RubricItem, Turn
 
@@ -22,6 +22,7 @@ from verimed.core.types import Judgement, RubricItem, Turn
 class VerifierActor:
     def __init__(self, cfg: Any, llm: Any = None):
         redirect_output()  # first: all later output, child processes included, goes to its log file
+        self.llm = llm
         self.judge_impl = make_judge(cfg, llm)
 
     async def judge(self, conversation: list[Turn], response: str, items: list[RubricItem]) -> list[Judgement]:
@@ -35,3 +36,7 @@ class VerifierActor:
 
     def stats(self) -> dict[str, int]:
         return dict(self.judge_impl.stats)
+
+    def llm_stats(self) -> dict[str, int]:
+        """This role's LLM client counters (calls, tokens, retries, errors)."""
+        return client_stats(self.llm)

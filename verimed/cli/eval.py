@@ -10,7 +10,8 @@ grade every rubric item, and score exactly as the reference (simple-evals).
 "smollm2") or ``openai:MODEL`` (an OpenAI-compatible endpoint: ``--grader-url``,
 key from ``$OPENAI_API_KEY``). Outputs under ``--out``: ``responses.jsonl``
 (sampled replies), ``gradings.jsonl`` (one line per graded example, appended as
-they finish), ``results.json`` and ``report.md``. ``--resume`` re-uses finished
+they finish), ``items.jsonl`` (one line per rubric item with the raw judge
+output), ``results.json`` and ``report.md``. ``--resume`` re-uses finished
 responses and gradings. Ray-free; heavy imports happen after argument parsing.
 """
 from __future__ import annotations
@@ -41,7 +42,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-mb", type=int, default=512, help="vLLM KV-cache bound per engine")
     parser.add_argument("--judge-retries", type=int, default=2, help="re-asks on unparseable grader output")
     parser.add_argument("--judge-max-tokens", type=int, default=256)
-    parser.add_argument("--concurrency", type=int, default=32, help="requests in flight per engine")
+    parser.add_argument("--concurrency", type=int, default=32, help="requests in flight per engine / grader endpoint")
+    parser.add_argument("--grader-timeout", type=float, default=120.0, help="openai grader: seconds per request")
+    parser.add_argument("--grader-retries", type=int, default=4,
+                        help="openai grader: retries of 429/5xx/timeouts/resets/malformed replies")
+    parser.add_argument("--grader-backoff", type=float, default=0.5, help="openai grader: first backoff in seconds")
+    parser.add_argument("--judge-cache", default=None,
+                        help="openai grader: JSONL answer cache; re-grading the same completions costs no call")
     parser.add_argument("--skip-invalid", action="store_true", help="skip (and count) malformed records")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap / sampling seed")
     parser.add_argument("--worst", type=int, default=5, help="lowest-scoring examples shown in the report")
@@ -55,6 +62,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError("--max-tokens must be >= 1 and smaller than --max-model-len")
     if args.grader != "rules" and not args.grader.startswith(("vllm:", "openai:")):
         raise ValueError(f"--grader must be rules, vllm:MODEL or openai:MODEL, got {args.grader!r}")
+    if args.grader_timeout <= 0 or args.grader_retries < 0 or args.grader_backoff <= 0:
+        raise ValueError("--grader-timeout and --grader-backoff must be > 0, --grader-retries >= 0")
     if args.grader.endswith(":"):
         raise ValueError(f"--grader {args.grader!r}: missing model name after ':'")
 

@@ -48,9 +48,9 @@ def _llm_client(args: argparse.Namespace) -> Any:
     """An OpenAI-compatible client from the flags (engine-group clients need a cluster: use the trainer)."""
     if not (args.llm_base_url and args.llm_model):
         raise ValueError("--backend llm needs --llm-base-url and --llm-model (an OpenAI-compatible endpoint)")
-    from verimed.core.rollout.llm import OpenAIClient
+    from verimed.core.rollout.openai_client import OpenAIClient
 
-    return OpenAIClient(args.llm_base_url, args.llm_model)
+    return OpenAIClient(args.llm_base_url, args.llm_model, role="simulator")
 
 
 def _independent_audits(cases: list, backend: Any, args: argparse.Namespace) -> dict[str, Any]:

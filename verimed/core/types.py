@@ -110,13 +110,16 @@ class Judgement(msgspec.Struct, frozen=True):
     """The verifier's verdict on one rubric item for one response.
 
     ``met`` is None when the item could not be graded after all retries
-    (counted, and left out of the response's normaliser).
+    (counted, and left out of the response's normaliser). ``raw`` is the judge's
+    output the verdict was read from (the last attempt's output, or the client
+    error, when ungradable), so every score can be audited; empty for the rules judge.
     """
 
     item_index: int
     met: bool | None
     explanation: str = ""
     attempts: int = 1
+    raw: str = ""
 
 
 # ---------------------------------------------------------------- RL samples

@@ -73,23 +73,44 @@ class RubricConfig(Section):
     required_dimensions: tuple[str, ...] = ("diagnostic_accuracy", "consultation_logic", "ethics_safety")
     # After max_retries: "raise" (reported, the group fails and is refilled) or fall back to the case rubric.
     on_failure: Literal["raise", "case"] = "raise"
+    # Answer budget of the llm generator (a rubric of 5-12 items is long); null = llm.max_tokens.
+    max_tokens: PositiveInt | None = 1024
 
 
 class JudgeConfig(Section):
     backend: Literal["rules", "llm"] = "rules"
     max_retries: NonNegInt = 2  # re-asks on unparseable judge output
-    max_tokens: PositiveInt = 256  # judge answer budget (llm backend)
+    # Judge answer budget (llm backend); null = llm.max_tokens. The role key wins over llm.*.
+    max_tokens: PositiveInt | None = None
 
 
 class LLMConfig(Section):
-    """Where LLM-backed simulator / rubric / judge roles send prompts."""
+    """Where LLM-backed simulator / rubric / judge roles send prompts.
 
-    type: Literal["policy", "vllm", "openai"] = "policy"
+    ``type`` picks the backend: ``vllm`` (a separate engine group of this cluster
+    serving ``model``, placed as ``placement.verifier``), ``openai`` (an
+    OpenAI-compatible endpoint at ``base_url`` serving ``model``) or ``policy``
+    (the policy engines being trained: the verifier then drifts with the policy,
+    so it is never the default and a warning says so). Unset (null) is an error
+    when a role uses ``llm``. Each role gets its own client and counters
+    (``llm/<role>/<counter>`` in the step metrics).
+    """
+
+    type: Literal["policy", "vllm", "openai"] | None = None
     model: str | None = None  # model path (vllm) or name (openai)
     base_url: str | None = None  # openai-compatible endpoint
     api_key_env: str = "OPENAI_API_KEY"  # env var holding the key (never logged)
-    max_tokens: PositiveInt = 256
-    temperature: NonNegFloat = 0.0
+    # Defaults of every LLM role; a role's own key (judge.max_tokens, rubrics.max_tokens) wins.
+    max_tokens: PositiveInt = 256  # answer tokens per call
+    temperature: NonNegFloat = 0.0  # 0 = greedy
+    # openai backend only: per role client (judge, simulator, rubric generator).
+    max_concurrency: PositiveInt = 16  # requests in flight (also the HTTP connection pool size)
+    timeout_s: PositiveFloat = 120.0  # per request; a slower reply is retried
+    max_retries: NonNegInt = 4  # retries of 408/409/429/5xx, timeouts, resets, malformed bodies
+    backoff_base_s: PositiveFloat = 0.5  # retry k waits base * 2**k * U[0.5, 1] (capped), or Retry-After
+    backoff_max_s: PositiveFloat = 30.0
+    structured_output: bool = True  # ask for JSON-schema output where a schema exists (judge)
+    cache_path: str | None = None  # JSONL answer cache keyed by model + messages + budget; null = off
 
 
 class GRPOConfig(Section):

@@ -96,6 +96,10 @@ class StageEvalConfig(Section):
     healthbench: NonNegInt = 8  # HealthBench examples held out and scored with their rubrics
     consultations: NonNegInt = 4  # held-out cases played with the simulator, scored by the last slice's rubric
     max_slices: PositiveInt = 3  # doctor turns per held-out consultation
+    concurrency: PositiveInt = 8  # held-out examples / consultations evaluated at once
+    # Run the evaluation beside training (metrics logged at the first step after it ends);
+    # false blocks the step loop while it runs, so every turn uses the stage-end weights.
+    background: bool = False
 
 
 # ------------------------------------------------------------------ validation

@@ -6,6 +6,7 @@ Record shape: ``{"prompt": [{"role", "content"}...], "prompt_id",
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,8 @@ def parse_healthbench(record: dict[str, Any], line_no: int) -> HealthBenchExampl
         if not isinstance(rub, dict):
             raise RecordError(where, f"expected object, got {type(rub).__name__}")
         points = require(rub, "points", (int, float), where)
-        if isinstance(points, bool) or points != int(points) or not -10 <= points <= 10:
+        # NaN / Infinity (accepted by JSON parsers) fail here, before int() could raise bare.
+        if isinstance(points, bool) or not math.isfinite(points) or points != int(points) or not -10 <= points <= 10:
             raise RecordError(f"{where}.points", f"expected an integer in [-10, 10], got {points!r}")
         tags = rub.get("tags", [])
         if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
@@ -62,5 +64,16 @@ def parse_healthbench(record: dict[str, Any], line_no: int) -> HealthBenchExampl
 def load_healthbench(
     path: str | Path | None = None, skip_invalid: bool = False
 ) -> tuple[list[HealthBenchExample], LoadReport]:
-    """Load HealthBench examples (default: the 50 shipped examples)."""
-    return read_jsonl(path or shipped(DEFAULT_HEALTHBENCH), parse_healthbench, skip_invalid)
+    """Load HealthBench examples (default: the 50 shipped examples). A repeated
+    ``prompt_id`` is a record error (``file:line: prompt_id: ...``): responses and
+    gradings are keyed by it, so two examples sharing one would overwrite each other."""
+    first_line: dict[str, int] = {}
+
+    def parse_unique(record: dict[str, Any], line_no: int) -> HealthBenchExample:
+        example = parse_healthbench(record, line_no)
+        if example.prompt_id in first_line:
+            raise RecordError("prompt_id", f"{example.prompt_id!r} repeats line {first_line[example.prompt_id]}")
+        first_line[example.prompt_id] = line_no
+        return example
+
+    return read_jsonl(path or shipped(DEFAULT_HEALTHBENCH), parse_unique, skip_invalid)

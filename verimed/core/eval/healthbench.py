@@ -6,7 +6,8 @@ healthbench`` (:mod:`verimed.cli.eval`), which documents the flags of :class:`Ev
 
 Outputs under ``settings.out``: ``responses.jsonl`` (sampled replies),
 ``gradings.jsonl`` (one line per graded example, appended as they finish),
-``results.json`` and ``report.md``; ``resume`` re-uses finished responses and
+``items.jsonl`` (one line per graded rubric item with the raw judge output),
+``results.json`` (with the grader client's counters) and ``report.md``; ``resume`` re-uses finished responses and
 gradings. Ray-free; torch / vLLM are imported only when an engine starts.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, Callable, Sequence
 import msgspec
 
 from verimed.core.data.healthbench import HealthBenchExample, load_healthbench
+from verimed.core.eval.audit import check_judgements, item_lines
 from verimed.core.rubrics.scoring import Aggregate, aggregate, example_metrics, response_score
 from verimed.core.types import Judgement
 
@@ -44,6 +46,10 @@ class EvalSettings(msgspec.Struct, frozen=True, kw_only=True):
     judge_retries: int = 2
     judge_max_tokens: int = 256
     concurrency: int = 32
+    grader_timeout: float = 120.0  # seconds per openai grader request
+    grader_retries: int = 4  # openai grader: retries of 429/5xx/timeouts/resets/malformed replies
+    grader_backoff: float = 0.5  # openai grader: first retry's backoff (seconds)
+    judge_cache: str | None = None  # openai grader: JSONL answer cache (re-grading costs no call)
     skip_invalid: bool = False
     seed: int = 0
     worst: int = 5
@@ -133,9 +139,12 @@ def _make_judge(settings: EvalSettings, engines: Engines) -> Any:
         return RulesJudge()
     kind, _, model = settings.grader.partition(":")
     if kind == "openai":
-        from verimed.core.rollout.llm import OpenAIClient
+        from verimed.core.rollout.openai_client import OpenAIClient
 
-        client: Any = OpenAIClient(settings.grader_url, model)
+        client: Any = OpenAIClient(settings.grader_url, model, role="judge", max_tokens=settings.judge_max_tokens,
+                                   max_concurrency=settings.concurrency, timeout_s=settings.grader_timeout,
+                                   max_retries=settings.grader_retries, backoff_base_s=settings.grader_backoff,
+                                   cache_path=settings.judge_cache, seed=settings.seed)
     else:
         from verimed.core.rollout.llm import EngineClient
 
@@ -169,17 +178,23 @@ class Grading(msgspec.Struct):
     metrics: dict[str, float]
     judgements: list[Judgement]
     example_tags: list[str]
+    missing_judgements: int = 0  # items the judge returned nothing for (graded as ungradable)
+    duplicate_judgements: int = 0  # extra judgements for one item (merged, or ungradable when they disagree)
 
 
 async def grade_all(examples: Sequence[HealthBenchExample], responses: dict[str, str], judge: Any,
-                    sink: Any, progress: Any) -> list[Grading]:
+                    sink: Any, progress: Any, items_sink: Any = None) -> list[Grading]:
     encoder = msgspec.json.Encoder()
 
     async def one(ex: HealthBenchExample) -> Grading:
         response = responses[ex.prompt_id]
-        judgements = await judge.judge(ex.messages, response, ex.rubric)
+        judgements, missing, duplicates = check_judgements(ex.rubric, await judge.judge(ex.messages, response, ex.rubric))
         grading = Grading(ex.prompt_id, response, response_score(ex.rubric, judgements),
-                          example_metrics(ex.rubric, judgements, ex.example_tags), judgements, ex.example_tags)
+                          example_metrics(ex.rubric, judgements, ex.example_tags), judgements, ex.example_tags,
+                          missing, duplicates)
+        if items_sink is not None:
+            items_sink.writelines(item_lines(ex.prompt_id, ex.rubric, judgements))
+            items_sink.flush()
         sink.write(encoder.encode(grading).decode() + "\n")
         sink.flush()  # a crash keeps every finished grading for --resume
         progress.update(1)
@@ -235,7 +250,9 @@ def render_report(agg: Aggregate, gradings: Sequence[Grading], examples: dict[st
         "# HealthBench evaluation", "",
         *(f"- {k}: `{v}`" for k, v in settings.items()),
         f"- examples graded: {len(gradings)} (scored {agg.n_samples}, undefined score {agg.n_unscored})",
-        f"- rubric items graded: {items} (ungradable, left out of normalisers: {ungradable})", "",
+        f"- rubric items graded: {items} (ungradable, left out of normalisers: {ungradable}; of which the judge "
+        f"returned none: {sum(g.missing_judgements for g in gradings)}; duplicate judgements: "
+        f"{sum(g.duplicate_judgements for g in gradings)})", "",
         f"**Overall score: {fmt_score(agg.overall)} ± {fmt_score(agg.bootstrap_std)}** (mean clipped to [0, 1], "
         "bootstrap std over 1,000 resamples)", "",
     ]
@@ -267,6 +284,9 @@ def results_dict(agg: Aggregate, gradings: Sequence[Grading], settings: dict[str
         "n_samples": agg.n_samples,
         "n_unscored": agg.n_unscored,
         "ungradable_items": sum(j.met is None for g in gradings for j in g.judgements),
+        "graded_items": sum(j.met is not None for g in gradings for j in g.judgements),
+        "missing_judgements": sum(g.missing_judgements for g in gradings),
+        "duplicate_judgements": sum(g.duplicate_judgements for g in gradings),
         "metrics": msgspec.to_builtins(agg.metrics),
         "examples": [{"prompt_id": g.prompt_id, "score": g.score} for g in gradings],
     }
@@ -285,8 +305,8 @@ async def evaluate_healthbench(settings: EvalSettings, progress: Progress) -> tu
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     if not settings.resume:
-        (out / "responses.jsonl").unlink(missing_ok=True)
-        (out / "gradings.jsonl").unlink(missing_ok=True)
+        for name in ("responses.jsonl", "gradings.jsonl", "items.jsonl"):
+            (out / name).unlink(missing_ok=True)
     engines = Engines(settings)
     try:
         return await _sample_and_grade(settings, examples, report.path, report.skipped, out, engines, progress)
@@ -317,18 +337,22 @@ async def _sample_and_grade(settings: EvalSettings, examples: list[HealthBenchEx
         responses.setdefault(pid, g.response)
 
     to_grade = [ex for ex in examples if ex.prompt_id not in done]
+    llm_stats: dict[str, int] = {}
     if to_grade:
         judge = _make_judge(settings, engines)
-        with gradings_path.open("a", encoding="utf-8") as sink, \
-                progress(len(to_grade), "grading") as bar:
-            for g in await grade_all(to_grade, responses, judge, sink, bar):
+        with gradings_path.open("a", encoding="utf-8") as sink, (out / "items.jsonl").open("a", encoding="utf-8") \
+                as items_sink, progress(len(to_grade), "grading") as bar:
+            for g in await grade_all(to_grade, responses, judge, sink, bar, items_sink):
                 done[g.prompt_id] = g
+        llm_stats = {**getattr(judge, "stats", {}), **{f"client_{k}": v for k, v in
+                                                       getattr(getattr(judge, "llm", None), "stats", {}).items()}}
     gradings = [done[ex.prompt_id] for ex in examples]
     agg = aggregate([g.metrics for g in gradings], seed=settings.seed)
-    settings = {"data": data_path, "policy": settings.policy, "grader": settings.grader, "engine": settings.engine,
-                "max_tokens": settings.max_tokens, "temperature": settings.temperature, "examples": len(examples),
-                "skipped_records": skipped, "resumed_gradings": len(examples) - len(to_grade),
-                "seconds": round(time.perf_counter() - started, 1)}
-    (out / "results.json").write_text(json.dumps(results_dict(agg, gradings, settings), indent=2))
-    (out / "report.md").write_text(render_report(agg, gradings, by_id, settings, settings.worst))
+    shown = {"data": data_path, "policy": settings.policy, "grader": settings.grader, "engine": settings.engine,
+             "max_tokens": settings.max_tokens, "temperature": settings.temperature, "examples": len(examples),
+             "skipped_records": skipped, "resumed_gradings": len(examples) - len(to_grade),
+             "seconds": round(time.perf_counter() - started, 1)}
+    results = {**results_dict(agg, gradings, shown), "judge_stats": llm_stats}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "report.md").write_text(render_report(agg, gradings, by_id, shown, settings.worst))
     return agg, out / "report.md"

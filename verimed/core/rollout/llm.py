@@ -2,20 +2,17 @@
 generator, judge) talk to, and its Ray-free backends.
 
 Backends (``llm.type`` in config):
-- ``openai``: any OpenAI-compatible ``/v1/chat/completions`` endpoint; the key
-  comes from the env var named by ``llm.api_key_env`` and is never logged.
-- ``policy`` / ``vllm``: engine groups of this cluster; built in
-  :class:`verimed.actors.rollout.EngineGroupClient` over rollout actor handles (prefix-affinity routing).
+- ``openai``: any OpenAI-compatible ``/v1/chat/completions`` endpoint
+  (:mod:`verimed.core.rollout.openai_client`: pooled, bounded, retried, counted).
+- ``policy`` / ``vllm``: engine groups of this cluster (``EngineGroupClient`` in
+  :mod:`verimed.actors.rollout`, prefix-affinity routing), wrapped per role in
+  :class:`RoleClient` for the role's defaults and counters.
 - :class:`EngineClient`: one in-process engine (``verimed.core.rollout.engines``), for
   tools and tests that run without Ray.
+Clients with ``supports_json_schema = True`` also take ``json_schema=`` (structured output).
 """
 from __future__ import annotations
 
-import asyncio
-import json
-import os
-import urllib.error
-import urllib.request
 from typing import Any, Protocol
 
 
@@ -31,35 +28,37 @@ class LLMClient(Protocol):
         ...
 
 
-class OpenAIClient:
-    """Chat completions over HTTP (stdlib only; run in a thread to stay async)."""
+class RoleClient:
+    """One LLM role's view of an engine-group client (``policy`` / ``vllm``): the
+    role's defaults (``llm.max_tokens``, ``llm.temperature``) and its counters
+    (``calls``, ``errors``; engine groups report no token usage)."""
 
-    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout_s: float = 120.0):
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model, self.api_key_env, self.timeout_s = model, api_key_env, timeout_s
+    supports_json_schema = False
 
-    async def chat(self, messages, *, max_tokens=256, temperature=0.0, affinity_key=None) -> str:
-        return await asyncio.to_thread(self._post, messages, max_tokens, temperature)
+    def __init__(self, inner: Any, role: str, max_tokens: int = 256, temperature: float = 0.0):
+        self.inner, self.role, self.max_tokens, self.temperature = inner, role, max_tokens, temperature
+        self.stats = {"calls": 0, "errors": 0}
 
-    def _post(self, messages, max_tokens, temperature) -> str:
-        body = json.dumps({"model": self.model, "messages": messages, "max_tokens": max_tokens,
-                           "temperature": temperature}).encode()
-        headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.api_key_env)
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        request = urllib.request.Request(self.url, data=body, headers=headers)
+    async def chat(self, messages, *, max_tokens=None, temperature=None, affinity_key=None, json_schema=None) -> str:
+        self.stats["calls"] += 1
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                payload = json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            raise LLMError(f"{self.url}: HTTP {exc.code}: {exc.read()[:200]!r}") from None
-        except (urllib.error.URLError, TimeoutError, json.JSONDecodeError) as exc:
-            raise LLMError(f"{self.url}: {exc}") from None
-        try:
-            return payload["choices"][0]["message"]["content"] or ""
-        except (KeyError, IndexError, TypeError):
-            raise LLMError(f"{self.url}: unexpected response shape {str(payload)[:200]}") from None
+            return await self.inner.chat(messages, max_tokens=self.max_tokens if max_tokens is None else max_tokens,
+                                         temperature=self.temperature if temperature is None else temperature,
+                                         affinity_key=affinity_key)
+        except Exception:  # counted, then raised: the role decides (retry, fall back, count ungradable)
+            self.stats["errors"] += 1
+            raise
+
+
+def role_defaults(client: Any) -> tuple[int, float]:
+    """(max_tokens, temperature) a role uses when its own config key is unset: the
+    client's (``llm.max_tokens``, ``llm.temperature``), else 256 and greedy."""
+    return getattr(client, "max_tokens", 256), getattr(client, "temperature", 0.0)
+
+
+def client_stats(client: Any) -> dict[str, int]:
+    """The counters of a role's client (empty for clients that keep none)."""
+    return dict(getattr(client, "stats", {}) or {})
 
 
 class EngineClient:
@@ -74,3 +73,22 @@ class EngineClient:
         ids = apply_chat_template(self.tokenizer, messages)
         out = await self.engine.generate(ids, 1, max_tokens=max_tokens, temperature=temperature, top_p=1.0)  # 0 = greedy
         return out[0].text
+
+
+def llm_roles(cfg: Any) -> tuple[list[str], str | None]:
+    """(roles that use an LLM, a warning or None) for a run config; raises ValueError
+    when a role needs an LLM and ``llm.type`` is unset. ``policy`` is allowed but
+    warned about: the verifier would grade its own student (the reward drifts
+    with the policy being trained), which Baichuan-M2's frozen verifier avoids."""
+    backends = {"simulator": cfg.simulator.backend, "rubric_generator": cfg.rubrics.generator,
+                "judge": cfg.judge.backend}
+    users = [role for role, backend in backends.items() if backend == "llm"]
+    if not users:
+        return [], None
+    if cfg.llm.type is None:
+        raise ValueError(f"{', '.join(users)} use an LLM: set llm.type (vllm with llm.model, openai with "
+                         "llm.base_url and llm.model, or policy to grade with the policy being trained)")
+    if cfg.llm.type == "policy":
+        return users, (f"llm.type=policy: {', '.join(users)} use the policy being trained, so the verifier "
+                       "drifts with the policy it grades (the reward is not fixed); prefer llm.type=vllm or openai")
+    return users, None

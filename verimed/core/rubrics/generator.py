@@ -19,7 +19,7 @@ import logging
 from collections import OrderedDict
 from typing import Any, Literal, Sequence
 
-from verimed.core.rollout.llm import LLMClient  # the one protocol; re-exported for the judge
+from verimed.core.rollout.llm import LLMClient, role_defaults  # the one protocol; re-exported for the judge
 from verimed.core.rubrics.case_rubrics import case_rubric
 from verimed.core.rubrics.model import (
     DIMENSIONS, RubricError, check_dimensions, dialogue_hash, make_item, merge_duplicates, validate_rubric,
@@ -135,11 +135,15 @@ class LLMRubricGenerator(CachedGenerator):
     """Prompted rubric generation with validation, feedback retries and reporting."""
 
     def __init__(self, llm: LLMClient, max_retries: int = 2, required_dimensions: Sequence[str] = DEFAULT_REQUIRED,
-                 on_failure: Literal["raise", "case"] = "raise", max_tokens: int = 1024, cache_size: int = 4096):
+                 on_failure: Literal["raise", "case"] = "raise", max_tokens: int | None = 1024, cache_size: int = 4096,
+                 temperature: float | None = None):
         super().__init__(cache_size)
         if on_failure not in ("raise", "case"):
             raise ValueError(f"on_failure must be 'raise' or 'case', got {on_failure!r}")
-        self.llm, self.max_retries, self.on_failure, self.max_tokens = llm, max_retries, on_failure, max_tokens
+        default_tokens, default_temperature = role_defaults(llm)  # llm.max_tokens / llm.temperature
+        self.llm, self.max_retries, self.on_failure = llm, max_retries, on_failure
+        self.max_tokens = default_tokens if max_tokens is None else max_tokens
+        self.temperature = default_temperature if temperature is None else temperature
         self.required = check_dimensions(required_dimensions)
         self.failures: list[RubricGenerationError] = []  # every reported failure, for the run's metrics
 
@@ -153,7 +157,8 @@ class LLMRubricGenerator(CachedGenerator):
                 self.stats["retries"] += 1
                 messages += [{"role": "assistant", "content": output},
                              {"role": "user", "content": GENERATOR_FIX.format(problems="\n- ".join(problems[:10]))}]
-            output = await self.llm.chat(messages, max_tokens=self.max_tokens, affinity_key=key)
+            output = await self.llm.chat(messages, max_tokens=self.max_tokens, temperature=self.temperature,
+                                         affinity_key=key)
             items, problems = items_from_llm_output(output)
             items = merge_duplicates(items)
             problems += validate_rubric(items, self.required) if items else []
@@ -179,7 +184,7 @@ def make_generator(cfg: Any, llm: LLMClient | None = None) -> CachedGenerator:
         return LLMRubricGenerator(
             llm, max_retries=cfg.max_retries,
             required_dimensions=getattr(cfg, "required_dimensions", DEFAULT_REQUIRED),
-            on_failure=getattr(cfg, "on_failure", "raise"),
+            on_failure=getattr(cfg, "on_failure", "raise"), max_tokens=getattr(cfg, "max_tokens", 1024),
         )
     raise ValueError(f"rubrics.generator must be 'case' or 'llm', got {kind!r}")
 

@@ -11,6 +11,12 @@ engine and reuses its KV cache for the shared prefix. An item whose output
 still cannot be parsed after ``max_retries`` re-asks (or whose client call
 keeps failing) gets ``met=None``: it is counted in ``stats["ungradable"]`` and
 left out of that response's normaliser by ``scoring``; the run goes on.
+Every judgement keeps the raw output it was read from (``Judgement.raw``).
+
+Budget and temperature: ``judge.max_tokens`` when set, else the client's
+``llm.max_tokens``; the temperature is ``llm.temperature`` (greedy by default).
+Clients that support it are asked for structured output (a JSON schema with the
+template's verdict key); the lenient parser reads whatever comes back.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import asyncio
 import logging
 from typing import Any, Sequence
 
+from verimed.core.rollout.llm import role_defaults
 from verimed.core.rubrics.generator import LLMClient
 from verimed.core.rubrics.model import dialogue_hash
 from verimed.core.rubrics.parse import UNGRADABLE, parse_verdict
@@ -31,10 +38,14 @@ log = logging.getLogger(__name__)
 class LLMJudge:
     """Grades each rubric item with one LLM call (plus retries)."""
 
-    def __init__(self, llm: LLMClient, max_retries: int = 2, max_tokens: int = 256, concurrency: int = 64):
+    def __init__(self, llm: LLMClient, max_retries: int = 2, max_tokens: int | None = None, concurrency: int = 64,
+                 temperature: float | None = None):
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
-        self.llm, self.max_retries, self.max_tokens = llm, max_retries, max_tokens
+        default_tokens, default_temperature = role_defaults(llm)
+        self.llm, self.max_retries = llm, max_retries
+        self.max_tokens = default_tokens if max_tokens is None else max_tokens
+        self.temperature = default_temperature if temperature is None else temperature
         self.concurrency = concurrency
         self._slots: dict[int, asyncio.Semaphore] = {}  # per event loop (a semaphore binds to one loop)
         self.stats = {"items": 0, "calls": 0, "retries": 0, "ungradable": 0, "client_errors": 0}
@@ -44,15 +55,18 @@ class LLMJudge:
         return list(await asyncio.gather(*(self._one(conversation, response, i, item, key)
                                            for i, item in enumerate(items))))
 
-    async def _call(self, prompt: str, key: str) -> str:
+    async def _call(self, prompt: str, key: str, verdict_key: str) -> str:
         messages = [{"role": "user", "content": prompt}]
+        kwargs: dict[str, Any] = {"max_tokens": self.max_tokens, "temperature": self.temperature, "affinity_key": key}
+        if getattr(self.llm, "supports_json_schema", False):
+            kwargs["json_schema"] = verdict_schema(verdict_key)
         if self.concurrency <= 0:
-            return await self.llm.chat(messages, max_tokens=self.max_tokens, temperature=0.0, affinity_key=key)
+            return await self.llm.chat(messages, **kwargs)
         loop_id = id(asyncio.get_running_loop())
         if loop_id not in self._slots:
             self._slots = {loop_id: asyncio.Semaphore(self.concurrency)}
         async with self._slots[loop_id]:
-            return await self.llm.chat(messages, max_tokens=self.max_tokens, temperature=0.0, affinity_key=key)
+            return await self.llm.chat(messages, **kwargs)
 
     async def _one(self, conversation: Sequence[Turn], response: str, index: int, item: RubricItem,
                    key: str) -> Judgement:
@@ -65,7 +79,8 @@ class LLMJudge:
                 self.stats["retries"] += 1
             self.stats["calls"] += 1
             try:
-                output = await self._call(judge_prompt(conversation, response, item, retry=attempt > 0), key)
+                output = await self._call(judge_prompt(conversation, response, item, retry=attempt > 0), key,
+                                          "criteria_met" if item.points > 0 else "present")
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a flaky backend must not kill a training run: retry, then count
@@ -75,10 +90,18 @@ class LLMJudge:
                 continue
             verdict, explanation = parse_verdict(output)
             if verdict != UNGRADABLE:
-                return Judgement(item_index=index, met=bool(verdict), explanation=explanation, attempts=attempts)
+                return Judgement(item_index=index, met=bool(verdict), explanation=explanation, attempts=attempts,
+                                 raw=output)
             last = output
         self.stats["ungradable"] += 1
-        return Judgement(item_index=index, met=None, explanation=f"ungradable: {last[:200]}", attempts=attempts)
+        return Judgement(item_index=index, met=None, explanation=f"ungradable: {last[:200]}", attempts=attempts,
+                         raw=last)
+
+
+def verdict_schema(verdict_key: str) -> dict[str, Any]:
+    """The structured-output schema of one judge answer (the template's verdict key)."""
+    return {"type": "object", "additionalProperties": False, "required": ["explanation", verdict_key],
+            "properties": {"explanation": {"type": "string"}, verdict_key: {"type": "boolean"}}}
 
 
 def make_judge(cfg: Any, llm: LLMClient | None = None) -> LLMJudge | RulesJudge:
@@ -89,5 +112,5 @@ def make_judge(cfg: Any, llm: LLMClient | None = None) -> LLMJudge | RulesJudge:
     if backend == "llm":
         if llm is None:
             raise ValueError("judge.backend=llm needs an LLM client (configure the `llm` section)")
-        return LLMJudge(llm, max_retries=cfg.max_retries, max_tokens=getattr(cfg, "max_tokens", 256))
+        return LLMJudge(llm, max_retries=cfg.max_retries, max_tokens=getattr(cfg, "max_tokens", None))
     raise ValueError(f"judge.backend must be 'rules' or 'llm', got {backend!r}")

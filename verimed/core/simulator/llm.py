@@ -78,11 +78,13 @@ def clean_reply(text: str, max_sentences: int = 4) -> str:
 class LLMBackend(SimulatorBackend):
     name = "llm"
 
-    def __init__(self, client: LLMClient, embedder=None, max_tokens: int = 160, temperature: float = 0.0):
+    def __init__(self, client: LLMClient, embedder=None, max_tokens: int | None = None,
+                 temperature: float | None = None):
         self.client = client
         self.embedder = embedder
-        self.max_tokens = max_tokens
-        self.temperature = temperature
+        # Unset: the client's llm.max_tokens / llm.temperature (a role client carries them).
+        self.max_tokens = max_tokens or getattr(client, "max_tokens", None) or 160
+        self.temperature = temperature if temperature is not None else getattr(client, "temperature", 0.0)
         self.failures = 0  # client errors absorbed by the rules fallbacks
 
     async def _ask(self, ctx: TurnContext, messages: list[dict[str, str]], max_tokens: int | None = None) -> str:
