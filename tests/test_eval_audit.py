@@ -81,7 +81,7 @@ class SlowRoles:
         self.tokenizer = SimpleNamespace(apply_chat_template=lambda messages, **kw: [1, 2, 3])
         self.judge = SimpleNamespace(judge=self.grade)
 
-    async def generate(self, uid, ids, n, seed):
+    async def generate(self, uid, ids, n, seed, rollout=None):
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         await asyncio.sleep(self.delay)

@@ -173,7 +173,7 @@ def test_local_cluster_uses_ray_num_cpus():
 
 TOO_SMALL = {  # file -> (a cluster it must not fit, a fragment of the error)
     "cpu-default.yaml": ("1x0gpu,cpus_per_node=1", "the plan needs 2 CPUs (learner 1 + rollout 1)"),
-    "node-8gpu.yaml": ("1x4gpu", "the plan needs 8 GPUs (learner 4 + rollout 3 + verifier 1)"),
+    "node-8gpu.yaml": ("1x4gpu", "the plan needs 8 GPUs (learner 4 + rollout 3 + verifier_engine 1)"),
     "m2-32b-8x8.yaml": ("7x8gpu,cpus_per_node=96", "the plan needs 64 GPUs (learner 24 + rollout 24 in 6 bundles of 4"),
 }
 
