@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -98,11 +97,10 @@ def test_stage_eval_runs_examples_concurrently_within_its_bound():
     examples, _ = load_healthbench()
     pools = SimpleNamespace(eval_healthbench=examples[:12], eval_cases=[])
     roles = SlowRoles(0.05)
-    start = time.perf_counter()
     out = asyncio.run(evaluate(roles, cfg, pools, 0, 3, concurrency=4))
-    elapsed = time.perf_counter() - start
+    # 4 requests in flight at once (never more): concurrent, within its bound (no wall-clock check:
+    # a loaded CI machine must not fail it).
     assert out["eval/healthbench"] == 1.0 and roles.max_in_flight == 4
-    assert elapsed < 12 * 0.1 / 2  # sequential would take 12 x (generate + judge) = 1.2 s
 
 
 def test_background_runner_reports_when_ready_and_blocking_runner_waits():
