@@ -123,10 +123,11 @@ def test_train_with_every_llm_role_on_the_server_under_faults(proxy, tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "llm" / "metrics.jsonl").read_text().splitlines()]
-    last = [r for r in rows if "llm/judge/calls" in r][-1]
+    unavailable = [r["step"] for r in rows if any(k.endswith("/unavailable") for k in r)]
+    last = [r for r in rows if all(f"llm/{role}/calls" in r for role in ("judge", "simulator", "rubric_generator"))][-1]
     roles = ("judge", "simulator", "rubric_generator")
     retries = sum(last[f"llm/{r}/retries"] for r in roles)
-    print(f"faults injected {proxy.injected} of {proxy.requests} requests; "
+    print(f"faults injected {proxy.injected} of {proxy.requests} requests; role actor restarting at steps {unavailable}; "
           + ", ".join(f"{r}: calls {last[f'llm/{r}/calls']:.0f} retries {last[f'llm/{r}/retries']:.0f} "
                       f"errors {last[f'llm/{r}/errors']:.0f}" for r in roles))
     assert all(last[f"llm/{r}/calls"] > 0 for r in roles)
