@@ -38,7 +38,7 @@ def proxy_factory():
 
 
 def _client(proxy: FaultProxy, **kwargs) -> OpenAIClient:
-    defaults = dict(timeout_s=0.3, backoff_base_s=0.001, backoff_max_s=0.01, max_retries=6, seed=0)
+    defaults = dict(timeout_s=1.0, backoff_base_s=0.001, backoff_max_s=0.01, max_retries=6, seed=0)
     client = OpenAIClient(proxy.base_url, "tiny", **{**defaults, **kwargs})
     client.delays = []
 
@@ -50,7 +50,7 @@ def _client(proxy: FaultProxy, **kwargs) -> OpenAIClient:
 
 
 def test_every_fault_kind_is_retried_counted_and_retry_after_honoured(proxy_factory):
-    proxy = proxy_factory(schedule=["429", "500", "slow", "malformed", "reset", None], slow_s=1.0)
+    proxy = proxy_factory(schedule=["429", "500", "slow", "malformed", "reset", None], slow_s=1.5)
     client = _client(proxy)
     text = asyncio.run(client.chat(MSG))
     assert json.loads(text)["criteria_met"] is True
