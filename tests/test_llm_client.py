@@ -38,7 +38,7 @@ def proxy_factory():
 
 
 def _client(proxy: FaultProxy, **kwargs) -> OpenAIClient:
-    defaults = dict(timeout_s=0.3, backoff_base_s=0.001, backoff_max_s=0.01, max_retries=6, seed=0)
+    defaults = dict(timeout_s=1.0, backoff_base_s=0.001, backoff_max_s=0.01, max_retries=6, seed=0)
     client = OpenAIClient(proxy.base_url, "tiny", **{**defaults, **kwargs})
     client.delays = []
 
@@ -50,7 +50,7 @@ def _client(proxy: FaultProxy, **kwargs) -> OpenAIClient:
 
 
 def test_every_fault_kind_is_retried_counted_and_retry_after_honoured(proxy_factory):
-    proxy = proxy_factory(schedule=["429", "500", "slow", "malformed", "reset", None], slow_s=1.0)
+    proxy = proxy_factory(schedule=["429", "500", "slow", "malformed", "reset", None], slow_s=1.5)
     client = _client(proxy)
     text = asyncio.run(client.chat(MSG))
     assert json.loads(text)["criteria_met"] is True
@@ -79,8 +79,10 @@ def test_backoff_grows_exponentially_with_jitter(proxy_factory):
 
 
 def test_twenty_percent_faults_under_concurrency_lose_nothing(proxy_factory):
-    proxy = proxy_factory(fault_rate=0.2, seed=3, slow_s=0.6, reply_delay_s=0.01)
-    client = _client(proxy, max_concurrency=4)
+    # a 1 s timeout: a loaded 2-core box can delay a healthy reply past a few hundred ms,
+    # which would be a real (uninjected) timeout and break the exact count below
+    proxy = proxy_factory(fault_rate=0.2, seed=3, slow_s=1.5, reply_delay_s=0.01)
+    client = _client(proxy, max_concurrency=4, timeout_s=1.0)
 
     async def many():
         return await asyncio.gather(*(client.chat(MSG) for _ in range(60)))

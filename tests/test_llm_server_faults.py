@@ -123,16 +123,22 @@ def test_train_with_every_llm_role_on_the_server_under_faults(proxy, tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "llm" / "metrics.jsonl").read_text().splitlines()]
-    last = [r for r in rows if "llm/judge/calls" in r][-1]
+    unavailable = [r["step"] for r in rows if any(k.endswith("/unavailable") for k in r)]
+    last = [r for r in rows if all(f"llm/{role}/calls" in r for role in ("judge", "simulator", "rubric_generator"))][-1]
     roles = ("judge", "simulator", "rubric_generator")
     retries = sum(last[f"llm/{r}/retries"] for r in roles)
-    print(f"faults injected {proxy.injected} of {proxy.requests} requests; "
+    print(f"faults injected {proxy.injected} of {proxy.requests} requests; role actor restarting at steps {unavailable}; "
           + ", ".join(f"{r}: calls {last[f'llm/{r}/calls']:.0f} retries {last[f'llm/{r}/retries']:.0f} "
                       f"errors {last[f'llm/{r}/errors']:.0f}" for r in roles))
     assert all(last[f"llm/{r}/calls"] > 0 for r in roles)
     # the simulator's LLM speaks in multi-turn dialogues: here the stage-end consultation,
     # whose calls the last row counts (the counters are read after a blocking evaluation);
     # requests still in flight when a step ends are not in them
-    assert 0 < retries <= sum(proxy.injected.values())
-    assert sum(last[f"llm/{r}/errors"] for r in roles) == 0
+    # Per kind, every retry of a non-timeout fault was injected (requests in flight after the
+    # last read are missed: <=). Timeouts are not bounded: on a loaded 2-core box a real reply
+    # can exceed llm.timeout_s (seen: 57 timeout retries for 31 injected slow replies).
+    assert retries > 0
+    for kind, counter in KINDS.items():
+        if kind != "slow":
+            assert 0 < sum(last[f"llm/{r}/{counter}"] for r in roles) <= proxy.injected[kind], kind
     assert last["llm/judge/completion_tokens"] > 0

@@ -202,9 +202,19 @@ class Controller:
 
     async def _llm_metrics(self) -> dict[str, float]:
         """``llm/<role>/<counter>`` (cumulative since the start) from the role actors' clients."""
+        import ray
+
         actors = {"judge": self.verifier, "simulator": self.simulator, "rubric_generator": self.rubric_generator}
-        stats = await asyncio.gather(*(a.llm_stats.remote() for a in actors.values()))
-        return {f"llm/{role}/{k}": float(v) for role, s in zip(actors, stats) for k, v in s.items()}
+        stats = await asyncio.gather(*(a.llm_stats.remote() for a in actors.values()), return_exceptions=True)
+        out: dict[str, float] = {}
+        for role, s in zip(actors, stats):
+            if isinstance(s, ray.exceptions.RayError):  # restarting actor: its counters restart too; never fatal
+                out[f"llm/{role}/unavailable"] = 1.0
+            elif isinstance(s, BaseException):
+                raise s
+            else:
+                out.update({f"llm/{role}/{k}": float(v) for k, v in s.items()})
+        return out
 
     def _placement(self):
         """Placement groups for the plan of ``cfg.placement``; returns ``options(role, replica[, log name])``."""
