@@ -87,7 +87,10 @@ class WeightSyncCoordinator:
             # timeout) may leave members a different number of buckets apart: rebuild it.
             self.needs_rejoin = True
             self.failures += 1
-            print(f"verimed: weight sync to version {version} failed: {str(failed[0])[:300]}", file=sys.stderr)
+            # A Ray task error's text is the remote traceback: its last line is the cause.
+            cause = (str(failed[0]).strip().splitlines() or [type(failed[0]).__name__])[-1]
+            print(f"verimed: weight sync to version {version} failed ({type(failed[0]).__name__}): {cause[:300]}; "
+                  f"the engines keep their weights (logs: RUN_DIR/logs/)", file=sys.stderr)
         if isinstance(results[0], dict):
             out.update(results[0])
         if self.cfg.weight_sync.check_parity and not failed:
