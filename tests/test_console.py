@@ -53,3 +53,14 @@ def test_only_the_known_benign_reload_warnings_are_dropped():
     assert tied.filter(_record("QKVParallelLinear"))
     other = logging.LogRecord(_RELOAD_LOGGER, logging.WARNING, "x", 1, "%s: something else", ("RotaryEmbedding",), None)
     assert tied.filter(other)
+
+
+def test_two_local_clusters_never_share_an_engine_pid_file():
+    """Each fresh local cluster numbers its first job 01000000: the node id keeps their files apart
+    (a shared file let one run's restart sweep kill the other run's live vLLM engines)."""
+    from verimed.actors.rollout import engine_pidfile_name
+
+    first = engine_pidfile_name("a" * 56, "01000000", 0)
+    assert first != engine_pidfile_name("b" * 56, "01000000", 0)
+    assert first == engine_pidfile_name("a" * 56, "01000000", 0)  # a restarted actor finds its predecessor's
+    assert first != engine_pidfile_name("a" * 56, "01000000", 1)

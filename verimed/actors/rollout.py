@@ -75,10 +75,21 @@ class RolloutActor:
         return self.engine.version
 
 
+def engine_pidfile_name(node_id: str, job_id: str, replica: int) -> str:
+    """The pid file of engine ``replica``'s processes, unique per Ray node start.
+
+    Keyed by the node id too, not by the job id alone: every fresh local cluster numbers its
+    first job 01000000, so two runs on one machine (a training run beside the test suite)
+    shared a file and each run's restart sweep killed the other's live engines.
+    """
+    return f"{node_id}-{job_id}-{replica}.pids"
+
+
 def _engine_pidfile(replica: int) -> Path:
     directory = Path(tempfile.gettempdir()) / "verimed-engines"
     directory.mkdir(exist_ok=True)
-    return directory / f"{ray.get_runtime_context().get_job_id()}-{replica}.pids"
+    context = ray.get_runtime_context()
+    return directory / engine_pidfile_name(context.get_node_id(), context.get_job_id(), replica)
 
 
 def _kill_stale_engine(pidfile: Path) -> None:
