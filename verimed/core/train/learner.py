@@ -176,8 +176,10 @@ class Learner:
             arrays["m2po_keep"] = keep.numpy().astype(np.float32)
         out: dict[str, float] = {}
         everyone: list[dict[str, float]] = []
+        grad_norms = []
         for m, groups in enumerate(chunks):
             metrics = self._minibatch(batch, arrays, groups, grpo_cfg, self.version + m / len(chunks))
+            grad_norms.append(self.last_grad_norm)
             everyone += metrics
             if len(chunks) > 1:
                 out.update({f"loss/mb{m}/{k}": v for k, v in grpo.reduce_metrics(metrics).items()
@@ -188,7 +190,9 @@ class Learner:
         # A minibatch's loss is the sum of its micro-batch (and rank) losses; report their mean over minibatches.
         reduced["loss"] /= len(chunks)
         out.update({f"loss/{'policy' if k == 'loss' else k}": v for k, v in reduced.items()})
-        out.update({"train/grad_norm": self.last_grad_norm, "train/lr": self.scheduler.get_last_lr()[0],
+        # The largest minibatch gradient norm (a non-finite one wins: it is what skipped an update).
+        worst = next((g for g in grad_norms if not math.isfinite(g)), max(grad_norms))
+        out.update({"train/grad_norm": worst, "train/lr": self.scheduler.get_last_lr()[0],
                     "train/minibatches": float(len(chunks)),
                     "train/step_seconds": time.perf_counter() - start, "train/version": float(self.version)})
         return out
