@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import shutil
-import socket
 
 import numpy as np
 import pytest
 import torch
+from netutil import free_port
 
 from verimed.cli import export as export_cli
 from verimed.core.config import load_config
@@ -29,12 +29,6 @@ from verimed.core.types import Array, Group, Prompt, Sample, Turn
 OVERRIDES = ["trainer.lr=1e-3", "trainer.micro_batch_tokens=48", "trainer.warmup_steps=1", "trainer.schedule=cosine",
              "run.steps=4", "trainer.grad_clip=0.005"]  # clipping active (grad norm ~0.01)
 REL_TOL = 1e-6
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +233,7 @@ def _rank_main(rank: int, world: int, port: int, model_path: str, out_dir: str) 
 def two_rank(tiny_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2")
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_rank_main, args=(r, 2, port, tiny_path, str(out))) for r in range(2)]
     for p in procs:
         p.start()

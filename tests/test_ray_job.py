@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,15 +17,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from netutil import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_http(url: str, timeout_s: float) -> None:
@@ -42,7 +36,7 @@ def _wait_http(url: str, timeout_s: float) -> None:
 
 def test_ray_job_submit_joins_existing_cluster(tmp_path):
     ray_bin = Path(sys.executable).parent / "ray"
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash = free_port(), free_port()
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled")
     env.pop("RAY_ADDRESS", None)
     # Ray's unix socket paths must stay under 107 characters: pytest's tmp_path is too deep.

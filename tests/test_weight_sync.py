@@ -10,27 +10,21 @@ the learner, and check log-prob parity after every sync (DESIGN §5).
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 
 import numpy as np
 import pytest
 import torch
+from netutil import free_port
 
 from verimed.core.rollout import weight_sync as ws
 from verimed.core.types import WeightVersion
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def groups():
     """(sender group, receiver group): a 2-rank gloo weight-sync group inside this process."""
-    port = _free_port()
+    port = free_port()
     out = {}
     t = threading.Thread(target=lambda: out.setdefault(1, ws.make_group("127.0.0.1", port, 1, 2, "gloo", timeout_s=30)))
     t.start()
@@ -152,9 +146,9 @@ class _Rig:
 
     def __init__(self, model_path: str, export_dir: str):
         from verimed.core.config import load_config
+        from verimed.core.models import apply_chat_template, load_tokenizer
         from verimed.core.rollout.engines import VLLMEngine
         from verimed.core.train.learner import Learner
-        from verimed.core.models import apply_chat_template, load_tokenizer
 
         self.loop = asyncio.new_event_loop()
         self.learner = Learner(load_config(None, ["model.dtype=float32"]), model_path)
@@ -162,7 +156,7 @@ class _Rig:
         self.engine = VLLMEngine(export_dir, dtype="float32", max_model_len=512, kv_cache_bytes=64 * 2**20, max_num_seqs=4)
         tok = load_tokenizer(model_path)
         self.ids = apply_chat_template(tok, [{"role": "user", "content": "I have double vision and weakness."}]) + [100, 200, 300]
-        port = _free_port()
+        port = free_port()
         init = self.loop.create_task(self.engine.init_sync("127.0.0.1", port, 1, 2, "gloo"))
         self.group = self.loop.run_until_complete(asyncio.to_thread(ws.make_group, "127.0.0.1", port, 0, 2, "gloo"))
         self.loop.run_until_complete(init)
