@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("verimed.core.data", "verimed.core.models"),
     ("verimed.core.rl", "verimed.core.rollout", "verimed.core.cluster", "verimed.core.metrics"),
     ("verimed.core.rubrics", "verimed.core.simulator"),
-    ("verimed.core.tasks",),
+    ("verimed.core.tasks", "verimed.core.emulate"),
     ("verimed.core.train", "verimed.core.eval"),
     ("verimed.actors",),
     ("verimed.cli",),

@@ -198,7 +198,10 @@ class Controller:
             await asyncio.gather(*[e.ready.remote() for e in self.llm_engines])
             routed = {role: EngineGroupClient(EngineRouter(group)) for role, group in engines.items()}
             groups = {r: routed[serving["verifier" if r == "judge" else r]] for r in users}
-        return {**clients, **{r: RoleClient(groups[r], r, cfg.llm.max_tokens, cfg.llm.temperature) for r in users}}
+        # Emulated engines answer filler: the roles then take rules content and LLM timing (core/emulate/roles.py).
+        emulated = cfg.rollout.backend == "emulated"
+        return {**clients, **{r: RoleClient(groups[r], r, cfg.llm.max_tokens, cfg.llm.temperature, emulated=emulated)
+                              for r in users}}
 
     async def _llm_metrics(self) -> dict[str, float]:
         """``llm/<role>/<counter>`` (cumulative since the start) from the role actors' clients."""

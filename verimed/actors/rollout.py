@@ -52,7 +52,12 @@ class RolloutActor:
                                           top_p=top_p or r.top_p, seed=seed)
         return [o.to_sample(f"{uid_prefix}/{i}", prompt_ids) for i, o in enumerate(outs)]
 
-    async def chat(self, messages: list[dict[str, str]], max_tokens: int = 256, temperature: float = 0.0) -> str:
+    async def chat(self, messages: list[dict[str, str]], max_tokens: int = 256, temperature: float = 0.0,
+                   role: str | None = None) -> str:
+        """The reply to ``messages``. ``role`` (simulator / judge / rubric_generator, sent by emulated
+        role clients) picks an emulated engine's per-role latency; real engines ignore it."""
+        if role is not None and hasattr(self.engine, "chat"):  # the emulated engine answers chats itself
+            return await self.engine.chat(messages, max_tokens, temperature, role=role)
         return await self.chat_client.chat(messages, max_tokens=max_tokens, temperature=temperature)
 
     async def score(self, token_ids: list[int]):
@@ -142,5 +147,7 @@ class EngineGroupClient:
     def __init__(self, router: EngineRouter):
         self.router = router
 
-    async def chat(self, messages, *, max_tokens=256, temperature=0.0, affinity_key=None) -> str:
-        return await self.router.call("chat", messages, max_tokens, temperature, affinity_key=affinity_key)
+    async def chat(self, messages, *, max_tokens=256, temperature=0.0, affinity_key=None, role=None) -> str:
+        """``role``: the calling LLM role, for an emulated engine's per-role latency (``RoleClient`` sends it
+        only when emulated)."""
+        return await self.router.call("chat", messages, max_tokens, temperature, role=role, affinity_key=affinity_key)

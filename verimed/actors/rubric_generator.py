@@ -1,5 +1,6 @@
 """Rubric generator actor: a thin Ray shell over
-:func:`verimed.core.rubrics.make_generator` (cache per (case, slice) inside).
+:func:`verimed.core.emulate.roles.make_generator` (:func:`verimed.core.rubrics.make_generator`,
+or the emulated generator over emulated engines; cache per (case, slice) inside).
 
     gen = RubricGeneratorActor.remote(cfg.rubrics, llm_client)  # llm_client: None for "case"
     items = await gen.generate.remote(case, dialogue)
@@ -11,8 +12,8 @@ from typing import Any
 import ray
 
 from verimed.actors.logs import redirect_output
+from verimed.core.emulate.roles import make_generator
 from verimed.core.rollout.llm import client_stats
-from verimed.core.rubrics import make_generator
 from verimed.core.types import Case, RubricItem, Turn
 
 

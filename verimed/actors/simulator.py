@@ -16,8 +16,9 @@ from typing import Any
 import ray
 
 from verimed.actors.logs import redirect_output
+from verimed.core.emulate.roles import make_backend  # the emulated backend over emulated engines
 from verimed.core.rollout.llm import client_stats
-from verimed.core.simulator import PatientReply, SimulatorSessions, make_backend
+from verimed.core.simulator import PatientReply, SimulatorSessions
 from verimed.core.types import Case, Persona, Turn
 
 

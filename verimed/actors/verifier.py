@@ -1,4 +1,5 @@
-"""Verifier actor: a thin Ray shell over :func:`verimed.core.rubrics.make_judge`.
+"""Verifier actor: a thin Ray shell over :func:`verimed.core.emulate.roles.make_judge`
+(:func:`verimed.core.rubrics.make_judge`, or the emulated judge over emulated engines).
 
     judge = VerifierActor.remote(cfg.judge, llm_client)   # llm_client: None for the rules judge
     judgements = await judge.judge.remote(conversation, response, items)
@@ -13,8 +14,8 @@ from typing import Any
 import ray
 
 from verimed.actors.logs import redirect_output
+from verimed.core.emulate.roles import make_judge
 from verimed.core.rollout.llm import client_stats
-from verimed.core.rubrics import make_judge
 from verimed.core.types import Judgement, RubricItem, Turn
 
 

@@ -49,7 +49,7 @@ class DataConfig(Section):
 
 
 class RolloutConfig(Section):
-    backend: Literal["vllm", "transformers"] = "vllm"
+    backend: Literal["vllm", "transformers", "emulated"] = "vllm"
     group_size: Annotated[int, Meta(ge=2)] = 4  # G responses per prompt
     prompts_per_step: PositiveInt = 4  # B groups consumed by one learner step
     max_tokens: PositiveInt = 64  # response tokens per sample

@@ -31,20 +31,31 @@ class LLMClient(Protocol):
 class RoleClient:
     """One LLM role's view of an engine-group client (``policy`` / ``vllm``): the
     role's defaults (``llm.max_tokens``, ``llm.temperature``) and its counters
-    (``calls``, ``errors``; engine groups report no token usage)."""
+    (``calls``, ``errors``; engine groups report no token usage).
+
+    ``emulated`` (``rollout.backend: emulated``): the engines behind ``inner`` wait
+    the modelled time and answer filler text, so the role takes its content from
+    its rules backend and uses this client for timing only
+    (:mod:`verimed.core.emulate.roles`). Only then is ``role=`` passed on to
+    ``inner.chat``: the emulated engine picks the role's latency by it; a real
+    engine group is called exactly as before.
+    """
 
     supports_json_schema = False
 
-    def __init__(self, inner: Any, role: str, max_tokens: int = 256, temperature: float = 0.0):
+    def __init__(self, inner: Any, role: str, max_tokens: int = 256, temperature: float = 0.0,
+                 emulated: bool = False):
         self.inner, self.role, self.max_tokens, self.temperature = inner, role, max_tokens, temperature
+        self.emulated = emulated
         self.stats = {"calls": 0, "errors": 0}
 
     async def chat(self, messages, *, max_tokens=None, temperature=None, affinity_key=None, json_schema=None) -> str:
         self.stats["calls"] += 1
+        extra = {"role": self.role} if self.emulated else {}
         try:
             return await self.inner.chat(messages, max_tokens=self.max_tokens if max_tokens is None else max_tokens,
                                          temperature=self.temperature if temperature is None else temperature,
-                                         affinity_key=affinity_key)
+                                         affinity_key=affinity_key, **extra)
         except Exception:  # counted, then raised: the role decides (retry, fall back, count ungradable)
             self.stats["errors"] += 1
             raise
@@ -54,6 +65,11 @@ def role_defaults(client: Any) -> tuple[int, float]:
     """(max_tokens, temperature) a role uses when its own config key is unset: the
     client's (``llm.max_tokens``, ``llm.temperature``), else 256 and greedy."""
     return getattr(client, "max_tokens", 256), getattr(client, "temperature", 0.0)
+
+
+def is_emulated(client: Any) -> bool:
+    """Whether ``client`` talks to emulated engines (filler text: see :class:`RoleClient`)."""
+    return bool(getattr(client, "emulated", False))
 
 
 def client_stats(client: Any) -> dict[str, int]:

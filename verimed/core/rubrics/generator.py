@@ -19,7 +19,7 @@ import logging
 from collections import OrderedDict
 from typing import Any, Literal, Sequence
 
-from verimed.core.rollout.llm import LLMClient, role_defaults  # the one protocol; re-exported for the judge
+from verimed.core.rollout.llm import LLMClient, is_emulated, role_defaults  # LLMClient: re-exported for the judge
 from verimed.core.rubrics.case_rubrics import case_rubric
 from verimed.core.rubrics.model import (
     DIMENSIONS, RubricError, check_dimensions, dialogue_hash, make_item, merge_duplicates, validate_rubric,
@@ -147,9 +147,17 @@ class LLMRubricGenerator(CachedGenerator):
         self.required = check_dimensions(required_dimensions)
         self.failures: list[RubricGenerationError] = []  # every reported failure, for the run's metrics
 
+    def first_messages(self, case: Case, dialogue: list[Turn]) -> list[dict[str, str]]:
+        """The first request for (case, dialogue); a retry appends the reply and the problems found."""
+        return [{"role": "user", "content": generator_prompt(case, dialogue, self.required)}]
+
+    async def ask(self, case: Case, messages: list[dict[str, str]]) -> str:
+        """One call with this role's budget, temperature and the case's affinity key."""
+        return await self.llm.chat(messages, max_tokens=self.max_tokens, temperature=self.temperature,
+                                   affinity_key=f"rubric:{case.case_id}")
+
     async def _generate(self, case: Case, dialogue: list[Turn]) -> list[RubricItem]:
-        messages = [{"role": "user", "content": generator_prompt(case, dialogue, self.required)}]
-        key = f"rubric:{case.case_id}"
+        messages = self.first_messages(case, dialogue)
         problems: list[str] = []
         output = ""
         for attempt in range(1 + self.max_retries):
@@ -157,8 +165,7 @@ class LLMRubricGenerator(CachedGenerator):
                 self.stats["retries"] += 1
                 messages += [{"role": "assistant", "content": output},
                              {"role": "user", "content": GENERATOR_FIX.format(problems="\n- ".join(problems[:10]))}]
-            output = await self.llm.chat(messages, max_tokens=self.max_tokens, temperature=self.temperature,
-                                         affinity_key=key)
+            output = await self.ask(case, messages)
             items, problems = items_from_llm_output(output)
             items = merge_duplicates(items)
             problems += validate_rubric(items, self.required) if items else []
@@ -181,6 +188,9 @@ def make_generator(cfg: Any, llm: LLMClient | None = None) -> CachedGenerator:
     if kind == "llm":
         if llm is None:
             raise ValueError("rubrics.generator=llm needs an LLM client (configure the `llm` section)")
+        if is_emulated(llm):  # its engines answer filler, which never validates
+            raise ValueError("rubrics.generator=llm with an emulated client (rollout.backend=emulated): build the "
+                             "generator with verimed.core.emulate.roles.make_generator")
         return LLMRubricGenerator(
             llm, max_retries=cfg.max_retries,
             required_dimensions=getattr(cfg, "required_dimensions", DEFAULT_REQUIRED),

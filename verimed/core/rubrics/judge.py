@@ -24,7 +24,7 @@ import asyncio
 import logging
 from typing import Any, Sequence
 
-from verimed.core.rollout.llm import role_defaults
+from verimed.core.rollout.llm import is_emulated, role_defaults
 from verimed.core.rubrics.generator import LLMClient
 from verimed.core.rubrics.model import dialogue_hash
 from verimed.core.rubrics.parse import UNGRADABLE, parse_verdict
@@ -37,6 +37,11 @@ log = logging.getLogger(__name__)
 
 class LLMJudge:
     """Grades each rubric item with one LLM call (plus retries)."""
+
+    # One reply -> (verdict or UNGRADABLE, explanation). The emulated judge
+    # (verimed.core.emulate.roles) reads every reply as gradable: its verdicts
+    # come from the rules judge, the reply only carries the timing.
+    read_verdict = staticmethod(parse_verdict)
 
     def __init__(self, llm: LLMClient, max_retries: int = 2, max_tokens: int | None = None, concurrency: int = 64,
                  temperature: float | None = None):
@@ -88,7 +93,7 @@ class LLMJudge:
                 log.warning("judge call failed (item %d, attempt %d): %r", index, attempts, exc)
                 last = f"client error: {exc!r}"
                 continue
-            verdict, explanation = parse_verdict(output)
+            verdict, explanation = self.read_verdict(output)
             if verdict != UNGRADABLE:
                 return Judgement(item_index=index, met=bool(verdict), explanation=explanation, attempts=attempts,
                                  raw=output)
@@ -112,5 +117,8 @@ def make_judge(cfg: Any, llm: LLMClient | None = None) -> LLMJudge | RulesJudge:
     if backend == "llm":
         if llm is None:
             raise ValueError("judge.backend=llm needs an LLM client (configure the `llm` section)")
+        if is_emulated(llm):  # its engines answer filler, which never parses
+            raise ValueError("judge.backend=llm with an emulated client (rollout.backend=emulated): build the "
+                             "judge with verimed.core.emulate.roles.make_judge")
         return LLMJudge(llm, max_retries=cfg.max_retries, max_tokens=getattr(cfg, "max_tokens", None))
     raise ValueError(f"judge.backend must be 'rules' or 'llm', got {backend!r}")
