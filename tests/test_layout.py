@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("verimed.core.config", "verimed.core.types", "verimed.kernels", "verimed.data"),
     ("verimed.core.data", "verimed.core.models"),
     ("verimed.core.rl", "verimed.core.rollout", "verimed.core.cluster", "verimed.core.metrics"),
-    ("verimed.core.rubrics", "verimed.core.simulator"),
+    ("verimed.core.rubrics", "verimed.core.simulator", "verimed.core.emulate"),
     ("verimed.core.tasks",),
     ("verimed.core.train", "verimed.core.eval"),
     ("verimed.actors",),
