@@ -180,3 +180,143 @@ def test_architecture_of_a_small_tied_qwen_and_a_biased_llama():
     with pytest.raises(ValueError, match="not a multiple of num_key_value_heads"):
         Architecture(model_type="qwen2", vocab_size=10, hidden_size=64, intermediate_size=8, num_hidden_layers=1,
                      num_attention_heads=4, num_key_value_heads=3)
+
+
+# ---------------------------------------------------------------- pseudo log-probs, engine
+
+from verimed.core.emulate.engine import EmulatedEngine, EmulationError  # noqa: E402
+from verimed.core.emulate.learner import (EmulatedCheckpointError, EmulatedLearner, EmulatedReference,  # noqa: E402
+                                          emulated_loss_metrics)
+from verimed.core.emulate.pseudo import packed_logprobs, pair_logprobs, sequence_logprobs  # noqa: E402
+from verimed.core.emulate.rendezvous import Rendezvous, RendezvousError  # noqa: E402
+from verimed.core.rollout.sync_plan import WeightSyncError, expected_from  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_path):
+    from verimed.core.emulate.tokens import LightTokenizer
+
+    return LightTokenizer(tiny_model_path)
+
+
+def _cfg(*overrides: str, profile: str = "cpu-smollm2", time_scale: float = 200.0):
+    return load_config(None, EMULATED + [f"emulation.profile={profile}", f"emulation.time_scale={time_scale}", *overrides])
+
+
+def test_pseudo_logprobs_agree_on_a_version_and_differ_across_versions():
+    ids = np.arange(100, 400)
+    same = sequence_logprobs(ids, 3)
+    assert np.array_equal(same, sequence_logprobs(ids.tolist(), 3)) and same.dtype == np.float32
+    assert np.all((same <= -0.05) & (same >= -4.05))
+    assert np.abs(same - sequence_logprobs(ids, 4)).max() > 1.0  # a version apart: far above any tolerance
+    packed = packed_logprobs(ids, np.array([0, 100, 300]), 3)
+    assert packed[0] == 0 and packed[100] == 0 and np.array_equal(packed[1:100], same[:99])
+    assert np.array_equal(packed[101:300], same[100:])
+
+
+def test_engine_versions_are_exact_across_a_mid_generation_update(tokenizer):
+    profile = load_profile("cpu-smollm2")
+    engine = EmulatedEngine(profile, tokenizer, time_scale=20.0, seed=1, join_group=_no_join)
+    learner = EmulatedLearner(_cfg(), profile)
+    prompt = tokenizer.encode("Patient reports chest pain radiating to the left arm, sweating and nausea since morning.")
+
+    async def scenario():
+        await engine.init_sync("h", 1, 1, 2, "gloo")
+        meta = learner.weight_meta(2**26)
+        await engine.set_expected(expected_from(meta))
+        task = asyncio.create_task(engine.generate(prompt, 4, max_tokens=64, temperature=1.0, seed=7))
+        while engine.ticks < 3:
+            await asyncio.sleep(0.001)
+        await engine.update_weights(msgspec.structs.replace(meta, version=1))
+        return await task
+
+    outs = asyncio.run(scenario())
+    assert engine.version == 1
+    for out in outs:
+        v = np.asarray(out.versions)
+        assert len(v) == len(out.token_ids) == len(out.logprobs) and np.all(np.diff(v) >= 0)
+        assert v[0] == 0 and v[-1] == 1  # the update landed mid-generation for every sequence
+        full = list(prompt) + list(out.token_ids)
+        at = {k: sequence_logprobs(full, k)[len(prompt) - 1:] for k in (0, 1)}
+        expected = np.where(v == 0, at[0], at[1])
+        assert np.array_equal(np.asarray(out.logprobs, dtype=np.float32), expected)
+        assert set(out.token_ids) - {tokenizer.eos_id} <= set(prompt)  # spans of the prompt
+    # seeded: the same request gives the same ids
+    again = asyncio.run(EmulatedEngine(profile, tokenizer, time_scale=200.0, seed=1).generate(
+        prompt, 4, max_tokens=64, temperature=1.0, seed=7))
+    assert [o.token_ids for o in again] == [o.token_ids for o in outs]
+
+
+async def _no_join(host, port, rank, world, member):
+    return None
+
+
+def test_pause_holds_every_sequence_and_resume_continues(tokenizer):
+    engine = EmulatedEngine(load_profile("cpu-smollm2"), tokenizer, time_scale=50.0)
+    prompt = tokenizer.encode("Fever and cough for a week.")
+
+    async def scenario():
+        task = asyncio.create_task(engine.generate(prompt, 2, max_tokens=64, temperature=1.0, seed=0))
+        while engine.ticks < 1:
+            await asyncio.sleep(0.001)
+        await engine.pause()
+        ticks, progress = engine.ticks, [len(s.versions) for s in engine._sequences]
+        await asyncio.sleep(0.2)  # many ticks' worth of wall time
+        held = (engine.ticks == ticks and [len(s.versions) for s in engine._sequences] == progress and not task.done())
+        engine.resume()
+        outs = await task
+        return held, outs
+
+    held, outs = asyncio.run(scenario())
+    assert held
+    assert all(len(o.token_ids) >= 1 for o in outs)
+
+
+def test_response_length_is_capped_and_stop_ends_with_eos(tokenizer):
+    engine = EmulatedEngine(load_profile("cpu-smollm2"), tokenizer, time_scale=1000.0)  # mean 56, std 12
+    outs = asyncio.run(engine.generate(tokenizer.encode("Headache and stiff neck."), 8, max_tokens=5,
+                                       temperature=1.0, seed=3))
+    assert all(len(o.token_ids) == 5 and o.finish_reason == "length" for o in outs)
+    outs = asyncio.run(engine.generate(tokenizer.encode("Headache and stiff neck."), 8, max_tokens=1000,
+                                       temperature=1.0, seed=3))
+    assert all(o.finish_reason == "stop" and o.token_ids[-1] == tokenizer.eos_id for o in outs)
+    assert len({len(o.token_ids) for o in outs}) > 1  # lengths vary
+
+
+def test_tensor_parallel_size_must_match_the_visible_gpus(tokenizer, monkeypatch):
+    profile = load_profile("h100-qwen2.5-32b")  # tp 4 only
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    with pytest.raises(EmulationError, match=r"tensor_parallel_size 4 but CUDA_VISIBLE_DEVICES='0,1' holds 2 GPU"):
+        EmulatedEngine(profile, tokenizer, tensor_parallel_size=4)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    assert EmulatedEngine(profile, tokenizer, tensor_parallel_size=4).sync_workers == 4
+    with pytest.raises(ProfileError, match="no entry for tensor_parallel_size 2"):
+        EmulatedEngine(profile, tokenizer, tensor_parallel_size=2)
+
+
+def test_rendezvous_rejects_duplicate_out_of_range_and_mismatched_ranks_and_times_out():
+    async def scenario():
+        r = Rendezvous("h:1", 3, timeout_s=0.2)
+        first = asyncio.create_task(r.claim(1, 3, "rollout-0/worker-0"))
+        await asyncio.sleep(0)
+        with pytest.raises(RendezvousError, match=r"rank 1 claimed twice \(rollout-0/worker-0 and rollout-1/worker-0\)"):
+            await r.claim(1, 3, "rollout-1/worker-0")
+        with pytest.raises(RendezvousError, match=r"claims rank 3, outside \[0, 3\)"):
+            await r.claim(3, 3, "x")
+        with pytest.raises(RendezvousError, match="joins with world size 4, the group has 3"):
+            await r.claim(2, 4, "y")
+        with pytest.raises(RendezvousError, match=r"waited 0.2 s for ranks \[0, 2\] of 3"):
+            await first
+        whole = Rendezvous("h:2", 2)
+        got = await asyncio.gather(whole.claim(0, 2, "learner-0"), whole.claim(1, 2, "rollout-0/worker-0"))
+        assert got[0] == {0: "learner-0", 1: "rollout-0/worker-0"}
+
+    asyncio.run(scenario())
+
+
+def test_engine_sync_ranks_must_lie_in_the_group(tokenizer):
+    engine = EmulatedEngine(load_profile("cpu-smollm2"), tokenizer, join_group=_no_join)
+    with pytest.raises(EmulationError, match=r"sync ranks \[0\] outside \[1, 2\)"):
+        asyncio.run(engine.init_sync("h", 1, 0, 2, "gloo"))
+    with pytest.raises(WeightSyncError, match="in no weight-sync group"):
+        asyncio.run(engine.update_weights(EmulatedLearner(_cfg(), load_profile("cpu-smollm2")).weight_meta(2**20)))
