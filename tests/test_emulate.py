@@ -320,3 +320,263 @@ def test_engine_sync_ranks_must_lie_in_the_group(tokenizer):
         asyncio.run(engine.init_sync("h", 1, 0, 2, "gloo"))
     with pytest.raises(WeightSyncError, match="in no weight-sync group"):
         asyncio.run(engine.update_weights(EmulatedLearner(_cfg(), load_profile("cpu-smollm2")).weight_meta(2**20)))
+
+
+# ---------------------------------------------------------------- the real coordinator, in process
+
+
+class _Method:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args, **kwargs):
+        async def call():
+            out = self.fn(*args, **kwargs)
+            return await out if asyncio.iscoroutine(out) else out
+
+        return call()
+
+
+class _Handle:
+    """``handle.method.remote(...)`` awaitable, like a Ray actor handle, over a local object."""
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __getattr__(self, name):
+        return _Method(getattr(self.obj, name))
+
+
+class _LocalGroup:
+    """Rendezvous objects by address: what the Ray rendezvous actor hosts, in process."""
+
+    def __init__(self):
+        self.groups: dict[str, Rendezvous] = {}
+
+    async def join(self, host, port, rank, world, member):
+        group = self.groups.setdefault(f"{host}:{port}", Rendezvous(f"{host}:{port}", world, timeout_s=5.0))
+        return await group.claim(rank, world, member)
+
+
+class _EngineShell:
+    """RolloutActor's methods over an EmulatedEngine (the actor is a thin pass-through)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def sync_workers(self):
+        return self.engine.sync_workers
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def ready(self):
+        return self.engine.version
+
+
+class _Learners:
+    """LearnerGroup's interface over one EmulatedLearner; rank 0 claims rank 0 at the local rendezvous."""
+
+    def __init__(self, learner, local):
+        self.learner, self.local, self.joined = learner, local, False
+        outer = self
+
+        class Rank0:
+            def rendezvous_address(self):
+                return "127.0.0.1", 29500 + len(local.groups)
+
+            async def init_sync(self, host, port, world, backend):
+                await local.join(host, port, 0, world, "learner-0")
+                outer.joined = True
+
+        self.actors = [_Handle(Rank0())]
+
+    async def weight_meta(self):
+        return self.learner.weight_meta(2**26)
+
+    async def broadcast(self, meta):
+        return self.learner.broadcast(meta) if self.joined else {}
+
+    async def score(self, token_ids):
+        return self.learner.score(token_ids)
+
+
+def _rig(tokenizer, tiny_model_path, engines=2):
+    from verimed.actors.weight_sync import WeightSyncCoordinator
+    from verimed.core.models import load_tokenizer
+
+    cfg = _cfg()
+    profile = load_profile("cpu-smollm2")
+    local = _LocalGroup()
+    learner = EmulatedLearner(cfg, profile)
+    shells = [_EngineShell(EmulatedEngine(profile, tokenizer, time_scale=200.0, join_group=local.join, member=f"rollout-{i}"))
+              for i in range(engines)]
+    coordinator = WeightSyncCoordinator(cfg, _Learners(learner, local), [_Handle(s) for s in shells],
+                                        load_tokenizer(tiny_model_path))
+    return cfg, learner, shells, coordinator
+
+
+def test_the_real_coordinator_syncs_emulated_devices_and_parity_passes(tokenizer, tiny_model_path):
+    cfg, learner, shells, coordinator = _rig(tokenizer, tiny_model_path)
+
+    async def scenario():
+        await coordinator.init()
+        assert coordinator.meta.names[0] == "model.embed_tokens.weight" and len(coordinator.meta.names) == 272
+        learner.version = 1  # as after a train_step
+        out = await coordinator.sync(1)
+        return out
+
+    out = asyncio.run(scenario())
+    assert out["sync/parity_max_abs"] == 0.0  # bit-identical on the same version
+    assert [s.engine.version for s in shells] == [1, 1]
+    assert out["sync/bytes"] == 134515008 * 4  # SmolLM2-135M in float32 (model.dtype)
+
+
+def test_parity_fails_when_an_engine_lags_the_learner(tokenizer, tiny_model_path):
+    from verimed.core.rollout.errors import ParityError
+
+    cfg, learner, shells, coordinator = _rig(tokenizer, tiny_model_path)
+    lagging = shells[1].engine
+
+    async def silently_stale(meta, fail_for_test=False):  # answers like a sync, keeps the old weights
+        return {"sync/bytes": float(meta.num_bytes)}
+
+    async def scenario():
+        await coordinator.init()
+        learner.version = 1
+        await coordinator.sync(1)
+        lagging.update_weights = silently_stale
+        learner.version = 2
+        with pytest.raises(ParityError, match="exceeds weight_sync.parity_tolerance"):
+            await coordinator.sync(2)
+        return await coordinator.parity_gap()
+
+    assert asyncio.run(scenario()) > cfg.weight_sync.parity_tolerance
+    assert (shells[0].engine.version, lagging.version) == (2, 1)
+
+
+def test_an_engine_outside_the_group_fails_the_sync_and_the_coordinator_rejoins(tokenizer, tiny_model_path):
+    cfg, learner, shells, coordinator = _rig(tokenizer, tiny_model_path)
+
+    async def scenario():
+        await coordinator.init()
+        shells[0].engine.group = None  # as a restarted engine: outside the group
+        learner.version = 1
+        first = await coordinator.sync(1)
+        assert coordinator.needs_rejoin and coordinator.failures == 1 and "sync/parity_max_abs" not in first
+        second = await coordinator.sync(1)  # rejoins (a fresh rendezvous), then syncs
+        return second
+
+    out = asyncio.run(scenario())
+    assert not coordinator.needs_rejoin and coordinator.rejoins == 1 and out["sync/parity_max_abs"] == 0.0
+
+
+def test_a_changed_architecture_is_refused_before_the_engine_pauses(tokenizer, tiny_model_path):
+    cfg, learner, shells, coordinator = _rig(tokenizer, tiny_model_path, engines=1)
+
+    async def scenario():
+        await coordinator.init()
+        meta = coordinator.meta
+        bad = msgspec.structs.replace(meta, shapes=[(1, 1), *meta.shapes[1:]], version=1)
+        with pytest.raises(WeightSyncError, match=r"model.embed_tokens.weight: got \(1, 1\) float32"):
+            await shells[0].engine.update_weights(bad)
+
+    asyncio.run(scenario())
+    assert shells[0].engine.version == 0
+
+
+# ---------------------------------------------------------------- learner and reference
+
+
+def _batch(seed: int = 0, groups: int = 2, g: int = 2, with_reference: bool = False):
+    from verimed.core.types import Array, TrainBatch
+
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(8, 20, size=groups * g)
+    cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    ids = rng.integers(5, 1000, size=cu[-1]).astype(np.int32)
+    mask = np.zeros(cu[-1], np.float32)
+    for s in range(len(lengths)):
+        mask[cu[s] + 4 : cu[s + 1]] = 1.0
+    behaviour = packed_logprobs(ids, cu, 0) + rng.normal(0, 0.3, size=cu[-1]).astype(np.float32) * mask
+    adv = np.repeat(rng.normal(size=len(lengths)), lengths).astype(np.float32) * mask
+    ref = Array.of(packed_logprobs(ids, cu, 0)) if with_reference else None
+    return TrainBatch(input_ids=Array.of(ids), cu_seqlens=Array.of(cu), loss_mask=Array.of(mask),
+                      behaviour_logprobs=Array.of(behaviour.astype(np.float32)), advantages=Array.of(adv),
+                      versions=Array.of(np.where(mask > 0, 0, -1).astype(np.int32)),
+                      group_ids=Array.of(np.repeat(np.arange(groups), g).astype(np.int32)), num_groups=groups,
+                      max_response_len=20, policy_version=0, reference_logprobs=ref)
+
+
+def test_learner_metrics_have_the_real_loss_keys():
+    """The emulated keys equal what the real loss reports (computed here by the real torch loss)."""
+    torch = pytest.importorskip("torch")
+    from verimed.core.rl import loss as grpo
+
+    for with_reference in (False, True):
+        cfg = _cfg("trainer.minibatches=2", *(["grpo.kl_coef=0.1"] if with_reference else []))
+        batch = _batch(with_reference=with_reference)
+        n = len(batch.input_ids)
+        t = lambda a: torch.from_numpy(np.array(a, np.float32))  # noqa: E731  (a writable copy)
+        _, real = grpo.policy_loss(t(packed_logprobs(batch.input_ids.numpy(), batch.cu_seqlens.numpy(), 0)),
+                                   t(np.zeros(n)), t(batch.behaviour_logprobs.numpy()), t(batch.advantages.numpy()),
+                                   t(batch.loss_mask.numpy()), torch.from_numpy(batch.cu_seqlens.numpy().astype(np.int64)),
+                                   cfg.grpo, num_sequences_global=4, num_tokens_global=10.0, max_response_len=20,
+                                   reference_logprobs=t(batch.reference_logprobs.numpy()) if with_reference else None,
+                                   entropy=t(np.zeros(n)))
+        real_keys = set(grpo.reduce_metrics([real]))
+        learner = EmulatedLearner(cfg, load_profile("cpu-smollm2"))
+        out = learner.train_step(batch)
+        assert {k.removeprefix("loss/").replace("policy", "loss") for k in out if k.startswith("loss/") and "/mb" not in k} == real_keys
+        assert {"train/grad_norm", "train/lr", "train/minibatches", "train/version", "loss/mb1/clip_frac"} <= set(out)
+        assert learner.version == 1 and out["train/version"] == 1.0 and out["train/minibatches"] == 2.0
+        assert out["loss/tokens"] == batch.loss_mask.numpy().sum()
+
+
+def test_learner_behaviour_weights_by_hand():
+    batch = _batch(seed=3)
+    cfg = _cfg("grpo.is_cap=1.1")
+    prox = packed_logprobs(batch.input_ids.numpy(), batch.cu_seqlens.numpy(), 0)
+    m = emulated_loss_metrics(batch, prox, cfg.grpo)
+    mask = batch.loss_mask.numpy() > 0
+    log_w = (prox.astype(np.float64) - batch.behaviour_logprobs.numpy())[mask]
+    w = np.exp(log_w)
+    adv = batch.advantages.numpy()[mask].astype(np.float64)
+    assert m["is_flagged_count"] == (w > 1.1).sum() > 0
+    assert m["behaviour_kl"] == pytest.approx(np.mean(w - 1 - log_w), rel=1e-9)
+    assert m["loss"] == pytest.approx(-np.mean(np.minimum(w, 1.1) * adv), rel=1e-9)
+    assert m["advantage_std"] == pytest.approx(adv.std(), rel=1e-6)
+
+
+def test_learner_checkpoint_round_trip_and_a_foreign_checkpoint(tmp_path):
+    profile = load_profile("cpu-smollm2")
+    learner = EmulatedLearner(_cfg(), profile)
+    learner.train_step(_batch())
+    learner.save_checkpoint(str(tmp_path / "learner"))
+    fresh = EmulatedLearner(_cfg(), profile, rank=1, world_size=2)  # another world size reads rank 0's file
+    fresh.load_checkpoint(str(tmp_path / "learner"))
+    assert fresh.version == 1
+    with pytest.raises(EmulatedCheckpointError, match="no emulated learner checkpoint"):
+        fresh.load_checkpoint(str(tmp_path / "nothing"))
+    other = EmulatedLearner(_cfg(profile="h100-qwen2.5-7b"), load_profile("h100-qwen2.5-7b"))
+    with pytest.raises(EmulatedCheckpointError, match="written with profile 'cpu-smollm2'"):
+        other.load_checkpoint(str(tmp_path / "learner"))
+    learner.save_hf(str(tmp_path / "final"), "tok")
+    manifest = json.loads((tmp_path / "final" / "EMULATED.json").read_text())
+    assert manifest["emulated"] and manifest["version"] == 1
+
+
+def test_weight_meta_of_the_32b_target_without_allocating():
+    cfg = _cfg("model.dtype=bfloat16", profile="h100-qwen2.5-32b")
+    learner = EmulatedLearner(cfg, load_profile("h100-qwen2.5-32b"), rank=0, world_size=24)
+    meta = learner.weight_meta(2**30)
+    assert meta.num_bytes == 32763876352 * 2 and len(meta.names) == 771 and set(meta.dtypes) == {"bfloat16"}
+    assert meta.solo_bytes > 0  # sharded: not one flat buffer
+
+
+def test_reference_returns_the_initial_policy_logprobs():
+    batch = _batch()
+    ref = EmulatedReference(_cfg(), load_profile("cpu-smollm2"))
+    out = ref.logprobs(batch)
+    assert out.shape == (len(batch.input_ids),) and out.dtype == np.float32 and ref.calls == 1
+    assert np.array_equal(out, packed_logprobs(batch.input_ids.numpy(), batch.cu_seqlens.numpy(), 0))
