@@ -3,11 +3,13 @@
 - ``profile``: the device profile (``configs/profiles/*.yaml``) and the pure time functions it feeds;
 - ``architecture``: parameter names, shapes and dtypes of the target model from its HF config fields;
 - ``pseudo``: the deterministic stand-in log-probs that engine and learner compute identically;
+- ``tokens``: response ids (spans of the prompt) and a light tokenizer; ``rendezvous``: the emulated sync group;
 - ``engine``: :class:`EmulatedEngine`, the async interface of ``VLLMEngine`` (ticks of modelled time);
 - ``learner``: :class:`EmulatedLearner` and :class:`EmulatedReference`.
 
 Nothing here allocates weights or imports torch, transformers or vLLM, so an emulated actor stays
 small and dozens fit on 2 cores.
 May import: ``verimed.core.config``, ``verimed.core.types``, ``verimed.core.rollout.sync_plan`` (the
-torch-free weight-sync planning), msgspec, numpy, yaml — never torch, transformers, vllm or ray.
+torch-free weight-sync planning), ``verimed.core.rollout.engines`` (``EngineOutput``), msgspec, numpy,
+yaml, tokenizers — never torch, transformers, vllm or ray.
 """
