@@ -152,9 +152,9 @@ def test_engine_group_client_and_rollout_actor_pass_role_to_an_emulated_engine_o
             return f"real {max_tokens}"
 
     actor = RolloutActor.__ray_actor_class__.__new__(RolloutActor.__ray_actor_class__)
-    actor.engine, actor.chat_client = EmulatedEngineDouble(), ChatClient()
+    actor.engine, actor.chat_client = EmulatedEngineDouble(), None  # an emulated engine answers chats itself
     assert run(actor.chat([], 7, 0.0, role="simulator")) == "emulated simulator 7"
-    actor.engine = object()  # a real engine has no chat(): the role is ignored
+    actor.engine, actor.chat_client = object(), ChatClient()  # a real engine: the role is ignored
     assert run(actor.chat([], 7, 0.0, role="simulator")) == "real 7" == run(actor.chat([], 7, 0.0))
 
 

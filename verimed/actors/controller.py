@@ -146,7 +146,8 @@ class Controller:
             cfg.rubrics, llm["rubric_generator"])
         self.verifier = VerifierActor.options(**options("verifier", 0)).remote(cfg.judge, llm["judge"])
         if reference_needed(cfg):  # with kl_coef 0 in every stage no reference actor exists
-            self.reference = ReferenceGroup(cfg, reference_model_path(cfg, self.model_path),
+            ref_path = self.model_path if cfg.trainer.backend == "emulated" else reference_model_path(cfg, self.model_path)
+            self.reference = ReferenceGroup(cfg, ref_path,
                                             [options("reference", r) for r in range(cfg.placement.reference.replicas)])
             await self.reference.ready()
         await asyncio.gather(*[e.ready.remote() for e in self.engines])
@@ -188,7 +189,9 @@ class Controller:
         else:
             if not cfg.llm.model:
                 raise ConfigError("llm.type=vllm needs llm.model (a local model directory or 'smollm2')")
-            path = resolve_model_path(cfg.llm.model, cfg.model.cache_dir)
+            # Under emulation llm.model is a placeholder, never read: the engines get the tokenizer directory.
+            emulated = cfg.rollout.backend == "emulated"
+            path = self.model_path if emulated else resolve_model_path(cfg.llm.model, cfg.model.cache_dir)
             serving = llm_engine_roles(cfg)  # client role ("verifier" hosts the judge) -> engine role
             # Engine "replica" numbers seed sampling and name pid files: distinct from the policy engines'.
             engines = {role: [RolloutActor.options(**options(role, i)).remote(cfg, path, 1000 * ROLES.index(role) + i, role)

@@ -14,7 +14,6 @@ import ray
 
 from verimed.actors.logs import redirect_output
 from verimed.core.config import Config, GRPOConfig
-from verimed.core.rollout import weight_sync
 from verimed.core.types import TrainBatch, WeightVersion
 
 
@@ -48,7 +47,8 @@ class LearnerActor:
     def __init__(self, cfg: Config, model_path: str, rank: int, world_size: int):
         redirect_output()  # first: all later output, child processes included, goes to its log file
         self.cfg, self.model_path, self.rank, self.world_size = cfg, model_path, rank, world_size
-        self.sync_group = None
+        self.emulated = cfg.trainer.backend == "emulated"
+        self.sync_group = None  # emulated: the rendezvous actor of the current group
         self.send_buffers = None
 
     def rendezvous_address(self) -> tuple[str, int]:
@@ -56,7 +56,14 @@ class LearnerActor:
         return node_ip(), free_port()
 
     def setup(self, address: tuple[str, int]) -> None:
-        """Join the learners' process group at ``address`` (rank 0's) and build the sharded model."""
+        """Join the learners' process group at ``address`` (rank 0's) and build the sharded model.
+        Emulated: an :class:`~verimed.core.emulate.learner.EmulatedLearner` (no torch, no process group)."""
+        if self.emulated:
+            from verimed.core.emulate.learner import EmulatedLearner
+            from verimed.core.emulate.profile import load_profile
+
+            self.learner = EmulatedLearner(self.cfg, load_profile(self.cfg.emulation.profile), self.rank, self.world_size)
+            return
         import torch
 
         from verimed.core.train.distributed import init_distributed
@@ -76,11 +83,19 @@ class LearnerActor:
 
     def weight_meta(self) -> WeightVersion:
         """What a sync carries: names, global shapes, the engines' dtype, the bucket plan's inputs (no gather)."""
+        if self.emulated:
+            return self.learner.weight_meta(int(self.cfg.weight_sync.bucket_mb * 2**20))
+        from verimed.core.rollout import weight_sync
+
         return weight_sync.describe(self.learner.named_parameter_shapes(), self.learner.version,
                                     int(self.cfg.weight_sync.bucket_mb * 2**20), dtype=self.cfg.model.dtype)
 
     def init_sync(self, host: str, port: int, world_size: int, backend: str) -> None:
         """Rank 0 joins the weight-sync group as its rank 0 (the TCPStore host); a rejoin destroys the old group."""
+        if self.emulated:
+            return self._init_emulated_sync(host, port, world_size)
+        from verimed.core.rollout import weight_sync
+
         if self.learner.rank == 0:
             weight_sync.destroy_group(self.sync_group)
             self.sync_group = None
@@ -89,6 +104,10 @@ class LearnerActor:
     def broadcast(self, meta: WeightVersion) -> dict[str, float]:
         """Gather full weights one tensor at a time (all ranks) and broadcast them from rank 0 as ``meta`` plans
         (the same message the engines receive, so sender and receivers cut the same buckets)."""
+        if self.emulated:
+            return self.learner.broadcast(meta) if self.sync_group is not None else {}
+        from verimed.core.rollout import weight_sync
+
         params = self.learner.iter_full_parameters()
         if self.sync_group is None:
             for _ in params:  # the other ranks take part in every all-gather
@@ -98,8 +117,30 @@ class LearnerActor:
             self.send_buffers = weight_sync.SendBuffers(self.learner.device)  # reused by every sync
         return weight_sync.broadcast_weights(self.sync_group, params, meta, self.learner.device, self.send_buffers)
 
+    def _init_emulated_sync(self, host: str, port: int, world_size: int) -> None:
+        """Rank 0 claims rank 0 at the group's rendezvous actor (after killing the previous group's)."""
+        if self.rank != 0:
+            return
+        from verimed.actors.sync_rendezvous import join_rendezvous_blocking
+
+        previous, self.sync_group = self.sync_group, None
+        if previous is not None:
+            ray.kill(previous)
+        self.sync_group = join_rendezvous_blocking(host, port, 0, world_size, "learner-0")
+
     def version(self) -> int:
         return self.learner.version
+
+    def memory(self) -> dict[str, float]:
+        """This actor process's peak RSS (bytes) and whether torch / vLLM / transformers were imported (bench)."""
+        import resource
+        import sys
+
+        import psutil
+
+        return {"peak_rss_bytes": float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
+                "rss_bytes": float(psutil.Process().memory_info().rss),
+                **{f"imported/{m}": float(m in sys.modules) for m in ("torch", "vllm", "transformers")}}
 
     def save_hf(self, out_dir: str, base_model_path: str) -> None:
         self.learner.save_hf(out_dir, base_model_path)

@@ -25,7 +25,6 @@ import ray
 
 from verimed.actors.logs import redirect_output
 from verimed.core.config import Config
-from verimed.core.train.reference import with_reference
 from verimed.core.types import TrainBatch
 
 
@@ -34,6 +33,12 @@ class ReferenceActor:
     def __init__(self, cfg: Config, model_path: str, rank: int = 0, world_size: int = 1,
                  master_addr: str | None = None, master_port: int | None = None, offload: bool | None = None):
         redirect_output()  # first: all later output, child processes included, goes to its log file
+        if cfg.trainer.backend == "emulated":  # no torch, no process group: waits the profile's forward time
+            from verimed.core.emulate.learner import EmulatedReference
+            from verimed.core.emulate.profile import load_profile
+
+            self.model = EmulatedReference(cfg, load_profile(cfg.emulation.profile), rank, world_size)
+            return
         import torch
 
         from verimed.core.train.distributed import init_distributed
@@ -115,6 +120,8 @@ class ReferenceGroup:
         whole batch, or one per group when groups were submitted as they finished
         (build_train_batch concatenates groups in order, so their arrays concatenate too).
         """
+        from verimed.core.train.reference import with_reference  # driver side (torch): not in the actors' imports
+
         start = time.perf_counter()
         parts = await asyncio.gather(*[p.task for p in pending])
         waited = time.perf_counter() - start

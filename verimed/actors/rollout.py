@@ -15,23 +15,30 @@ import ray
 
 from verimed.actors.logs import redirect_output
 from verimed.core.config import Config
-from verimed.core.models import load_tokenizer
-from verimed.core.rollout.engines import TransformersEngine, VLLMEngine, engine_settings
-from verimed.core.rollout.llm import EngineClient
+from verimed.core.rollout.engines import engine_settings
 from verimed.core.types import Sample, WeightVersion
 
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class RolloutActor:
     def __init__(self, cfg: Config, model_path: str, replica: int = 0, role: str = "rollout"):
-        """``role``: the placement role whose bundle this engine runs on (its tensor-parallel size)."""
+        """``role``: the placement role whose bundle this engine runs on (its tensor-parallel size).
+        With ``rollout.backend: emulated``, ``model_path`` is the tokenizer directory (emulation.tokenizer)."""
         redirect_output()  # first: all later output, child processes included, goes to its log file
+        self.cfg = cfg
+        if cfg.rollout.backend == "emulated":
+            self.engine, self.chat_client = _emulated_engine(cfg, model_path, replica, role), None
+            return
+        # Imported here: an emulated actor never loads vLLM, torch or transformers.
+        from verimed.core.models import load_tokenizer
+        from verimed.core.rollout.engines import TransformersEngine, VLLMEngine
+        from verimed.core.rollout.llm import EngineClient
+
         kind = VLLMEngine if cfg.rollout.backend == "vllm" else TransformersEngine
         pidfile = _engine_pidfile(replica)
         _kill_stale_engine(pidfile)  # a restarted actor: its predecessor's engine processes outlive it
         self.engine = kind(model_path, **engine_settings(cfg, role, replica))
         self.chat_client = EngineClient(self.engine, load_tokenizer(model_path))
-        self.cfg = cfg
         pidfile.write_text("\n".join(str(p.pid) for p in psutil.Process().children(recursive=True)))
 
     def ready(self) -> int:
@@ -54,10 +61,10 @@ class RolloutActor:
 
     async def chat(self, messages: list[dict[str, str]], max_tokens: int = 256, temperature: float = 0.0,
                    role: str | None = None) -> str:
-        """The reply to ``messages``. ``role`` (simulator / judge / rubric_generator, sent by emulated
-        role clients) picks an emulated engine's per-role latency; real engines ignore it."""
-        if role is not None and hasattr(self.engine, "chat"):  # the emulated engine answers chats itself
-            return await self.engine.chat(messages, max_tokens, temperature, role=role)
+        """``role`` (simulator, judge, rubric_generator): an emulated engine waits that role's modelled
+        latency and answer length (a real engine ignores it)."""
+        if self.chat_client is None:
+            return await self.engine.chat(messages, max_tokens, temperature, role)
         return await self.chat_client.chat(messages, max_tokens=max_tokens, temperature=temperature)
 
     async def score(self, token_ids: list[int]):
@@ -78,6 +85,27 @@ class RolloutActor:
 
     def version(self) -> int:
         return self.engine.version
+
+    def memory(self) -> dict[str, float]:
+        """This actor process's peak RSS (bytes) and whether torch / vLLM / transformers were imported (bench)."""
+        import resource
+        import sys
+
+        return {"peak_rss_bytes": float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
+                "rss_bytes": float(psutil.Process().memory_info().rss),
+                **{f"imported/{m}": float(m in sys.modules) for m in ("torch", "vllm", "transformers")}}
+
+
+def _emulated_engine(cfg: Config, tokenizer_dir: str, replica: int, role: str):
+    """An EmulatedEngine of ``role``'s tensor-parallel size, joining weight-sync groups through the rendezvous actor."""
+    from verimed.actors.sync_rendezvous import join_rendezvous
+    from verimed.core.emulate.engine import EmulatedEngine
+    from verimed.core.emulate.profile import load_profile
+    from verimed.core.emulate.tokens import LightTokenizer
+
+    return EmulatedEngine(load_profile(cfg.emulation.profile), LightTokenizer(tokenizer_dir),
+                          time_scale=cfg.emulation.time_scale, join_group=join_rendezvous,
+                          member=f"{role}-{replica}", **engine_settings(cfg, role, replica))
 
 
 def engine_pidfile_name(node_id: str, job_id: str, replica: int) -> str:

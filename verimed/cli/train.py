@@ -2,6 +2,7 @@
 
     verimed train configs/default.yaml run.steps=4 --verbose
     verimed train configs/default.yaml --resume runs/default
+    verimed train configs/cluster/m2-32b-8x8.yaml --emulate h100-qwen2.5-32b emulation.time_scale=100
 """
 from __future__ import annotations
 
@@ -19,20 +20,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. grpo.eps_high=0.3 run.steps=4")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint")
+    p.add_argument("--emulate", metavar="PROFILE",
+                   help="emulated engines, learner and reference driven by a device profile (a name under "
+                        "configs/profiles/ or a YAML path): sets rollout.backend and trainer.backend to emulated "
+                        "and emulation.profile (later overrides still apply); model.path is then never read")
     p.add_argument("--verbose", action="store_true",
                    help="stream actor and engine logs (vLLM, Ray) to the console instead of RUN_DIR/logs/")
 
 
+def emulate_overrides(profile: str | None) -> list[str]:
+    """The overrides ``--emulate PROFILE`` puts before the user's (which may still change them)."""
+    if profile is None:
+        return []
+    return ["rollout.backend=emulated", "trainer.backend=emulated", f"emulation.profile={profile}"]
+
+
 def train(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, emulate_overrides(getattr(args, "emulate", None)) + list(args.overrides))
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
     from verimed.core.data.cases import load_cases
-    from verimed.core.models import resolve_model_path
 
     load_cases(cfg.data.cases_path, cfg.data.skip_invalid)  # fail on bad data before any actor starts
-    model_path = resolve_model_path(cfg.model.path, cfg.model.cache_dir)
+    model_path = resolve_policy_path(cfg)
     run_dir = Path(args.resume) if args.resume else Path(cfg.run.output_dir) / cfg.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
     init_ray(cfg, args.verbose)
@@ -41,6 +52,24 @@ def train(args: argparse.Namespace) -> int:
     run_training(cfg, run_dir, model_path, resume=bool(args.resume), verbose=args.verbose)
     print(run_dir.resolve())
     return 0
+
+
+def resolve_policy_path(cfg) -> str:
+    """The directory the actors get as ``model_path``: ``model.path``, or under emulation the tokenizer
+    directory (``emulation.tokenizer``; model.path is a placeholder then and never read). Under emulation
+    the profile is loaded and checked against every engine's tensor-parallel size here, before any actor starts."""
+    from verimed.core.models import resolve_model_path
+
+    if cfg.rollout.backend != "emulated":
+        return resolve_model_path(cfg.model.path, cfg.model.cache_dir)
+    from verimed.core.emulate.profile import engine_speed, load_profile
+
+    profile = load_profile(cfg.emulation.profile)
+    for role in ("rollout", "simulator_engine", "verifier_engine"):
+        spec = getattr(cfg.placement, role)
+        if spec.replicas:
+            engine_speed(profile, spec.tensor_parallel_size)
+    return resolve_model_path(cfg.emulation.tokenizer, cfg.model.cache_dir)
 
 
 def init_ray(cfg, verbose: bool = False) -> None:

@@ -13,7 +13,7 @@ through this ``__init__``.
 from verimed.core.config.base import ConfigError
 from verimed.core.config.loading import apply_override, from_dict, load_config, to_dict, to_yaml
 from verimed.core.config.placement import PlacementConfig, RoleSpec
-from verimed.core.config.schema import (AsyncConfig, Config, DataConfig, GRPOConfig, JudgeConfig, LLMConfig,
+from verimed.core.config.schema import (AsyncConfig, Config, DataConfig, EmulationConfig, GRPOConfig, JudgeConfig, LLMConfig,
                                         MetricsConfig, ModelConfig, RolloutConfig, RubricConfig, RunConfig,
                                         SimulatorConfig, TrainerConfig, WeightSyncConfig)
 from verimed.core.config.stages import (DataMix, RewardConfig, StageConfig, StageError, StageEvalConfig,
@@ -21,7 +21,7 @@ from verimed.core.config.stages import (DataMix, RewardConfig, StageConfig, Stag
 
 __all__ = [
     "ConfigError", "apply_override", "from_dict", "load_config", "to_dict", "to_yaml", "PlacementConfig", "RoleSpec",
-    "AsyncConfig", "Config", "DataConfig", "GRPOConfig", "JudgeConfig", "LLMConfig", "MetricsConfig", "ModelConfig",
+    "AsyncConfig", "Config", "DataConfig", "EmulationConfig", "GRPOConfig", "JudgeConfig", "LLMConfig", "MetricsConfig", "ModelConfig",
     "RolloutConfig", "RubricConfig", "RunConfig", "SimulatorConfig", "TrainerConfig", "WeightSyncConfig",
     "DataMix", "RewardConfig", "StageConfig", "StageError", "StageEvalConfig", "effective_config",
     "reference_needed", "total_steps", "validate_stages",

@@ -16,7 +16,7 @@ import msgspec
 import yaml
 
 from verimed.core.config.base import ConfigError
-from verimed.core.config.schema import Config
+from verimed.core.config.schema import Config, check_backends
 from verimed.core.config.stages import StageError, validate_stages
 
 
@@ -60,6 +60,10 @@ def from_dict(raw: dict[str, Any], source: str = "<config>") -> Config:
     try:
         validate_stages(cfg.stages, cfg.grpo, cfg.rollout, cfg.run.steps)
     except StageError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    try:
+        check_backends(cfg)
+    except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     return cfg
 

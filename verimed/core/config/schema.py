@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from verimed.core.config.base import Fraction, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, Section
+from verimed.core.config.base import ConfigError, Fraction, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, Section
 from verimed.core.config.placement import PlacementConfig
 from verimed.core.config.stages import StageConfig, StageEvalConfig
 
@@ -49,6 +49,9 @@ class DataConfig(Section):
 
 
 class RolloutConfig(Section):
+    # "emulated": verimed/core/emulate/engine.py waits the time the device profile (emulation.profile)
+    # predicts instead of computing; needs trainer.backend emulated too (the parity check would
+    # otherwise compare a real model with a stand-in).
     backend: Literal["vllm", "transformers", "emulated"] = "vllm"
     group_size: Annotated[int, Meta(ge=2)] = 4  # G responses per prompt
     prompts_per_step: PositiveInt = 4  # B groups consumed by one learner step
@@ -137,6 +140,9 @@ class GRPOConfig(Section):
 
 
 class TrainerConfig(Section):
+    # "emulated": the learner and reference of verimed/core/emulate/learner.py (no torch; time from
+    # emulation.profile); must match rollout.backend emulated.
+    backend: Literal["torch", "emulated"] = "torch"
     lr: PositiveFloat = 1e-5
     weight_decay: NonNegFloat = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -174,6 +180,40 @@ class WeightSyncConfig(Section):
     on_parity_failure: Literal["stop", "warn"] = "stop"
 
 
+class EmulationConfig(Section):
+    """Emulated devices (DESIGN §11): read only when rollout.backend / trainer.backend is "emulated".
+
+    Under emulation ``model.path`` and ``llm.model`` are placeholders and never read: the
+    architecture (names, shapes, dtypes of the weight sync) comes from the profile, the
+    tokenizer from ``tokenizer``.
+    """
+
+    # A profile name under configs/profiles/ (e.g. "h100-qwen2.5-7b") or a path to a profile YAML.
+    # Required when either backend is emulated.
+    profile: str | None = None
+    # Every modelled wait is divided by this: wall-clock durations x time_scale = the predicted ones
+    # (a 32B learner step of minutes runs in seconds with time_scale 100). Rates logged per wall
+    # second are time_scale times the predicted ones.
+    time_scale: PositiveFloat = 1.0
+    # The tokenizer whose ids the emulated engines emit: a local HF directory or "smollm2"
+    # (converted once, as model.path is). It need not be the target model's tokenizer: its ids
+    # only have to fit the target vocabulary (SmolLM2's 49152 < Qwen2.5's 152064).
+    tokenizer: str = "smollm2"
+
+
+def check_backends(cfg: "Config") -> None:
+    """Emulated rollout needs an emulated learner and a profile, and the reverse; ConfigError names the key."""
+    rollout, trainer = cfg.rollout.backend == "emulated", cfg.trainer.backend == "emulated"
+    if rollout != trainer:
+        raise ConfigError(
+            f"rollout.backend = {cfg.rollout.backend!r} with trainer.backend = {cfg.trainer.backend!r}: emulated "
+            "engines need an emulated learner and the reverse (the weight-sync parity check would compare a real "
+            "model with a stand-in); set both to 'emulated' (verimed train CONFIG --emulate PROFILE) or neither")
+    if rollout and not cfg.emulation.profile:
+        raise ConfigError("emulation.profile: required when rollout.backend and trainer.backend are 'emulated' "
+                          "(a name under configs/profiles/, e.g. cpu-smollm2, or a path to a profile YAML)")
+
+
 class MetricsConfig(Section):
     wandb: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online iff WANDB_API_KEY
     wandb_project: str = "verimed"
@@ -195,6 +235,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     async_: AsyncConfig = msgspec.field(default_factory=AsyncConfig, name="async")
     weight_sync: WeightSyncConfig = WeightSyncConfig()
     metrics: MetricsConfig = MetricsConfig()
+    emulation: EmulationConfig = EmulationConfig()
     placement: PlacementConfig = PlacementConfig()
     # Training stages (paper §3), trained in order; run.steps caps the run (<= the stages' total).
     # Empty: one consultation stage (simulator opening, case rubrics) for run.steps steps.

@@ -30,13 +30,18 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
+from verimed.core.rollout.sync_plan import (DIRECT_BYTES, WeightSyncError, bucket_plan, check_against,
+                                            describe_triples, lagging_engines, sync_ranks)
+from verimed.core.rollout.sync_plan import numel as _numel
 from verimed.core.types import WeightVersion
 
+# Re-exported: callers import the planning functions from here as before (the torch-free ones
+# live in verimed/core/rollout/sync_plan.py so emulated actors can use them without torch).
+__all__ = ["DIRECT_BYTES", "WeightSyncError", "bucket_plan", "check_against", "lagging_engines", "sync_ranks",
+           "make_group", "destroy_group", "resolve_backend", "describe", "SendBuffers", "broadcast_weights",
+           "ReceiveArena", "receive_weights"]
+
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.bfloat16, torch.float16)}
-
-
-class WeightSyncError(RuntimeError):
-    """A sync failed; the engine kept its previous weights."""
 
 
 def make_group(host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float = 120.0):
@@ -85,31 +90,6 @@ def destroy_group(group) -> None:
         teardown()
 
 
-def sync_ranks(workers_per_engine: list[int]) -> tuple[int, list[int]]:
-    """(world size, base rank per engine) of the weight-sync group.
-
-    Learner rank 0 is rank 0; engine ``e``'s tensor-parallel worker ``w`` is rank
-    ``base[e] + w``, so every worker of every engine has its own rank.
-    """
-    if any(w < 1 for w in workers_per_engine):
-        raise ValueError(f"every engine needs >= 1 worker, got {workers_per_engine}")
-    bases, next_rank = [], 1
-    for workers in workers_per_engine:
-        bases.append(next_rank)
-        next_rank += workers
-    return next_rank, bases
-
-
-def lagging_engines(served: list[int]) -> frozenset[int]:
-    """Indices of engines serving an older version than the newest one served (they missed a sync).
-
-    ``served[i]`` is engine i's policy version (-1: unknown, e.g. restarted on its
-    initial weights). The router sends them nothing until a sync reaches them.
-    """
-    newest = max(served, default=-1)
-    return frozenset(i for i, v in enumerate(served) if v < newest)
-
-
 def resolve_backend(backend: str) -> str:
     if backend == "auto":
         return "nccl" if torch.cuda.is_available() else "gloo"
@@ -125,61 +105,17 @@ def describe(named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, bu
     When the tensors already sit back to back in one buffer in the wire
     dtype, ``solo_bytes`` is 0: buckets of many tensors cost no pack copy.
     """
-    if bucket_bytes < 1:
-        raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
     if dtype is not None and dtype not in _DTYPES:
         raise ValueError(f"wire dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    names, shapes, dtypes, tensors, total = [], [], [], [], 0
+    triples, tensors = [], []
     for name, tensor in named_tensors:
         wire = dtype if dtype is not None and tensor.is_floating_point() else str(tensor.dtype).removeprefix("torch.")
-        names.append(name)
-        shapes.append(tuple(tensor.shape))
-        dtypes.append(wire)
+        triples.append((name, tuple(tensor.shape), wire))
         tensors.append(tensor)
-        total += tensor.numel() * _DTYPES[wire].itemsize
-    flat = (bool(tensors) and len(set(dtypes)) == 1 and not hasattr(tensors[0], "full_tensor")
-            and _contiguous_span(tensors, _DTYPES[dtypes[0]], tensors[0].device) is not None)
-    return WeightVersion(version=version, num_bytes=total, names=names, shapes=shapes, dtypes=dtypes,
-                         bucket_bytes=bucket_bytes, solo_bytes=0 if flat else DIRECT_BYTES)
-
-
-# A tensor of at least this many bytes travels as a bucket of its own: the sender
-# broadcasts it in place (no pack copy, which costs as much as the transfer when
-# the transport is CPU-bound) and it still lands in the receiver's arena.
-DIRECT_BYTES = 2**20
-
-
-def bucket_plan(meta: WeightVersion) -> list[tuple[str, list[int]]]:
-    """Split tensor indices into buckets: ``[(dtype, [i, ...]), ...]``, in ``meta.names`` order.
-
-    A tensor of >= ``meta.solo_bytes`` (when not 0) or of at least a bucket
-    gets a bucket of its own; consecutive smaller tensors of one dtype share
-    a bucket until it would exceed ``meta.bucket_bytes``. Both sides compute
-    the same plan from ``meta``.
-    """
-    plan: list[tuple[str, list[int]]] = []
-    size = 0
-    open_bucket = False  # whether plan[-1] may take more small tensors
-    solo = min(meta.solo_bytes or meta.bucket_bytes, meta.bucket_bytes)
-    for i, (shape, dtype) in enumerate(zip(meta.shapes, meta.dtypes)):
-        nbytes = _numel(shape) * _DTYPES[dtype].itemsize
-        if nbytes >= solo:
-            plan.append((dtype, [i]))
-            open_bucket = False
-            continue
-        if not open_bucket or plan[-1][0] != dtype or size + nbytes > meta.bucket_bytes:
-            plan.append((dtype, []))
-            size, open_bucket = 0, True
-        plan[-1][1].append(i)
-        size += nbytes
-    return plan
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+    wires = {wire for _, _, wire in triples}
+    flat = (bool(tensors) and len(wires) == 1 and not hasattr(tensors[0], "full_tensor")
+            and _contiguous_span(tensors, _DTYPES[triples[0][2]], tensors[0].device) is not None)
+    return describe_triples(triples, version, bucket_bytes, flat=flat)
 
 
 class SendBuffers:
@@ -341,14 +277,3 @@ def receive_weights(group, meta: WeightVersion, device: torch.device, fail_after
             out.append((meta.names[i], flat[offset : offset + n].view(meta.shapes[i])))
             offset += n
     return out
-
-
-def check_against(meta: WeightVersion, expected: dict[str, tuple[tuple[int, ...], str]]) -> None:
-    """Raise WeightSyncError unless names, shapes and dtypes match ``expected`` exactly."""
-    missing = sorted(set(expected) - set(meta.names))
-    unknown = sorted(set(meta.names) - set(expected))
-    if missing or unknown:
-        raise WeightSyncError(f"weight names differ: missing {missing[:5]}, unexpected {unknown[:5]}")
-    for name, shape, dtype in zip(meta.names, meta.shapes, meta.dtypes):
-        if (tuple(shape), dtype) != (tuple(expected[name][0]), expected[name][1]):
-            raise WeightSyncError(f"{name}: got {tuple(shape)} {dtype}, engine expects {expected[name][0]} {expected[name][1]}")
