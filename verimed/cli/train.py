@@ -88,7 +88,22 @@ def init_ray(cfg, verbose: bool = False) -> None:
     else:
         # Logical CPUs above the physical count: helper actors and engines share
         # cores on a laptop; scheduling must not deadlock on 0.5-CPU fragments.
-        ray.init(num_cpus=cfg.run.ray_num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
+        cpus, gpus = float(cfg.run.ray_num_cpus or max(4, os.cpu_count() or 1)), 0
+        if cfg.rollout.backend == "emulated":
+            # Emulated devices on one local node: as many logical GPUs (and CPUs) as the plan asks
+            # for, so a cluster config runs here; `verimed cluster up` spreads them over loopback nodes.
+            need = planned_resources(cfg)
+            cpus, gpus = max(cpus, need[0]), need[1]
+        ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}}, **quiet)
+
+
+def planned_resources(cfg) -> tuple[float, int]:
+    """(CPUs, GPUs) the placement plan of ``cfg`` reserves in all (bundles of every placed role)."""
+    from verimed.core.cluster.planner import ClusterResources, plan
+    from verimed.core.config import reference_needed
+
+    the_plan = plan(cfg.placement, kl_enabled=reference_needed(cfg), cluster=ClusterResources.uniform(1, 1 << 20))
+    return the_plan.total_cpus, the_plan.total_gpus
 
 
