@@ -658,3 +658,28 @@ def test_emulated_training_end_to_end_checkpoint_and_resume(tmp_path):
     assert steps == [1, 2, 3, 4], steps
     assert all(r["sync/parity_max_abs"] == 0.0 for r in rows if "sync/parity_max_abs" in r)
     assert load_controller_state(latest_checkpoint(run)).version == 4
+
+
+def test_chat_prompt_length_is_exact_while_calibrating_then_estimated_within_the_ratio_spread(tokenizer):
+    """After CHAT_CALIBRATION full encodings the count is len(text) x tokens/char of those prompts:
+    on prompts of the same kind (case text with different items) it stays within 10% of the real count."""
+    from verimed.core.emulate import engine as engine_module
+
+    engine = EmulatedEngine(load_profile("cpu-smollm2"), tokenizer, time_scale=1000.0)
+    base = ("Patient: I have had a cough for three weeks, worse at night, with some green sputum. "
+            "Doctor: Any fever, weight loss or night sweats? Patient: Night sweats, yes. ") * 12
+
+    def prompt(i: int) -> str:
+        return base + f"Rubric item {i}: the doctor asks about travel history and TB contacts ({i * 7919 % 1000})."
+
+    for i in range(engine_module.CHAT_CALIBRATION):
+        count, ids = engine._chat_prompt(prompt(i))
+        assert count == len(ids) == len(tokenizer.encode(prompt(i)))
+    for i in range(1000, 1020):
+        text = prompt(i) + " extra words" * (i % 5)
+        count, ids = engine._chat_prompt(text)
+        exact = len(tokenizer.encode(text))
+        assert abs(count - exact) <= 0.1 * exact, (count, exact)
+        assert 0 < len(ids) < exact  # the filler is drawn from the prompt's head only
+    reply = asyncio.run(engine.chat([{"role": "user", "content": prompt(5)}], max_tokens=8, role="judge"))
+    assert isinstance(reply, str) and reply

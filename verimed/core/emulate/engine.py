@@ -29,6 +29,9 @@ from verimed.core.rollout.engines import EngineOutput
 from verimed.core.rollout.sync_plan import WeightSyncError, bucket_plan, check_against
 from verimed.core.types import WeightVersion
 
+CHAT_CALIBRATION = 64  # chat prompts encoded in full before their length is estimated from characters
+CHAT_FILLER_CHARS = 2000  # head of a later prompt that is encoded for the filler reply's ids
+
 # A tick never waits less than this many wall seconds: with a large time_scale a tick then covers
 # more modelled time (same rates, coarser stamps), so the CPU cost stays a few hundred wake-ups/s.
 MIN_WALL_TICK_S = 0.005
@@ -76,6 +79,7 @@ class EmulatedEngine:
         self._running.set()
         self._tick_lock = asyncio.Lock()
         self.ticks = 0
+        self._chat_calls = self._chat_chars = self._chat_tokens = 0  # chars-per-token of chat prompts
 
     def _check_devices(self, tp: int) -> None:
         visible = visible_device_count()
@@ -169,7 +173,8 @@ class EmulatedEngine:
         """Filler text after the time a call of ``role`` takes here: call_s + prefill(prompt) + decode of
         min(max_tokens, the role's output_tokens) in the running batch (max_tokens without a role).
         The prompt is the messages' contents joined (its token count, not the chat template's)."""
-        prompt_ids = self.tokenizer.encode("\n".join(m.get("content", "") for m in messages)) or [0]
+        text = "\n".join(m.get("content", "") for m in messages)
+        prompt_tokens, prompt_ids = self._chat_prompt(text)
         n = max_tokens
         if role is not None:
             spec = role_latency(self.profile, role)
@@ -178,11 +183,30 @@ class EmulatedEngine:
         self.active += 1
         try:
             await self._running.wait()
-            await self._wait(prefill_seconds(self.profile, len(prompt_ids), self.tp))
+            await self._wait(prefill_seconds(self.profile, prompt_tokens, self.tp))
             await self._decode(n)
         finally:
             self.active -= 1
         return self.tokenizer.decode(span_tokens(self.rng, prompt_ids, n, self.tokenizer.special_ids))
+
+    def _chat_prompt(self, text: str) -> tuple[int, list[int]]:
+        """(prompt token count, ids to draw the filler from) of a chat prompt.
+
+        Judge prompts are long (conversation + response + one rubric item) and there is one per
+        rubric item: encoding each in full was 44% of an emulated verifier engine's CPU at 64 GPUs
+        (py-spy, bench/RESULTS.md). The first CHAT_CALIBRATION prompts are encoded in full and give
+        this workload's characters per token; later prompts are counted as len(text) / that ratio
+        (prefill time only; off by the ratio's spread, a few percent) and the filler is drawn from
+        the ids of the prompt's head.
+        """
+        if self._chat_calls < CHAT_CALIBRATION:
+            ids = self.tokenizer.encode(text) or [0]
+            self._chat_calls += 1
+            self._chat_chars += len(text)
+            self._chat_tokens += len(ids)
+            return len(ids), ids
+        ids = self.tokenizer.encode(text[:CHAT_FILLER_CHARS]) or [0]
+        return max(1, round(len(text) * self._chat_tokens / max(self._chat_chars, 1))), ids
 
     # ------------------------------------------------------------ weight sync
 
