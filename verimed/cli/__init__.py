@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = list(getattr(args, "overrides", []) or []) + extra
+    from verimed.core.cluster.planner import PlacementError
     from verimed.core.config import ConfigError
     from verimed.core.data import DataError
     from verimed.core.models import ModelError
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                 return cluster_resources_from_ray(address)
 
             return plan_cli.run_plan(args, cluster_from_ray=from_ray)
-    except (ConfigError, DataError, ModelError, CheckpointError, ParityError) as exc:
+    except (ConfigError, DataError, ModelError, CheckpointError, ParityError, PlacementError) as exc:
         print(f"verimed: error: {exc}", file=sys.stderr)
         return 2
     return 1

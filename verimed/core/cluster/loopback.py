@@ -90,9 +90,11 @@ class LoopbackSpec(msgspec.Struct, frozen=True, kw_only=True):
         if self.port < 1024 or last > 65535:
             raise ValueError(f"--port {self.port}: the cluster uses ports {self.port}..{last}; expected them within "
                              "1024..65535")
-        if self.port <= self.dashboard_port <= last or not 1024 <= self.dashboard_port <= 65535:
+        fixed_end, workers = self.port + len(NODE_PORTS) * self.nodes, self.port + WORKER_PORT_OFFSET
+        if (self.port <= self.dashboard_port <= fixed_end or workers <= self.dashboard_port <= last
+                or not 1024 <= self.dashboard_port <= 65535):
             raise ValueError(f"--dashboard-port {self.dashboard_port}: expected a port in 1024..65535 outside the "
-                             f"cluster's range {self.port}..{last}")
+                             f"node ports {self.port}..{fixed_end} and worker ports {workers}..{last}")
 
 
 def node_ip(k: int) -> str:
