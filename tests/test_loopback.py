@@ -130,7 +130,7 @@ def test_down_without_a_cluster_and_a_corrupt_state_file(tmp_path, capsys):
 
 
 def test_a_taken_port_is_named_before_anything_starts():
-    spec = lb.LoopbackSpec(nodes=2, gpus_per_node=0, cpus_per_node=1, port=41000, dashboard_port=40000)
+    spec = lb.LoopbackSpec(nodes=2, gpus_per_node=0, cpus_per_node=1, port=21000, dashboard_port=20000)
     taken = lb.node_ports(spec.port, 1)["object_manager"]
     with socket.socket() as s:
         try:
@@ -140,6 +140,13 @@ def test_a_taken_port_is_named_before_anything_starts():
         s.listen()
         with pytest.raises(lb.LoopbackError, match=f"127.0.0.3:{taken} \\(node 1 object_manager\\) is not free"):
             lb.check_ports_free(spec)
+
+
+def test_ports_in_the_kernels_ephemeral_range_are_refused():
+    low, _ = lb.ephemeral_ports()
+    spec = lb.LoopbackSpec(nodes=2, gpus_per_node=0, cpus_per_node=1, port=low - 100, dashboard_port=low - 1000)
+    with pytest.raises(lb.LoopbackError, match="overlap the kernel's ephemeral range"):
+        lb.check_ports_free(spec)
 
 
 def test_stop_sessions_stops_one_session_and_nothing_else():
@@ -248,7 +255,7 @@ def _processes_mentioning(text: str) -> list[str]:
 
 def _free_base_port() -> int:
     """A --port whose whole 2-node range (port .. port + 2127) looks free on 127.0.0.2/3."""
-    for base in range(30000, 60000, 2500):
+    for base in range(20000, lb.ephemeral_ports()[0] - 2500, 2500):
         try:
             lb.check_ports_free(lb.LoopbackSpec(nodes=2, gpus_per_node=0, cpus_per_node=1, port=base,
                                                 dashboard_port=base + 2400))
@@ -282,9 +289,18 @@ def test_two_loopback_nodes_run_a_submitted_job_and_go_down_without_a_trace(tmp_
         verified = result["verified"]
         assert {ip for ip, _ in verified.values()} == {"127.0.0.2", "127.0.0.3"}
         assert all(len(visible_devices(cvd)) == 1 for _, cvd in verified.values()), verified
+        assert "learner-0 runs on 127.0.0.3" in result["mismatch"], result["mismatch"]
         assert "learner-1 runs on 127.0.0.2" in result["mismatch"], result["mismatch"]
         record = json.loads((tmp_path / "placement.json").read_text())
         assert record["ok"] and set(record["actors"]) == {"learner-0", "learner-1"}
+        # A job still running at `down`: its driver lives in a session of its own (the job supervisor's setsid).
+        subprocess.run([RAY_BIN, "job", "submit", f"--address={state.dashboard_url}", "--no-wait", "--",
+                        "python", "-c", "import time; time.sleep(600)", tmp], env=env, check=True, timeout=120,
+                       capture_output=True)
+        deadline = time.monotonic() + 120
+        while not lb.job_driver_sessions(state.gcs_address) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert lb.job_driver_sessions(state.gcs_address), "the sleeping job never started"
     finally:
         sessions = [n.session for n in (lb.read_state(tmp) or lb.ClusterState(None, (), "", "", 0, 0)).nodes]
         main(["cluster", "down", "--temp-dir", tmp])

@@ -228,6 +228,31 @@ def session_members(session: int) -> list[int]:
     return out
 
 
+def job_driver_sessions(gcs: str) -> list[int]:
+    """Sessions of the drivers of ``ray job submit`` jobs on the cluster whose GCS is ``gcs``.
+
+    The job supervisor starts each entrypoint in a new session, so a running job is not in
+    any node's session. Its environment holds ``RAY_ADDRESS=<gcs>`` (unique while the cluster
+    is up: no other cluster can bind that address and port) and the job config Ray passes
+    only to job drivers, so a shell that merely exported ``RAY_ADDRESS`` is left alone.
+    """
+    wanted, uid, sessions = f"RAY_ADDRESS={gcs}".encode(), os.getuid(), set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if os.stat(f"/proc/{entry.name}").st_uid != uid:
+                continue
+            with open(f"/proc/{entry.name}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+            if wanted not in env or not any(v.startswith(b"RAY_JOB_CONFIG_JSON_ENV_VAR=") for v in env):
+                continue
+            sessions.add(os.getsid(int(entry.name)))
+        except OSError:  # gone, or not ours to read
+            continue
+    return sorted(sessions - {os.getsid(0)})  # never the session of the caller (a test, a shell)
+
+
 def _signal_all(pids: list[int], sig: int) -> None:
     for pid in pids:
         try:
@@ -258,6 +283,15 @@ def stop_sessions(sessions: list[int], grace_s: float = 15.0) -> int:
     return len(set(members) | set(left))
 
 
+def ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' local ports (Linux default 32768..60999)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def check_ports_free(spec: LoopbackSpec) -> None:
     """Bind every port the cluster will use on its node's address; LoopbackError names the first one taken."""
     wanted = [(node_ip(0), spec.dashboard_port, "--dashboard-port")]
@@ -267,8 +301,15 @@ def check_ports_free(spec: LoopbackSpec) -> None:
         wanted += [(ip, p, f"node {k} {name}") for name, p in node_ports(spec.port, k).items()]
         low, high = worker_ports(spec.port, k)
         wanted += [(ip, p, f"node {k} worker") for p in range(low, high + 1)]
+    last = max(port for _, port, _ in wanted)
+    low, high = ephemeral_ports()
+    if spec.port <= high and last >= low:
+        raise LoopbackError(f"ports {spec.port}..{last} overlap the kernel's ephemeral range {low}..{high} "
+                            "(net.ipv4.ip_local_port_range), which outgoing connections take at random: pick a "
+                            f"--port below {low - (last - spec.port) - 1} (and --dashboard-port outside both)")
     for ip, port, what in wanted:
         with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Ray binds: TIME_WAIT leftovers are free
             try:
                 s.bind((ip, port))
             except OSError as exc:
@@ -380,7 +421,8 @@ def down(temp_dir: str, *, grace_s: float = 5.0) -> tuple[ClusterState, int]:
     if state is None:
         raise LoopbackError(f"no loopback cluster state file at {state_path(temp_dir)}: nothing to stop "
                             "(pass the --temp-dir given to `verimed cluster up`)")
-    stopped = stop_sessions([n.session for n in state.nodes], grace_s=grace_s)
+    drivers = job_driver_sessions(state.gcs_address)  # before the nodes go: running jobs live on
+    stopped = stop_sessions([n.session for n in state.nodes] + drivers, grace_s=grace_s)
     state_path(temp_dir).unlink(missing_ok=True)
     return state, stopped
 
