@@ -371,7 +371,7 @@ def _wait_alive(spec: LoopbackSpec, deadline: float) -> None:
 
 def up(spec: LoopbackSpec, ray_bin: str, *, timeout_s: float = 300.0, base_env: dict[str, str] | None = None,
        ) -> ClusterState:
-    """Start the head, then the workers (in parallel), wait until all are alive, write the state file.
+    """Start the head, then the workers (cpu_count / 2 at a time), wait until all are alive, write the state file.
 
     On any failure every process started so far is stopped and LoopbackError says why.
     """
@@ -402,10 +402,13 @@ def up(spec: LoopbackSpec, ray_bin: str, *, timeout_s: float = 300.0, base_env: 
         started.append(head[1])
         record(started)  # from here on `down` can clean up, even if this process dies
         _wait_started([head], deadline - time.monotonic())
-        workers = [_start_node(spec, k, ray_bin, env, log_dir) for k in range(1, spec.nodes)]
-        started += [node for _, node in workers]
-        record(started)
-        _wait_started(workers, deadline - time.monotonic())
+        # A few at a time: 8 raylets registering at once on 2 cores time out in Ray's own start-up check.
+        batch = max(1, (os.cpu_count() or 2) // 2)
+        for first in range(1, spec.nodes, batch):
+            workers = [_start_node(spec, k, ray_bin, env, log_dir) for k in range(first, min(first + batch, spec.nodes))]
+            started += [node for _, node in workers]
+            record(started)
+            _wait_started(workers, deadline - time.monotonic())
         _wait_alive(spec, deadline)
     except BaseException:
         stop_sessions([n.session for n in started], grace_s=5.0)
