@@ -17,7 +17,12 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from verimed.actors.placement import actor_options, create_placement_groups, remove_placement_groups, verify_placement
+from verimed.actors.placement import (
+    actor_options,
+    create_placement_groups,
+    remove_placement_groups,
+    verify_placement,
+)
 from verimed.core.cluster.placement_check import PlacementMismatch
 from verimed.core.cluster.planner import PlacementConfig, RoleSpec, plan
 

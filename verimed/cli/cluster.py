@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from verimed.core.cluster import loopback
+from verimed.core.cluster.processes import ProcessError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,6 +59,6 @@ def run(args: argparse.Namespace) -> int:
             return 0
         print(loopback.status(temp_dir))
         return 0
-    except (ValueError, loopback.LoopbackError) as exc:
+    except (ValueError, loopback.LoopbackError, ProcessError) as exc:
         print(f"verimed cluster: {exc}", file=sys.stderr)
         return 1

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -38,6 +37,12 @@ import urllib.request
 from pathlib import Path
 
 import msgspec
+
+from verimed.core.cluster.processes import (
+    job_driver_sessions,
+    session_members,
+    stop_sessions,
+)
 
 MAX_NODES = 250  # 127.0.0.2 ... 127.0.0.251
 FIRST_HOST = 2  # node k listens on 127.0.0.(k + FIRST_HOST): Ray rewrites 127.0.0.1 (see the module docstring)
@@ -208,81 +213,6 @@ def _write_state(state: ClusterState) -> None:
     tmp.replace(path)
 
 
-# ----------------------------------------------------------------- processes
-
-
-def session_members(session: int) -> list[int]:
-    """Pids of the live (not zombie) processes in session ``session``, read from /proc/<pid>/stat."""
-    out = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()  # the command name may hold spaces and ")"
-        except OSError:
-            continue
-        # fields[0] = state, [3] = session id (proc(5): fields 3 and 6, counted after the name)
-        if int(fields[3]) == session and fields[0] != "Z":
-            out.append(int(entry.name))
-    return out
-
-
-def job_driver_sessions(gcs: str) -> list[int]:
-    """Sessions of the drivers of ``ray job submit`` jobs on the cluster whose GCS is ``gcs``.
-
-    The job supervisor starts each entrypoint in a new session, so a running job is not in
-    any node's session. Its environment holds ``RAY_ADDRESS=<gcs>`` (unique while the cluster
-    is up: no other cluster can bind that address and port) and the job config Ray passes
-    only to job drivers, so a shell that merely exported ``RAY_ADDRESS`` is left alone.
-    """
-    wanted, uid, sessions = f"RAY_ADDRESS={gcs}".encode(), os.getuid(), set()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if os.stat(f"/proc/{entry.name}").st_uid != uid:
-                continue
-            with open(f"/proc/{entry.name}/environ", "rb") as f:
-                env = f.read().split(b"\0")
-            if wanted not in env or not any(v.startswith(b"RAY_JOB_CONFIG_JSON_ENV_VAR=") for v in env):
-                continue
-            sessions.add(os.getsid(int(entry.name)))
-        except OSError:  # gone, or not ours to read
-            continue
-    return sorted(sessions - {os.getsid(0)})  # never the session of the caller (a test, a shell)
-
-
-def _signal_all(pids: list[int], sig: int) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-
-def stop_sessions(sessions: list[int], grace_s: float = 15.0) -> int:
-    """SIGTERM every process of ``sessions``, SIGKILL what is left after ``grace_s``; return how many there were.
-
-    A session id cannot be reused while a process of it lives (the kernel keeps the pid
-    reserved), so this reaches only processes this cluster started.
-    """
-    members = [p for s in sessions for p in session_members(s)]
-    _signal_all(members, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(session_members(s) for s in sessions):
-        time.sleep(0.2)
-    left = [p for s in sessions for p in session_members(s)]
-    _signal_all(left, signal.SIGKILL)
-    deadline = time.monotonic() + 10.0
-    while time.monotonic() < deadline and any(session_members(s) for s in sessions):
-        time.sleep(0.1)
-    still = [p for s in sessions for p in session_members(s)]
-    if still:
-        raise LoopbackError(f"processes {still} of sessions {sessions} survived SIGKILL")
-    return len(set(members) | set(left))
-
-
 def ephemeral_ports() -> tuple[int, int]:
     """The kernel's range for outgoing connections' local ports (Linux default 32768..60999)."""
     try:
@@ -442,8 +372,8 @@ def status(temp_dir: str) -> str:
     else:
         note = ""
     s = state.spec
-    lines = [f"loopback cluster: {s.nodes} nodes × ({s.gpus_per_node} GPUs, {s.cpus_per_node} CPUs), "
-             f"up {time.time() - state.started_at:.0f}s, started in {state.startup_s:g}s{note}",
+    lines = [(f"loopback cluster: {s.nodes} nodes × ({s.gpus_per_node} GPUs, {s.cpus_per_node} CPUs), "
+              f"up {time.time() - state.started_at:.0f}s, started in {state.startup_s:g}s{note}"),
              f"  RAY_ADDRESS={state.gcs_address}", f"  dashboard:  {state.dashboard_url}"]
     for n in state.nodes:
         procs = len(session_members(n.session))
