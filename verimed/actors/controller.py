@@ -156,6 +156,7 @@ class Controller:
                            judge=Remote(self.verifier), generate=self._generate, tokenizer=self.tokenizer)
         self.sync = WeightSyncCoordinator(cfg, self.learners, self.engines, self.tokenizer, router=self.router)
         await self.sync.init()
+        await self._verify_placement()
 
     async def _llm_clients(self, options) -> dict[str, object]:
         """The LLMClient of each LLM-backed role (``llm:`` section), None for rules roles.
@@ -197,6 +198,7 @@ class Controller:
             engines = {role: [RolloutActor.options(**options(role, i)).remote(cfg, path, 1000 * ROLES.index(role) + i, role)
                               for i in range(getattr(cfg.placement, role).replicas)]
                        for role in sorted(set(serving.values()))}
+            self.llm_engine_groups = engines  # engine role -> actors, for the placement check
             self.llm_engines = [e for group in engines.values() for e in group]
             await asyncio.gather(*[e.ready.remote() for e in self.llm_engines])
             routed = {role: EngineGroupClient(EngineRouter(group)) for role, group in engines.items()}
@@ -233,12 +235,27 @@ class Controller:
 
         the_plan = plan(self.cfg.placement, kl_enabled=reference_needed(self.cfg), cluster=cluster_resources_from_ray())
         placements = create_placement_groups(the_plan)
+        self.plan, self.placements = the_plan, placements  # for _verify_placement
 
         def options(role: str, replica: int, name: str | None = None) -> dict:
             return with_log_file(actor_options(the_plan, placements, role, replica), self.log_dir,
                                  name or f"{role}-{replica}")
 
         return options
+
+    async def _verify_placement(self) -> None:
+        """Stop the start-up, naming the actor, if one is off its planned node or GPUs; write placement.json."""
+        from verimed.actors.placement import verify_placement
+
+        handles = {("rollout", i): e for i, e in enumerate(self.engines)}
+        handles |= {("learner", r): a for r, a in enumerate(self.learners.actors)}
+        handles |= {(role, i): e for role, group in getattr(self, "llm_engine_groups", {}).items()
+                    for i, e in enumerate(group)}
+        handles |= {("simulator", 0): self.simulator, ("rubric_generator", 0): self.rubric_generator,
+                    ("verifier", 0): self.verifier}
+        if self.reference is not None:
+            handles |= {("reference", r): a for r, a in enumerate(self.reference.actors)}
+        await verify_placement(self.plan, self.placements, handles, self.run_dir / "placement.json")
 
     async def _generate(self, uid_prefix, prompt_ids, n, seed, rollout=None):
         """G samples on the least-loaded engine, with the sampling settings of the draw's stage (``rollout``)."""

@@ -5,6 +5,7 @@
     verimed simulate [--audit N | --case ID --persona ENFP --explain]
     verimed plan CONFIG [--cluster-resources SPEC]
     verimed export RUN_DIR OUT_DIR
+    verimed cluster up --nodes N --gpus-per-node G --cpus-per-node C | down | status
 
 Heavy modules (torch, ray, vllm) are imported only after the arguments are
 parsed, so ``--help`` and ``--print-config`` are instant. Argument parsing,
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from verimed.cli import cluster as cluster_cli
 from verimed.cli import eval as eval_cli
 from verimed.cli import export as export_cli
 from verimed.cli import plan as plan_cli
@@ -31,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate_cli.add_arguments(sub.add_parser("simulate", help="patient simulator: audit or interactive"))
     plan_cli.add_plan_arguments(sub.add_parser("plan", help="resolve and check actor placement"))
     export_cli.add_export_arguments(sub.add_parser("export", help="export a run's checkpoint as a Hugging Face model"))
+    cluster_cli.add_arguments(sub.add_parser("cluster", help="a Ray cluster of loopback nodes with logical GPUs"))
     return parser
 
 
@@ -43,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = list(getattr(args, "overrides", []) or []) + extra
+    from verimed.core.cluster.planner import PlacementError
     from verimed.core.config import ConfigError
     from verimed.core.data import DataError
     from verimed.core.models import ModelError
@@ -56,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
             return eval_cli.run(args)
         if args.command == "simulate":
             return simulate_cli.run(args)
+        if args.command == "cluster":
+            return cluster_cli.run(args)
         if args.command == "export":
             return export_cli.run_export(args)
         if args.command == "plan":
@@ -65,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                 return cluster_resources_from_ray(address)
 
             return plan_cli.run_plan(args, cluster_from_ray=from_ray)
-    except (ConfigError, DataError, ModelError, CheckpointError, ParityError) as exc:
+    except (ConfigError, DataError, ModelError, CheckpointError, ParityError, PlacementError) as exc:
         print(f"verimed: error: {exc}", file=sys.stderr)
         return 2
     return 1
