@@ -9,3 +9,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def loopback_base_port(nodes: int) -> int:
+    """A ``verimed cluster up --port`` whose whole range for ``nodes`` nodes (and the dashboard at
+    port + 2400) looks free on 127.0.0.2..; skips the test when none is."""
+    import pytest
+
+    from verimed.core.cluster import loopback as lb
+
+    for base in range(20000, lb.ephemeral_ports()[0] - 2500, 2500):
+        try:
+            lb.check_ports_free(lb.LoopbackSpec(nodes=nodes, gpus_per_node=0, cpus_per_node=1, port=base,
+                                                dashboard_port=base + 2400))
+            return base
+        except lb.LoopbackError:
+            continue
+    pytest.skip(f"no free port range for a {nodes}-node loopback cluster")

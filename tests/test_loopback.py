@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+from netutil import loopback_base_port
 
 from verimed.cli import main
 from verimed.core.cluster import loopback as lb
@@ -262,22 +263,10 @@ def _processes_mentioning(text: str) -> list[str]:
     return out
 
 
-def _free_base_port() -> int:
-    """A --port whose whole 2-node range (port .. port + 2127) looks free on 127.0.0.2/3."""
-    for base in range(20000, lb.ephemeral_ports()[0] - 2500, 2500):
-        try:
-            lb.check_ports_free(lb.LoopbackSpec(nodes=2, gpus_per_node=0, cpus_per_node=1, port=base,
-                                                dashboard_port=base + 2400))
-            return base
-        except lb.LoopbackError:
-            continue
-    pytest.skip("no free port range for a 2-node loopback cluster")
-
-
 @pytest.mark.integration
 def test_two_loopback_nodes_run_a_submitted_job_and_go_down_without_a_trace(tmp_path):
     tmp = tempfile.mkdtemp(prefix="vl", dir="/tmp")  # short: Ray's socket paths live below it
-    port = _free_base_port()
+    port = loopback_base_port(2)
     up = ["cluster", "up", "--nodes", "2", "--gpus-per-node", "2", "--cpus-per-node", "2", "--temp-dir", tmp,
           "--port", str(port), "--dashboard-port", str(port + 2400), "--ray", RAY_BIN]
     try:
