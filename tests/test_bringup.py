@@ -182,11 +182,12 @@ def test_the_nccl_group_gets_the_timeout(monkeypatch):
 
 def test_learner_rank_zero_destroys_its_old_sync_group_on_rejoin(monkeypatch):
     from verimed.actors import learner as la
+    from verimed.core.rollout import weight_sync  # imported inside init_sync (emulated learners never load torch)
 
     destroyed = []
     old = types.SimpleNamespace(abort=lambda: destroyed.append("old"))
-    monkeypatch.setattr(la.weight_sync, "make_group", lambda *a: "new")
-    actor = types.SimpleNamespace(learner=types.SimpleNamespace(rank=0), sync_group=old)
+    monkeypatch.setattr(weight_sync, "make_group", lambda *a: "new")
+    actor = types.SimpleNamespace(learner=types.SimpleNamespace(rank=0), sync_group=old, emulated=False)
     la.LearnerActor.__ray_actor_class__.init_sync(actor, "h", 1, 3, "gloo")
     assert destroyed == ["old"] and actor.sync_group == "new"
 
