@@ -208,7 +208,7 @@ def plan_runs(args: argparse.Namespace) -> list[RunSpec]:
     emu = {"emulate": args.emulate, "time_scale": args.time_scale} if args.emulate else {}
     if args.emulate:
         common.append(f"emulation.time_scale={args.time_scale:g}")
-    runs = [RunSpec("sync", "sync", args.config, common + ["async.max_staleness=0"], **emu)]
+    runs = [] if args.no_sync else [RunSpec("sync", "sync", args.config, common + ["async.max_staleness=0"], **emu)]
     if args.placement:
         stems = [p.stem for p in args.placement]
         for p in args.placement:
@@ -317,10 +317,12 @@ def record(text: str, args: argparse.Namespace, runs: list[RunSpec], paths: dict
            cmdline: str) -> str:
     """The RESULTS.md entry: heading, provenance, the tables, the must-shows, the metrics paths."""
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    lines = [f"### Throughput: sync vs async ({when})", "",
+    title = "placements ranked" if args.placement else "sync vs async"
+    lines = [f"### Throughput{' (emulated: ' + args.emulate + ')' if args.emulate else ''}: {title} ({when})", "",
              f"- machine: {machine()}", f"- command: `{cmdline}`",
              f"- config: {args.config}, one consultation stage (`stages=[]`), {args.steps} steps, first "
-             f"{args.warmup} skipped; baseline = run `sync` (async.max_staleness=0) of this invocation",
+             f"{args.warmup} skipped; " + (f"no sync run: reference row = run `{runs[0].name}`" if args.no_sync else
+                                          "baseline = run `sync` (async.max_staleness=0) of this invocation"),
              *([f"- emulated: `--emulate {args.emulate}`, emulation.time_scale {args.time_scale:g}; every time "
                 f"below is wall × {args.time_scale:g} (predicted seconds), every rate wall ÷ {args.time_scale:g}"
                 + ("; run `real-sync` is the real CPU run of the same config" if args.calibrate else "")]
@@ -348,6 +350,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="emulation.time_scale of the emulated runs (waits / X); summaries are converted back")
     ap.add_argument("--calibrate", action="store_true",
                     help="with --emulate: also run the REAL synchronous run and report emulated/real step time (±15%%)")
+    ap.add_argument("--no-sync", action="store_true",
+                    help="with --placement: skip the sync baseline (placements are ranked against each other)")
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="passed to every run")
     ap.add_argument("--output-dir", type=Path, default=None, help="run directories (default runs/bench_throughput/<UTC time>)")
     ap.add_argument("--timeout", type=float, default=None, help="seconds per run")
@@ -361,6 +365,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"--steps {args.steps} must exceed --warmup {args.warmup}")
     if args.warmup < 0 or args.staleness < 1:
         ap.error("--warmup must be >= 0 and --staleness >= 1 (0 is the sync baseline, always run)")
+    if args.no_sync and (not args.placement or args.calibrate or args.kl):
+        ap.error("--no-sync only ranks --placement runs (without --calibrate or --kl, which need the sync run)")
     if args.calibrate and not args.emulate:
         ap.error("--calibrate compares an emulated run with the real one: it needs --emulate PROFILE")
     if not args.time_scale > 0 or (args.time_scale != 1.0 and not args.emulate):
@@ -403,13 +409,16 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     summaries = {s.name: run_summary(read_metrics(paths[s.name]), args.warmup, s) for s in runs}
     modes = {s.name: s.mode for s in runs}
-    text = format_table(summaries, modes, "sync")
+    # Without the sync run (--no-sync, placements only) the first run is the table's reference row.
+    baseline = "sync" if "sync" in summaries else runs[0].name
+    text = format_table(summaries, modes, baseline)
     placements = [s.name for s in runs if s.mode == "placement"]
     if placements:
         text += "\nPlacements ranked by trained tokens/s:\n\n" + format_ranking(summaries, placements)
         if len(placements) >= 2:
             text += "\n" + ranking_reason(summaries, placements) + "\n"
-    lines = target_lines(summaries, modes, "sync")
+    lines = target_lines(summaries, modes, "sync") if "sync" in summaries else [
+        f"- no sync run (--no-sync): speedups are against `{baseline}`; the overlap bound and its % are not meaningful"]
     if args.calibrate:
         lines.append(calibration_line(summaries["sync"], summaries["real-sync"], args.emulate))
     text += "\n" + "\n".join(lines) + "\n"

@@ -194,3 +194,16 @@ def test_ranking_reason_names_the_winner_and_the_idle_side():
                                                            "b": same}, ["a", "b"])
     with pytest.raises(ValueError, match=">= 2"):
         tp.ranking_reason({"a": same}, ["a"])
+
+
+def test_no_sync_ranks_placements_only(tmp_path, capsys):
+    placement = str(ROOT / "configs/cluster/placements/m2-32b-shipped.yaml")
+    assert tp.main(["--dry-run", "--no-sync", "--placement", placement, str(ROOT / "configs/cluster/placements/m2-32b-more-rollout.yaml"),
+                    "--emulate", "h100-qwen2.5-32b", "--time-scale", "3", "--output-dir", str(tmp_path)]) == 0
+    names = [next(a for a in shlex.split(line.split("  #")[0]) if a.startswith("run.name="))
+             for line in capsys.readouterr().out.splitlines()]
+    assert names == ["run.name=placement-m2-32b-shipped", "run.name=placement-m2-32b-more-rollout"]
+    for argv in (["--no-sync"], ["--no-sync", "--placement", placement, "--kl"],
+                 ["--no-sync", "--placement", placement, "--emulate", "x", "--calibrate"]):
+        with pytest.raises(SystemExit):
+            tp.parse_args(argv)
