@@ -15,10 +15,11 @@ skipped. What is fitted, per measured step (formulas in each function's docstrin
   split ``step_s : step_s_per_seq`` of ``--base`` is kept; runs at two or more levels (e.g. B = 4 and
   B = 2) fit both terms by least squares;
 - response length: mean and per-sample std from ``loss/tokens`` / ``loss/sequences``;
-- learner: forward+backward tokens/s from ``train/step_seconds`` over ``train/packed_tokens`` (every
-  packed token, prompts included: what ``profile.learner_seconds`` counts); the forward/train speed
+- learner: forward+backward tokens/s, the median over steps of ``train/packed_tokens`` (every
+  packed token, prompts included: what ``profile.learner_seconds`` counts) over ``train/step_seconds``
+  (medians: robust to a step slowed by other jobs on a shared machine); the forward/train speed
   ratio and ``optimizer_step_s`` of ``--base`` are kept;
-- weight sync: GB/s from ``sync/bytes`` / (``sync/seconds`` − latency), latency of ``--base`` kept.
+- weight sync: GB/s, the median of ``sync/bytes`` / (``sync/seconds`` − latency), latency of ``--base`` kept.
 
 Kept from ``--base`` and said so in the header: prefill tokens/s (vLLM logs no prompt throughput
 per step), tick, the role latencies, the architecture block.
@@ -30,6 +31,7 @@ import datetime as dt
 import json
 import math
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -106,25 +108,32 @@ def response_length_stats(tokens: list[float], sequences: list[float]) -> tuple[
 
 def fit_learner_tokens_per_s(step_seconds: list[float], packed_tokens: list[float], forward_passes: int,
                              optimizer_steps: int, optimizer_step_s: float, train_over_forward: float) -> float:
-    """Forward+backward tokens/s per GPU such that ``profile.learner_seconds`` reproduces the steps:
+    """Forward+backward tokens/s per GPU such that ``profile.learner_seconds`` reproduces the steps: per step
 
-        step_s = T/v + f·T·(v_train/v_fwd)/v + M·opt_s   =>   v = Σ T·(1 + f·r) / Σ (step_s − M·opt_s)
+        step_s = T/v + f·T·r/v + M·opt_s   =>   v_k = T_k·(1 + f·r) / (step_s_k − M·opt_s)
 
+    and v = the median of v_k (a step slowed by other jobs on a shared machine does not drag the fit),
     with r = train_over_forward = v_train / v_fwd kept from the base profile (one GPU: the CPU default).
     """
-    busy = sum(s - optimizer_steps * optimizer_step_s for s in step_seconds)
-    if busy <= 0 or sum(packed_tokens) <= 0:
-        raise ValueError(f"learner steps {step_seconds} s leave no time after {optimizer_steps} x "
-                         f"{optimizer_step_s} s optimizer steps, or no packed tokens {packed_tokens}")
-    return sum(packed_tokens) * (1 + forward_passes * train_over_forward) / busy
+    rates = []
+    for s, t in zip(step_seconds, packed_tokens, strict=True):
+        busy = s - optimizer_steps * optimizer_step_s
+        if busy <= 0 or t <= 0:
+            raise ValueError(f"learner step of {s} s leaves no time after {optimizer_steps} x {optimizer_step_s} s "
+                             f"optimizer steps, or has no packed tokens ({t})")
+        rates.append(t * (1 + forward_passes * train_over_forward) / busy)
+    return statistics.median(rates)
 
 
 def fit_sync_bandwidth(num_bytes: list[float], seconds: list[float], latency_s: float) -> float:
-    """GB/s (1e9 bytes) such that ``profile.sync_seconds`` reproduces the syncs: Σ bytes / Σ (s − latency) / 1e9."""
-    busy = sum(s - latency_s for s in seconds)
-    if busy <= 0:
-        raise ValueError(f"sync times {seconds} s do not exceed the latency {latency_s} s")
-    return sum(num_bytes) / busy / 1e9
+    """GB/s (1e9 bytes) such that ``profile.sync_seconds`` reproduces the syncs: the median over syncs of
+    bytes / (seconds − latency) / 1e9."""
+    rates = []
+    for b, s in zip(num_bytes, seconds, strict=True):
+        if s <= latency_s:
+            raise ValueError(f"a sync of {s} s does not exceed the latency {latency_s} s")
+        rates.append(b / (s - latency_s) / 1e9)
+    return statistics.median(rates)
 
 
 # ------------------------------------------------------------------ runs
@@ -231,10 +240,11 @@ def fit(run_dirs: list[Path], base: dict, warmup: int) -> tuple[dict, list[str]]
     notes = [f"decode: t_step(c) = {step_s:.4g} + c * {per_seq:.4g} s from {n} steps ({how}); "
              f"observed t_step: {', '.join(f'c={c}: {t:.4f}' for c, t in points)}",
              f"response length: mean {mean:.1f}, per-sample std {std:.1f} tokens (loss/tokens / loss/sequences)",
-             f"learner: {train_tps:.0f} packed tokens/s forward+backward (train/step_seconds over train/packed_tokens, "
+             f"learner: {train_tps:.0f} packed tokens/s forward+backward (median over steps of train/packed_tokens over "
+             f"train/step_seconds: {', '.join(f'{s:.1f}' for s in step_secs)} s; "
              f"{f} recompute pass(es), {minibatches} optimizer steps of {learner['optimizer_step_s']} s kept; "
              f"forward = train / {ratio:.3g} kept)",
-             f"weight sync: {gbps:.3f} GB/s (sync/bytes / (sync/seconds - {sync['latency_s']} s latency kept))",
+             f"weight sync: {gbps:.3f} GB/s (median of sync/bytes / (sync/seconds - {sync['latency_s']} s latency kept))",
              f"kept from the base profile: prefill {speed['prefill_tokens_per_s']} tokens/s (vLLM logs no per-step "
              "prompt throughput), tick_s, optimizer_step_s, roles, architecture"]
     return out, notes

@@ -286,7 +286,10 @@ def test_pause_holds_every_sequence_and_resume_continues(tokenizer):
 
 
 def test_response_length_is_capped_and_stop_ends_with_eos(tokenizer):
-    engine = EmulatedEngine(load_profile("cpu-smollm2"), tokenizer, time_scale=1000.0)  # mean 56, std 12
+    shipped = load_profile("cpu-smollm2")  # its fitted lengths may have std 0: set a spread by hand
+    profile = msgspec.structs.replace(shipped, rollout=msgspec.structs.replace(
+        shipped.rollout, response_tokens_mean=56.0, response_tokens_std=12.0))
+    engine = EmulatedEngine(profile, tokenizer, time_scale=1000.0)  # mean 56, std 12
     outs = asyncio.run(engine.generate(tokenizer.encode("Headache and stiff neck."), 8, max_tokens=5,
                                        temperature=1.0, seed=3))
     assert all(len(o.token_ids) == 5 and o.finish_reason == "length" for o in outs)

@@ -62,6 +62,10 @@ def test_learner_and_sync_fits_invert_the_profile_formulas():
     secs = [sync_seconds(profile, b) for b in (5e8, 6e8)]
     assert fp.fit_sync_bandwidth([5e8, 6e8], secs, profile.weight_sync.latency_s) == pytest.approx(
         profile.weight_sync.bandwidth_gb_per_s)
+    # One step slowed 5x by another job on the machine: the median ignores it, a ratio of sums would not.
+    slowed = [steps[0], steps[1], 5 * steps[1]]
+    assert fp.fit_learner_tokens_per_s(slowed, [2000, 3000, 3000], 1, 2, lp.optimizer_step_s, ratio) == pytest.approx(
+        lp.train_tokens_per_s_per_gpu)
     with pytest.raises(ValueError):
         fp.fit_learner_tokens_per_s([0.5], [100], 1, 2, 0.3, ratio)  # less than the optimizer steps
     with pytest.raises(ValueError):
