@@ -218,9 +218,12 @@ def fit(run_dirs: list[Path], base: dict, warmup: int) -> tuple[dict, list[str]]
             prefill_s = prompt_tokens / speed["prefill_tokens_per_s"]
             points.append((groups * group_size, decode_step_seconds_observed(
                 r["time/train_wait_s"], r["gen_tokens"], groups * group_size, prefill_s)))
-            tokens.append(r["loss/tokens"]); seqs.append(r["loss/sequences"])  # noqa: E702
-            step_secs.append(r["train/step_seconds"]); packed.append(r["train/packed_tokens"])  # noqa: E702
-            bytes_.append(r["sync/bytes"]); sync_s.append(r["sync/seconds"])  # noqa: E702
+            tokens.append(r["loss/tokens"])
+            seqs.append(r["loss/sequences"])
+            step_secs.append(r["train/step_seconds"])
+            packed.append(r["train/packed_tokens"])
+            bytes_.append(r["sync/bytes"])
+            sync_s.append(r["sync/seconds"])
     if len(passes) != 1:
         raise ValueError(f"runs differ in (recompute passes, minibatches) {sorted(passes)}: fit the learner from one kind")
     (f, minibatches), = passes
@@ -237,22 +240,22 @@ def fit(run_dirs: list[Path], base: dict, warmup: int) -> tuple[dict, list[str]]
            "forward_tokens_per_s_per_gpu": round(train_tps / ratio, 1), "bandwidth_gb_per_s": round(gbps, 3),
            "basis": "fitted"}
     n = len(step_secs)
-    notes = [f"decode: t_step(c) = {step_s:.4g} + c * {per_seq:.4g} s from {n} steps ({how}); "
-             f"observed t_step: {', '.join(f'c={c}: {t:.4f}' for c, t in points)}",
+    notes = [(f"decode: t_step(c) = {step_s:.4g} + c * {per_seq:.4g} s from {n} steps ({how}); "
+             f"observed t_step: {', '.join(f'c={c}: {t:.4f}' for c, t in points)}"),
              f"response length: mean {mean:.1f}, per-sample std {std:.1f} tokens (loss/tokens / loss/sequences)",
-             f"learner: {train_tps:.0f} packed tokens/s forward+backward (median over steps of train/packed_tokens over "
+             (f"learner: {train_tps:.0f} packed tokens/s forward+backward (median over steps of train/packed_tokens over "
              f"train/step_seconds: {', '.join(f'{s:.1f}' for s in step_secs)} s; "
              f"{f} recompute pass(es), {minibatches} optimizer steps of {learner['optimizer_step_s']} s kept; "
-             f"forward = train / {ratio:.3g} kept)",
+             f"forward = train / {ratio:.3g} kept)"),
              f"weight sync: {gbps:.3f} GB/s (median of sync/bytes / (sync/seconds - {sync['latency_s']} s latency kept))",
-             f"kept from the base profile: prefill {speed['prefill_tokens_per_s']} tokens/s (vLLM logs no per-step "
-             "prompt throughput), tick_s, optimizer_step_s, roles, architecture"]
+             (f"kept from the base profile: prefill {speed['prefill_tokens_per_s']} tokens/s (vLLM logs no per-step "
+             "prompt throughput), tick_s, optimizer_step_s, roles, architecture")]
     return out, notes
 
 
 def header(run_dirs: list[Path], notes: list[str]) -> str:
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or "unknown"
+                            text=True, check=False).stdout.strip() or "unknown"
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     lines = ["Device profile fitted by bench/fit_profile.py (edit by refitting, not by hand).",
              f"Fitted {when} at commit {commit} from the real runs: " + ", ".join(str(d) for d in run_dirs), "",

@@ -74,7 +74,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ helpers, also
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's verimed, not the venv's install
 from machine_info import cpu_model  # noqa: E402
 
-from verimed.core.emulate.predict import compare, overlap_bound, summarise, to_predicted  # noqa: E402,F401
+from verimed.core.emulate.predict import compare, overlap_bound, summarise, to_predicted
 
 ROOT = Path(__file__).resolve().parents[1]
 KL_COEF = 0.05

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from verimed.core.emulate.profile import decode_step_seconds, learner_seconds, load_profile, sync_seconds
+from verimed.core.emulate.profile import learner_seconds, load_profile, sync_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("bench_fit_profile", ROOT / "bench" / "fit_profile.py")

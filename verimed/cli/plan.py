@@ -23,7 +23,12 @@ import sys
 import time
 from pathlib import Path
 
-from verimed.core.cluster.planner import ClusterResources, PlacementError, format_plan, plan
+from verimed.core.cluster.planner import (
+    ClusterResources,
+    PlacementError,
+    format_plan,
+    plan,
+)
 from verimed.core.config import ConfigError, load_config, reference_needed
 
 
@@ -156,8 +161,14 @@ def run_training_watched(cmd: list[str], metrics: Path, warmup: int, log: Path) 
 
 def run_simulate(args: argparse.Namespace) -> int:
     """``verimed plan CONFIG --simulate PROFILE``: an emulated run of ``--steps`` steps, then the prediction."""
-    from verimed.core.emulate.predict import (cpu_bound_warning, format_prediction, modelled_learner_share,
-                                              staleness_histogram, summarise, to_predicted)
+    from verimed.core.emulate.predict import (
+        cpu_bound_warning,
+        format_prediction,
+        modelled_learner_share,
+        staleness_histogram,
+        summarise,
+        to_predicted,
+    )
 
     if args.steps <= args.warmup or args.warmup < 0:
         print(f"verimed plan: --steps {args.steps} must exceed --warmup {args.warmup} (>= 0)", file=sys.stderr)

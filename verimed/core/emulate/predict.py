@@ -159,14 +159,14 @@ def format_prediction(predicted: dict[str, float], histogram: dict[int, float], 
     staleness histogram (all in modelled units), and the CPU-bound warning if any."""
     p = predicted
     hist = ", ".join(f"{k}: {v:.0%}" for k, v in histogram.items()) or "none logged"
-    lines = [f"predicted step time     {p['step_s']:.2f} s  (over {p['steps']:.0f} measured steps, wall × time_scale "
-             f"{time_scale:g})",
+    lines = [(f"predicted step time     {p['step_s']:.2f} s  (over {p['steps']:.0f} measured steps, wall × time_scale "
+             f"{time_scale:g})"),
              f"trained tokens/s        {p['train_tokens_per_s']:.1f}",
              f"generated tokens/s      {p['gen_tokens_per_s']:.1f}",
              f"trainer idle            {p['trainer_idle']:.0%}",
              f"rollout idle            {p['rollout_idle']:.0%}",
-             f"step breakdown (s)      wait {p['train_wait_s']:.2f}, train {p['train_s']:.2f}, sync {p['sync_s']:.2f}, "
-             f"reference wait {p['reference_wait_s']:.2f}, other {p['other_s']:.2f}",
+             (f"step breakdown (s)      wait {p['train_wait_s']:.2f}, train {p['train_s']:.2f}, sync {p['sync_s']:.2f}, "
+             f"reference wait {p['reference_wait_s']:.2f}, other {p['other_s']:.2f}"),
              f"staleness histogram     {hist}  (fraction of trained tokens per staleness)"]
     if warning:
         lines.append(warning)
