@@ -338,6 +338,31 @@ def test_engine_sync_ranks_must_lie_in_the_group(tokenizer):
         asyncio.run(engine.update_weights(EmulatedLearner(_cfg(), load_profile("cpu-smollm2")).weight_meta(2**20)))
 
 
+def test_engine_keeps_its_rendezvous_handles_until_the_next_group(tokenizer):
+    """A Ray named actor dies with its creator's handle; an engine worker may be the creator, so the engine
+    keeps what join_group returned (a 64-GPU start-up lost the rendezvous to this race: bench/RESULTS.md)."""
+    import gc
+    import weakref
+
+    class Handle:
+        pass
+
+    made: list[weakref.ref] = []
+
+    async def join(host, port, rank, world, member):
+        handle = Handle()
+        made.append(weakref.ref(handle))
+        return handle
+
+    engine = EmulatedEngine(load_profile("cpu-smollm2"), tokenizer, join_group=join)
+    asyncio.run(engine.init_sync("h", 1, 1, 2, "gloo"))
+    gc.collect()
+    assert len(made) == 1 and made[0]() is not None and engine.group_handles == [made[0]()]
+    asyncio.run(engine.init_sync("h", 2, 1, 2, "gloo"))  # a new group: the old handle may go
+    gc.collect()
+    assert made[0]() is None and made[1]() is not None
+
+
 # ---------------------------------------------------------------- the real coordinator, in process
 
 
