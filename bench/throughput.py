@@ -5,6 +5,9 @@
     .venv/bin/python bench/throughput.py --placement configs/cluster/cpu-default.yaml other.yaml
     .venv/bin/python bench/throughput.py --steps 3 --warmup 1 --override rollout.max_tokens=16 --no-record
     .venv/bin/python bench/throughput.py --dry-run               # print the commands only
+    .venv/bin/python bench/throughput.py --emulate cpu-smollm2 --calibrate   # emulated sync/async + the real sync
+    .venv/bin/python bench/throughput.py --config configs/cluster/m2-32b-8x8.yaml --emulate h100-qwen2.5-32b \
+        --time-scale 3 --override run.ray_address=null --placement configs/cluster/placements/m2-32b-*.yaml
 
 Every run is its own ``verimed train`` subprocess (each starts and stops its own
 Ray cluster), on one consultation stage (``stages=[]``: the same kind of work
@@ -17,6 +20,13 @@ every step) of ``--steps`` learner steps:
   sections (its ``placement:`` and anything else it sets) merged over it; the
   runs are ranked by trained tokens/s.
 
+Emulated devices (``--emulate PROFILE``): every run gets ``--emulate PROFILE`` and
+``emulation.time_scale=--time-scale`` X; engines and learners wait the profile's modelled times / X,
+and every summary is converted back (``verimed.core.emulate.predict.to_predicted``: times × X,
+rates ÷ X), so the table is in predicted seconds. ``--calibrate`` adds the REAL synchronous run of
+the same config (run ``real-sync``) and reports emulated-sync step time / real-sync step time with
+the ±15% verdict: the profile is calibrated when the emulated run predicts the real one.
+
 Measured over the steps after the first ``--warmup`` (model load, first batch
 with nothing to overlap), from each run's ``metrics.jsonl``:
 
@@ -27,6 +37,7 @@ with nothing to overlap), from each run's ``metrics.jsonl``:
 - trainer idle = sum(time/train_wait_s) / W; rollout idle = sum(time/rollout_idle_ratio · time/step_s) / W;
 - speedup   = trained tokens/s of a run / trained tokens/s of the sync run.
 
+(The formulas live in ``verimed/core/emulate/predict.py``, shared with ``verimed plan --simulate``.)
 Component times come from the sync run, where nothing overlaps (generation of
 the next batch starts only once the weight sync returns):
 T_gen = mean(time/train_wait_s) (generate + judge one batch), T_train =
@@ -60,13 +71,15 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ helpers, also when loaded by path
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's verimed, not the venv's install
 from machine_info import cpu_model  # noqa: E402
+
+from verimed.core.emulate.predict import compare, overlap_bound, summarise, to_predicted
 
 ROOT = Path(__file__).resolve().parents[1]
 KL_COEF = 0.05
 TARGET_SPEEDUP, TARGET_EFFICIENCY, TARGET_REF_WAIT = 1.5, 0.85, 0.05  # issue #5 and #9 must-shows
-REQUIRED = ("time/step_s", "time/train_s", "time/sync_s", "time/train_wait_s", "time/rollout_idle_ratio",
-            "throughput/gen_tokens_per_s", "throughput/train_tokens")
+CALIBRATION_TOLERANCE = 0.15  # issue #16: emulated sync step time within ±15% of the real one
 
 
 @dataclass
@@ -74,75 +87,15 @@ class RunSpec:
     """One ``verimed train`` subprocess of the benchmark."""
 
     name: str
-    mode: str  # "sync" | "async" | "kl" | "placement"
+    mode: str  # "sync" | "async" | "kl" | "placement" | "real-sync" (the --calibrate baseline)
     config: Path
     overrides: list[str] = field(default_factory=list)
     placement: Path | None = None  # the placement file merged into ``config`` (mode "placement")
+    emulate: str | None = None  # device profile: the run is emulated (``verimed train --emulate``)
+    time_scale: float = 1.0  # emulation.time_scale of an emulated run (its summary is converted back)
 
 
 # ------------------------------------------------------------------ analysis (pure)
-
-
-def _value(row: dict, key: str, default: float | None = None) -> float:
-    value = row.get(key, default)
-    if value is None:
-        raise ValueError(f"metrics step {row.get('step', '?')}: {key} is missing or non-finite")
-    return float(value)
-
-
-def summarise(rows: list[dict], warmup: int) -> dict[str, float]:
-    """Throughput and idle figures of one run's metrics rows (one dict per learner step), warmup skipped.
-
-    Formulas in the module docstring; ``t_gen`` / ``t_train`` are the component
-    times (meaningful for a synchronous run).
-    """
-    if warmup < 0:
-        raise ValueError(f"warmup = {warmup}: must be >= 0")
-    rows = sorted(rows, key=lambda r: r.get("step", 0))
-    measured = rows[warmup:]
-    if not measured:
-        raise ValueError(f"{len(rows)} steps logged and {warmup} skipped as warmup: nothing left to measure "
-                         "(use more --steps or a smaller --warmup)")
-    get = {k: [_value(r, k) for r in measured] for k in REQUIRED}
-    ref_wait = [_value(r, "time/reference_wait_s", 0.0) for r in measured]
-    step_s = get["time/step_s"]
-    wall = sum(step_s)
-    if wall <= 0:
-        raise ValueError(f"measured steps took {wall} s in total: time/step_s must be positive")
-    n = len(measured)
-    mean_step, mean_train = wall / n, sum(get["time/train_s"]) / n
-    wait = sum(get["time/train_wait_s"]) / n
-    gen_tokens = sum(rate * s for rate, s in zip(get["throughput/gen_tokens_per_s"], step_s))
-    return {
-        "steps": float(n), "wall_s": wall,
-        "train_tokens": sum(get["throughput/train_tokens"]), "gen_tokens": gen_tokens,
-        "train_tokens_per_s": sum(get["throughput/train_tokens"]) / wall, "gen_tokens_per_s": gen_tokens / wall,
-        "step_s": mean_step, "train_s": mean_train, "sync_s": sum(get["time/sync_s"]) / n,
-        "train_wait_s": wait,
-        "trainer_idle": sum(get["time/train_wait_s"]) / wall,
-        "rollout_idle": sum(r * s for r, s in zip(get["time/rollout_idle_ratio"], step_s)) / wall,
-        "other_s": mean_step - wait - mean_train - sum(get["time/sync_s"]) / n - sum(ref_wait) / n,
-        "t_gen": wait, "t_train": max(0.0, mean_step - wait),
-        "reference_wait_s": sum(ref_wait) / n,
-        "reference_wait_ratio": (sum(ref_wait) / n) / mean_train if mean_train > 0 else 0.0,
-    }
-
-
-def overlap_bound(t_gen: float, t_train: float) -> float:
-    """Ideal speedup of perfect overlap: (T_gen + T_train) / max(T_gen, T_train), in [1, 2]."""
-    if t_gen < 0 or t_train < 0:
-        raise ValueError(f"component times must be >= 0, got T_gen={t_gen}, T_train={t_train}")
-    if max(t_gen, t_train) == 0:
-        raise ValueError("T_gen and T_train are both 0: no step time to overlap")
-    return (t_gen + t_train) / max(t_gen, t_train)
-
-
-def compare(sync: dict[str, float], run: dict[str, float]) -> dict[str, float]:
-    """Speedup of ``run`` over the sync baseline, the sync run's overlap bound and the efficiency."""
-    bound = overlap_bound(sync["t_gen"], sync["t_train"])
-    speedup = run["train_tokens_per_s"] / sync["train_tokens_per_s"] if sync["train_tokens_per_s"] > 0 else 0.0
-    return {"speedup": speedup, "step_speedup": sync["step_s"] / run["step_s"], "bound": bound,
-            "efficiency": speedup / bound}
 
 
 def format_table(summaries: dict[str, dict[str, float]], modes: dict[str, str], baseline: str) -> str:
@@ -155,7 +108,7 @@ def format_table(summaries: dict[str, dict[str, float]], modes: dict[str, str], 
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in summaries.items():
         c = compare(sync, s)
-        eff = "—" if name == baseline else f"{c['efficiency']:.0%}"
+        eff = "—" if name == baseline or modes.get(name) == "real-sync" else f"{c['efficiency']:.0%}"
         lines.append(f"| {name} | {modes.get(name, '?')} | {s['steps']:.0f} | {s['train_tokens_per_s']:.1f} | "
                      f"{s['gen_tokens_per_s']:.1f} | {c['speedup']:.2f}× | {eff} | {s['trainer_idle']:.0%} | "
                      f"{s['rollout_idle']:.0%} | {s['step_s']:.2f} | {s['train_s']:.2f} | {s['sync_s']:.2f} | "
@@ -176,6 +129,47 @@ def format_ranking(summaries: dict[str, dict[str, float]], names: list[str]) -> 
         lines.append(f"| {i} | {n} | {s['train_tokens_per_s']:.1f} | {s['trainer_idle']:.0%} | "
                      f"{s['rollout_idle']:.0%} | {s['step_s']:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def ranking_reason(summaries: dict[str, dict[str, float]], names: list[str]) -> str:
+    """One line: why the best placement wins over the runner-up, read off the idle ratios and step parts.
+
+    The trainer idles while it waits for generation (too little rollout capacity); the rollout idles
+    while the engines wait for the learner and the weight sync (too little learner capacity). The winner
+    is explained by the larger of the two gaps it closes, else by its shorter train or sync time.
+    """
+    ranked = sorted(names, key=lambda n: summaries[n]["train_tokens_per_s"], reverse=True)
+    if len(ranked) < 2:
+        raise ValueError(f"a ranking needs >= 2 placement runs, got {ranked}")
+    (a, b), (sa, sb) = ranked[:2], (summaries[ranked[0]], summaries[ranked[1]])
+    gain = sa["train_tokens_per_s"] / sb["train_tokens_per_s"] - 1 if sb["train_tokens_per_s"] > 0 else float("inf")
+    gaps = {"trainer": sb["trainer_idle"] - sa["trainer_idle"], "rollout": sb["rollout_idle"] - sa["rollout_idle"]}
+    head = f"`{a}` wins ({sa['train_tokens_per_s']:.1f} vs {sb['train_tokens_per_s']:.1f} trained tok/s of `{b}`, {gain:+.0%}): "
+    side = max(gaps, key=gaps.get)
+    if gaps[side] > 0.02:
+        why = ("its learners wait less for generation" if side == "trainer" else
+               "its engines wait less for the learner and the weight sync")
+        return head + (f"{why} (trainer idle {sa['trainer_idle']:.0%} vs {sb['trainer_idle']:.0%}, rollout idle "
+                       f"{sa['rollout_idle']:.0%} vs {sb['rollout_idle']:.0%})")
+    return head + (f"similar idle ratios; its learner phase is shorter (train {sa['train_s']:.1f} vs {sb['train_s']:.1f} s, "
+                   f"sync {sa['sync_s']:.1f} vs {sb['sync_s']:.1f} s per step)")
+
+
+def calibration_ratio(emulated_sync: dict[str, float], real_sync: dict[str, float]) -> float:
+    """Emulated-sync step time / real-sync step time (predicted seconds over measured seconds)."""
+    if real_sync["step_s"] <= 0:
+        raise ValueError(f"real sync step time {real_sync['step_s']} s: must be > 0")
+    return emulated_sync["step_s"] / real_sync["step_s"]
+
+
+def calibration_line(emulated_sync: dict[str, float], real_sync: dict[str, float], profile: str) -> str:
+    """The ±15% calibration verdict of ``profile``, with both step times and the parts that differ most."""
+    ratio = calibration_ratio(emulated_sync, real_sync)
+    ok = abs(ratio - 1) <= CALIBRATION_TOLERANCE
+    parts = ", ".join(f"{k} {emulated_sync[k]:.2f} vs {real_sync[k]:.2f}" for k in ("train_wait_s", "train_s", "sync_s", "other_s"))
+    return (f"- calibration `{profile}`: emulated sync step {emulated_sync['step_s']:.2f} s / real sync step "
+            f"{real_sync['step_s']:.2f} s = {ratio:.3f} (target within ±{CALIBRATION_TOLERANCE:.0%}: "
+            f"{'met' if ok else 'NOT met'}); emulated vs real s: {parts}")
 
 
 def target_lines(summaries: dict[str, dict[str, float]], modes: dict[str, str], baseline: str) -> list[str]:
@@ -211,16 +205,22 @@ def plan_runs(args: argparse.Namespace) -> list[RunSpec]:
     """The benchmark's runs: sync baseline, then async (or one per placement file), then kl."""
     common = ["stages=[]", f"run.steps={args.steps}", *args.override]
     staleness = f"async.max_staleness={args.staleness}"
-    runs = [RunSpec("sync", "sync", args.config, common + ["async.max_staleness=0"])]
+    emu = {"emulate": args.emulate, "time_scale": args.time_scale} if args.emulate else {}
+    if args.emulate:
+        common.append(f"emulation.time_scale={args.time_scale:g}")
+    runs = [] if args.no_sync else [RunSpec("sync", "sync", args.config, common + ["async.max_staleness=0"], **emu)]
     if args.placement:
         stems = [p.stem for p in args.placement]
         for p in args.placement:
             name = f"placement-{p.stem}" if stems.count(p.stem) == 1 else f"placement-{p.parent.name}-{p.stem}"
-            runs.append(RunSpec(name, "placement", args.config, common + [staleness], placement=p))
+            runs.append(RunSpec(name, "placement", args.config, common + [staleness], placement=p, **emu))
     else:
-        runs.append(RunSpec("async", "async", args.config, common + [staleness]))
+        runs.append(RunSpec("async", "async", args.config, common + [staleness], **emu))
     if args.kl:
-        runs.append(RunSpec("kl", "kl", args.config, common + [staleness, f"grpo.kl_coef={KL_COEF}"]))
+        runs.append(RunSpec("kl", "kl", args.config, common + [staleness, f"grpo.kl_coef={KL_COEF}"], **emu))
+    if args.calibrate:  # the real devices, same config and steps, no time scale: what the emulation must predict
+        real = ["stages=[]", f"run.steps={args.steps}", *args.override, "async.max_staleness=0"]
+        runs.insert(1, RunSpec("real-sync", "real-sync", args.config, real))  # beside the emulated sync: same load
     if len({r.name for r in runs}) != len(runs):
         raise ValueError(f"two --placement files give the same run name: {[str(p) for p in args.placement]}")
     return runs
@@ -242,9 +242,16 @@ def resolve_config(spec: RunSpec, out_dir: Path) -> Path:
 
 
 def command(spec: RunSpec, config: Path, out_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "verimed.cli", "train", str(config), *spec.overrides,
+    emulate = ["--emulate", spec.emulate] if spec.emulate else []
+    return [sys.executable, "-m", "verimed.cli", "train", str(config), *emulate, *spec.overrides,
             f"run.output_dir={out_dir}", f"run.name={spec.name}",
             "metrics.wandb=disabled", "metrics.console=false", "metrics.report=false"]
+
+
+def run_summary(rows: list[dict], warmup: int, spec: RunSpec) -> dict[str, float]:
+    """``summarise`` of a run, converted to predicted units when it was emulated (times × X, rates ÷ X)."""
+    summary = summarise(rows, warmup)
+    return to_predicted(summary, spec.time_scale) if spec.emulate else summary
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -310,10 +317,16 @@ def record(text: str, args: argparse.Namespace, runs: list[RunSpec], paths: dict
            cmdline: str) -> str:
     """The RESULTS.md entry: heading, provenance, the tables, the must-shows, the metrics paths."""
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    lines = [f"### Throughput: sync vs async ({when})", "",
+    title = "placements ranked" if args.placement else "sync vs async"
+    lines = [f"### Throughput{' (emulated: ' + args.emulate + ')' if args.emulate else ''}: {title} ({when})", "",
              f"- machine: {machine()}", f"- command: `{cmdline}`",
              f"- config: {args.config}, one consultation stage (`stages=[]`), {args.steps} steps, first "
-             f"{args.warmup} skipped; baseline = run `sync` (async.max_staleness=0) of this invocation",
+             f"{args.warmup} skipped; " + (f"no sync run: reference row = run `{runs[0].name}`" if args.no_sync else
+                                          "baseline = run `sync` (async.max_staleness=0) of this invocation"),
+             *([f"- emulated: `--emulate {args.emulate}`, emulation.time_scale {args.time_scale:g}; every time "
+                f"below is wall × {args.time_scale:g} (predicted seconds), every rate wall ÷ {args.time_scale:g}"
+                + ("; run `real-sync` is the real CPU run of the same config" if args.calibrate else "")]
+              if args.emulate else []),
              "- 1-min load average before -> after each run: " + ", ".join(f"{r.name} {loads[r.name]}" for r in runs),
              "- metrics: " + ", ".join(f"`{paths[r.name]}`" for r in runs), "", text]
     return "\n".join(lines)
@@ -331,6 +344,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--kl", action="store_true", help=f"also run async with grpo.kl_coef={KL_COEF} (reference wait)")
     ap.add_argument("--placement", type=Path, nargs="+", default=[], metavar="YAML",
                     help="placement configs to rank (each an async run with the file merged over --config)")
+    ap.add_argument("--emulate", metavar="PROFILE", default=None,
+                    help="run every run on emulated devices with this profile (configs/profiles/<name>.yaml or a path)")
+    ap.add_argument("--time-scale", type=float, default=1.0, metavar="X",
+                    help="emulation.time_scale of the emulated runs (waits / X); summaries are converted back")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="with --emulate: also run the REAL synchronous run and report emulated/real step time (±15%%)")
+    ap.add_argument("--no-sync", action="store_true",
+                    help="with --placement: skip the sync baseline (placements are ranked against each other)")
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="passed to every run")
     ap.add_argument("--output-dir", type=Path, default=None, help="run directories (default runs/bench_throughput/<UTC time>)")
     ap.add_argument("--timeout", type=float, default=None, help="seconds per run")
@@ -344,6 +365,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"--steps {args.steps} must exceed --warmup {args.warmup}")
     if args.warmup < 0 or args.staleness < 1:
         ap.error("--warmup must be >= 0 and --staleness >= 1 (0 is the sync baseline, always run)")
+    if args.no_sync and (not args.placement or args.calibrate or args.kl):
+        ap.error("--no-sync only ranks --placement runs (without --calibrate or --kl, which need the sync run)")
+    if args.calibrate and not args.emulate:
+        ap.error("--calibrate compares an emulated run with the real one: it needs --emulate PROFILE")
+    if not args.time_scale > 0 or (args.time_scale != 1.0 and not args.emulate):
+        ap.error(f"--time-scale {args.time_scale}: must be > 0, and only with --emulate (real devices do not scale)")
     bad = [o for o in args.override if "=" not in o]
     if bad:
         ap.error(f"--override expects KEY=VALUE, got {bad}")
@@ -380,13 +407,21 @@ def main(argv: list[str] | None = None) -> int:
         except (RuntimeError, ValueError) as exc:
             print(f"throughput: {exc}", file=sys.stderr)
             return 1
-    summaries = {s.name: summarise(read_metrics(paths[s.name]), args.warmup) for s in runs}
+    summaries = {s.name: run_summary(read_metrics(paths[s.name]), args.warmup, s) for s in runs}
     modes = {s.name: s.mode for s in runs}
-    text = format_table(summaries, modes, "sync")
+    # Without the sync run (--no-sync, placements only) the first run is the table's reference row.
+    baseline = "sync" if "sync" in summaries else runs[0].name
+    text = format_table(summaries, modes, baseline)
     placements = [s.name for s in runs if s.mode == "placement"]
     if placements:
         text += "\nPlacements ranked by trained tokens/s:\n\n" + format_ranking(summaries, placements)
-    text += "\n" + "\n".join(target_lines(summaries, modes, "sync")) + "\n"
+        if len(placements) >= 2:
+            text += "\n" + ranking_reason(summaries, placements) + "\n"
+    lines = target_lines(summaries, modes, "sync") if "sync" in summaries else [
+        f"- no sync run (--no-sync): speedups are against `{baseline}`; the overlap bound and its % are not meaningful"]
+    if args.calibrate:
+        lines.append(calibration_line(summaries["sync"], summaries["real-sync"], args.emulate))
+    text += "\n" + "\n".join(lines) + "\n"
     entry = record(text, args, runs, paths, loads, cmdline)
     print(entry)
     (args.output_dir / "summary.json").write_text(json.dumps(

@@ -130,3 +130,80 @@ def test_dry_run_commands(tmp_path, capsys):
 def test_bad_arguments(argv):
     with pytest.raises(SystemExit):
         tp.parse_args(argv)
+
+
+def test_to_predicted_converts_emulated_units_back():
+    s = tp.summarise([row(1, 10.0, train_s=4.0, sync_s=1.0, gen_tps=20.0, train_tokens=100.0, ref_wait=0.5)], warmup=0)
+    p = tp.to_predicted(s, 4.0)
+    for key in ("wall_s", "step_s", "train_s", "sync_s", "train_wait_s", "other_s", "t_gen", "t_train",
+                "reference_wait_s"):
+        assert p[key] == pytest.approx(s[key] * 4.0), key
+    assert p["train_tokens_per_s"] == pytest.approx(100.0 / 40.0)  # 100 tokens over 10 wall s = 40 modelled s
+    assert p["gen_tokens_per_s"] == pytest.approx(20.0 / 4.0)
+    # Ratios and token totals are unit-free: unchanged.
+    for key in ("trainer_idle", "rollout_idle", "reference_wait_ratio", "train_tokens", "gen_tokens", "steps"):
+        assert p[key] == s[key], key
+    assert tp.to_predicted(s, 1.0) == s and s["step_s"] == 10.0  # the input is not changed
+    for bad in (0.0, -2.0, float("nan")):
+        with pytest.raises(ValueError, match="time_scale"):
+            tp.to_predicted(s, bad)
+
+
+def test_emulated_runs_get_profile_and_scale_and_calibrate_adds_the_real_sync(tmp_path, capsys):
+    assert tp.main(["--dry-run", "--emulate", "cpu-smollm2", "--time-scale", "2.5", "--calibrate",
+                    "--output-dir", str(tmp_path)]) == 0
+    cmds = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
+    by_name = {next(a for a in c if a.startswith("run.name=")).split("=", 1)[1]: c for c in cmds}
+    assert list(by_name) == ["sync", "real-sync", "async"]  # the real run beside the emulated sync
+    for name in ("sync", "async"):
+        cmd = by_name[name]
+        assert cmd[cmd.index("--emulate") + 1] == "cpu-smollm2" and "emulation.time_scale=2.5" in cmd
+    real = by_name["real-sync"]
+    assert "--emulate" not in real and not any(a.startswith("emulation.") for a in real)
+    assert "async.max_staleness=0" in real and "stages=[]" in real
+
+
+@pytest.mark.parametrize("argv", [["--calibrate"], ["--time-scale", "2"], ["--emulate", "x", "--time-scale", "0"],
+                                  ["--emulate", "x", "--time-scale", "-1"]])
+def test_emulation_flags_rejected_without_emulate_or_with_bad_scale(argv):
+    with pytest.raises(SystemExit):
+        tp.parse_args(argv)
+
+
+def test_calibration_verdict_at_the_edges():
+    real = tp.summarise([row(1, 10.0)], warmup=0)
+    assert tp.calibration_ratio(tp.summarise([row(1, 11.4)], warmup=0), real) == pytest.approx(1.14)
+    assert "met" in tp.calibration_line(tp.summarise([row(1, 11.4)], warmup=0), real, "p").split("±15%: ")[1][:4]
+    assert "NOT met" in tp.calibration_line(tp.summarise([row(1, 11.6)], warmup=0), real, "p")
+    assert "NOT met" in tp.calibration_line(tp.summarise([row(1, 8.4)], warmup=0), real, "p")  # too fast fails too
+    assert "NOT met" not in tp.calibration_line(tp.summarise([row(1, 8.6)], warmup=0), real, "p")
+
+
+def test_ranking_reason_names_the_winner_and_the_idle_side():
+    # b: learners wait less for generation (trainer idle 10% vs 50%): more rollout capacity wins.
+    starved = tp.summarise([row(1, 10.0, wait_s=5.0, train_tokens=100.0)], warmup=0)
+    fed = tp.summarise([row(1, 8.0, wait_s=0.8, train_tokens=100.0)], warmup=0)
+    line = tp.ranking_reason({"a": starved, "b": fed}, ["a", "b"])
+    assert line.startswith("`b` wins") and "learners wait less for generation" in line and "`a`" in line
+    # Engines idle waiting for the learner in a: b's engines wait less.
+    slow_learner = tp.summarise([row(1, 10.0, wait_s=0.0, rollout_idle=0.6)], warmup=0)
+    quick = tp.summarise([row(1, 9.0, wait_s=0.0, rollout_idle=0.1)], warmup=0)
+    assert "engines wait less" in tp.ranking_reason({"a": slow_learner, "b": quick}, ["a", "b"])
+    same = tp.summarise([row(1, 9.0, train_s=3.0, wait_s=0.0)], warmup=0)
+    assert "learner phase is shorter" in tp.ranking_reason({"a": tp.summarise([row(1, 10.0, wait_s=0.0)], warmup=0),
+                                                           "b": same}, ["a", "b"])
+    with pytest.raises(ValueError, match=">= 2"):
+        tp.ranking_reason({"a": same}, ["a"])
+
+
+def test_no_sync_ranks_placements_only(tmp_path, capsys):
+    placement = str(ROOT / "configs/cluster/placements/m2-32b-shipped.yaml")
+    assert tp.main(["--dry-run", "--no-sync", "--placement", placement, str(ROOT / "configs/cluster/placements/m2-32b-more-rollout.yaml"),
+                    "--emulate", "h100-qwen2.5-32b", "--time-scale", "3", "--output-dir", str(tmp_path)]) == 0
+    names = [next(a for a in shlex.split(line.split("  #")[0]) if a.startswith("run.name="))
+             for line in capsys.readouterr().out.splitlines()]
+    assert names == ["run.name=placement-m2-32b-shipped", "run.name=placement-m2-32b-more-rollout"]
+    for argv in (["--no-sync"], ["--no-sync", "--placement", placement, "--kl"],
+                 ["--no-sync", "--placement", placement, "--emulate", "x", "--calibrate"]):
+        with pytest.raises(SystemExit):
+            tp.parse_args(argv)

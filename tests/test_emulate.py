@@ -95,7 +95,10 @@ def _profile_text(**replace: str) -> str:
 def test_profile_errors_name_file_and_key(tmp_path):
     with pytest.raises(ProfileError, match=r"emulation.profile = 'no-such': no profile file .*no-such.yaml \(shipped: \["):
         load_profile("no-such")
-    path = _write(tmp_path, _profile_text(**{"step_s: 0.02": "step_s: -1"}))
+    # Whatever bench/fit_profile.py fitted: the first "step_s: <number>" line made negative.
+    text = _profile_text()
+    value = text.split("      step_s: ", 1)[1].split()[0]
+    path = _write(tmp_path, _profile_text(**{f"      step_s: {value}": "      step_s: -1"}))
     with pytest.raises(ProfileError, match=r"p.yaml: rollout.by_tp\[...\].step_s: Expected `float` > 0.0"):
         load_profile(path)
     path = _write(tmp_path, _profile_text(**{"  judge: {": "  jduge: {"}))
@@ -114,7 +117,17 @@ def test_profile_errors_name_file_and_key(tmp_path):
 
 
 def test_time_functions_by_hand():
-    p = load_profile("cpu-smollm2")  # step_s 0.02, step_s_per_seq 0.0055, prefill 2000 tok/s
+    # The shipped cpu-smollm2 architecture and roles with hand-set speeds (its own numbers are refitted by
+    # bench/fit_profile.py): step_s 0.02, step_s_per_seq 0.0055, prefill 2000 tok/s, learner 467 / 1400 tok/s.
+    from verimed.core.emulate.profile import EngineSpeed, LearnerProfile, ReferenceProfile, SyncProfile
+
+    shipped = load_profile("cpu-smollm2")
+    p = msgspec.structs.replace(
+        shipped, rollout=msgspec.structs.replace(shipped.rollout, by_tp={1: EngineSpeed(
+            step_s=0.02, step_s_per_seq=0.0055, prefill_tokens_per_s=2000)}),
+        learner=LearnerProfile(train_tokens_per_s_per_gpu=467, forward_tokens_per_s_per_gpu=1400, optimizer_step_s=0.3),
+        reference=ReferenceProfile(forward_tokens_per_s_per_gpu=1400),
+        weight_sync=SyncProfile(bandwidth_gb_per_s=3.0, latency_s=0.01))
     assert decode_step_seconds(p, 16, 1) == pytest.approx(0.02 + 16 * 0.0055, rel=1e-12)
     assert decode_step_seconds(p, 0, 1) == decode_step_seconds(p, 1, 1)  # an idle engine's next step
     assert decode_tokens_per_s_per_seq(p, 16, 1) == pytest.approx(1 / 0.108, rel=1e-12)
@@ -273,7 +286,10 @@ def test_pause_holds_every_sequence_and_resume_continues(tokenizer):
 
 
 def test_response_length_is_capped_and_stop_ends_with_eos(tokenizer):
-    engine = EmulatedEngine(load_profile("cpu-smollm2"), tokenizer, time_scale=1000.0)  # mean 56, std 12
+    shipped = load_profile("cpu-smollm2")  # its fitted lengths may have std 0: set a spread by hand
+    profile = msgspec.structs.replace(shipped, rollout=msgspec.structs.replace(
+        shipped.rollout, response_tokens_mean=56.0, response_tokens_std=12.0))
+    engine = EmulatedEngine(profile, tokenizer, time_scale=1000.0)  # mean 56, std 12
     outs = asyncio.run(engine.generate(tokenizer.encode("Headache and stiff neck."), 8, max_tokens=5,
                                        temperature=1.0, seed=3))
     assert all(len(o.token_ids) == 5 and o.finish_reason == "length" for o in outs)
@@ -320,6 +336,31 @@ def test_engine_sync_ranks_must_lie_in_the_group(tokenizer):
         asyncio.run(engine.init_sync("h", 1, 0, 2, "gloo"))
     with pytest.raises(WeightSyncError, match="in no weight-sync group"):
         asyncio.run(engine.update_weights(EmulatedLearner(_cfg(), load_profile("cpu-smollm2")).weight_meta(2**20)))
+
+
+def test_engine_keeps_its_rendezvous_handles_until_the_next_group(tokenizer):
+    """A Ray named actor dies with its creator's handle; an engine worker may be the creator, so the engine
+    keeps what join_group returned (a 64-GPU start-up lost the rendezvous to this race: bench/RESULTS.md)."""
+    import gc
+    import weakref
+
+    class Handle:
+        pass
+
+    made: list[weakref.ref] = []
+
+    async def join(host, port, rank, world, member):
+        handle = Handle()
+        made.append(weakref.ref(handle))
+        return handle
+
+    engine = EmulatedEngine(load_profile("cpu-smollm2"), tokenizer, join_group=join)
+    asyncio.run(engine.init_sync("h", 1, 1, 2, "gloo"))
+    gc.collect()
+    assert len(made) == 1 and made[0]() is not None and engine.group_handles == [made[0]()]
+    asyncio.run(engine.init_sync("h", 2, 1, 2, "gloo"))  # a new group: the old handle may go
+    gc.collect()
+    assert made[0]() is None and made[1]() is not None
 
 
 # ---------------------------------------------------------------- the real coordinator, in process

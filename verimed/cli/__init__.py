@@ -3,7 +3,7 @@
     verimed train CONFIG [section.key=value ...] [--print-config] [--resume RUN_DIR]
     verimed eval healthbench --data FILE --policy MODEL --grader rules|vllm:MODEL|openai:MODEL
     verimed simulate [--audit N | --case ID --persona ENFP --explain]
-    verimed plan CONFIG [--cluster-resources SPEC]
+    verimed plan CONFIG [--cluster-resources SPEC] [--simulate PROFILE [--steps N] [--time-scale X]]
     verimed export RUN_DIR OUT_DIR
     verimed cluster up --nodes N --gpus-per-node G --cpus-per-node C | down | status
 

@@ -73,6 +73,9 @@ class EmulatedEngine:
         self.active = 0  # requests in flight, for least-loaded routing
         self.expected: dict[str, tuple[tuple[int, ...], str]] | None = None
         self.group: tuple[str, int, list[int]] | None = None  # (host, port, ranks) once joined
+        # What join_group returned (the rendezvous actor handles), kept until the next init_sync: a Ray
+        # named actor lives only while its creator's handle does, and the creator may be this engine.
+        self.group_handles: list[Any] = []
         self._sequences: list[_Sequence] = []
         self._loop_task: asyncio.Task | None = None
         self._running = asyncio.Event()
@@ -219,9 +222,9 @@ class EmulatedEngine:
             raise EmulationError(f"{self._name()}sync ranks {bad} outside [1, {world_size}) (rank 0 is learner rank 0)")
         if self.join_group is None:
             raise EmulationError(f"{self._name()}no rendezvous to join (join_group is None)")
-        self.group = None
-        await asyncio.gather(*[self.join_group(host, port, r, world_size, f"{self.member}/worker-{w}")
-                               for w, r in enumerate(ranks)])
+        self.group, self.group_handles = None, []
+        self.group_handles = list(await asyncio.gather(*[self.join_group(host, port, r, world_size, f"{self.member}/worker-{w}")
+                                                         for w, r in enumerate(ranks)]))
         self.group = (host, port, ranks)
 
     async def set_expected(self, expected: dict[str, tuple[tuple[int, ...], str]]) -> None:

@@ -86,7 +86,8 @@ class EmulatedLearner:
         self.version += 1
         self.steps += minibatches
         out.update({"train/grad_norm": 0.0, "train/lr": self.cfg.trainer.lr * lr_factor(self.cfg, self.version - 1),
-                    "train/minibatches": float(minibatches), "train/step_seconds": time.perf_counter() - start,
+                    "train/minibatches": float(minibatches), "train/packed_tokens": float(len(batch.input_ids)),
+                    "train/step_seconds": time.perf_counter() - start,
                     "train/modelled_seconds": modelled, "train/version": float(self.version)})
         return out
 

@@ -194,6 +194,9 @@ class Learner:
         worst = next((g for g in grad_norms if not math.isfinite(g)), max(grad_norms))
         out.update({"train/grad_norm": worst, "train/lr": self.scheduler.get_last_lr()[0],
                     "train/minibatches": float(len(chunks)),
+                    # Every packed token, prompts included: what the emulated learner's time formula counts
+                    # (bench/fit_profile.py fits learner tokens/s from it).
+                    "train/packed_tokens": float(len(batch.input_ids)),
                     "train/step_seconds": time.perf_counter() - start, "train/version": float(self.version)})
         return out
 
