@@ -25,21 +25,11 @@ class SyncRendezvousActor:
         return await self.rendezvous.claim(rank, world_size, member)
 
 
-# This process's handle of its current group's actor. A named (non-detached) actor is destroyed
-# once no process holds a handle to it: on the 8-node loopback run the engine that created it
-# returned from init_sync, dropped its handle, and the actor died under the others' claims.
-_held: dict[str, object] = {}
-
-
 def rendezvous_actor(host: str, port: int, world_size: int, timeout_s: float = TIMEOUT_S):
-    """The group's rendezvous actor, created by the first caller (later callers get the same one);
-    held by every member process until it joins another group."""
+    """The group's rendezvous actor, created by the first caller (later callers get the same one)."""
     address = f"{host}:{port}"
-    if address not in _held:
-        _held.clear()  # a member is in one group at a time: the previous group's actor may go
-        _held[address] = SyncRendezvousActor.options(name=f"verimed-weight-sync-{address}", get_if_exists=True).remote(
-            address, world_size, timeout_s)
-    return _held[address]
+    return SyncRendezvousActor.options(name=f"verimed-weight-sync-{address}", get_if_exists=True).remote(
+        address, world_size, timeout_s)
 
 
 async def join_rendezvous(host: str, port: int, rank: int, world_size: int, member: str):
