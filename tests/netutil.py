@@ -26,3 +26,15 @@ def loopback_base_port(nodes: int) -> int:
         except lb.LoopbackError:
             continue
     pytest.skip(f"no free port range for a {nodes}-node loopback cluster")
+
+
+def loopback_up_args(nodes: int, gpus_per_node: int, cpus_per_node: int, ray_bin: str) -> tuple[str, list[str]]:
+    """(temp dir, ``verimed cluster up`` argv) of a test cluster on a free port range; the temp dir is
+    short (Ray's socket paths live below it) and unique per call."""
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix="vl", dir="/tmp")
+    port = loopback_base_port(nodes)
+    return tmp, ["cluster", "up", "--nodes", str(nodes), "--gpus-per-node", str(gpus_per_node),
+                 "--cpus-per-node", str(cpus_per_node), "--temp-dir", tmp, "--port", str(port),
+                 "--dashboard-port", str(port + 2400), "--ray", ray_bin]

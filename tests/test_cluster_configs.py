@@ -14,11 +14,10 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
-from netutil import loopback_base_port
+from netutil import loopback_up_args
 
 from verimed.cli import main
 from verimed.core.cluster import loopback as lb
@@ -31,10 +30,7 @@ STEPS = 3
 @pytest.mark.integration
 @pytest.mark.slow
 def test_node_8gpu_config_runs_through_ray_job_submit_on_a_loopback_node(tmp_path):
-    tmp = tempfile.mkdtemp(prefix="vc", dir="/tmp")  # short: Ray's socket paths live below it
-    port = loopback_base_port(1)
-    up = ["cluster", "up", "--nodes", "1", "--gpus-per-node", "8", "--cpus-per-node", "64", "--temp-dir", tmp,
-          "--port", str(port), "--dashboard-port", str(port + 2400), "--ray", RAY_BIN]
+    tmp, up = loopback_up_args(1, 8, 64, RAY_BIN)
     runs = tmp_path / "runs"
     try:
         assert main(up) == 0

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from netutil import loopback_base_port
+from netutil import loopback_up_args
 
 from verimed.cli import main
 from verimed.core.cluster import loopback as lb
@@ -265,10 +265,7 @@ def _processes_mentioning(text: str) -> list[str]:
 
 @pytest.mark.integration
 def test_two_loopback_nodes_run_a_submitted_job_and_go_down_without_a_trace(tmp_path):
-    tmp = tempfile.mkdtemp(prefix="vl", dir="/tmp")  # short: Ray's socket paths live below it
-    port = loopback_base_port(2)
-    up = ["cluster", "up", "--nodes", "2", "--gpus-per-node", "2", "--cpus-per-node", "2", "--temp-dir", tmp,
-          "--port", str(port), "--dashboard-port", str(port + 2400), "--ray", RAY_BIN]
+    tmp, up = loopback_up_args(2, 2, 2, RAY_BIN)
     try:
         assert main(up) == 0
         state = lb.read_state(tmp)
