@@ -1,0 +1,314 @@
+"""Scale: the real controller driving many emulated engines with thousands of groups in flight (issue #17.1).
+
+    .venv/bin/python bench/scale.py                                   # the issue's workload (below)
+    .venv/bin/python bench/scale.py --engines 16 --prompts-per-step 128 --max-staleness 7 --steps 8 --warmup 2
+    .venv/bin/python bench/scale.py --engines 8 --prompts-per-step 32 --group-size 4 --steps 3 --warmup 1 \
+        --profile cprofile                                            # + cProfile of the driver after warm-up
+
+Defaults are the issue's workload: 64 engines, B = 512 prompts x G = 16 samples = 8192 samples per
+step, max_staleness S = 7 so (S + 1)·B = 4096 groups may be admitted at once, 50 steps. The
+controller runs IN this process (``verimed.actors.controller.Controller``, unchanged but for a
+hook after each step), so it can be sampled; engines and the learner are emulated Ray actors
+(``--emulate`` profile, ``emulation.time_scale``) on a local Ray node started here with its own
+``--temp-dir`` and stopped at the end.
+
+Stage: one ``rule`` stage on the cases (diagnosis vignette -> G replies -> exact-match answer
+checker). Its reward is a regex over each reply run in the controller process: no verifier actor
+and no extra Ray hop per sample, so what is measured is the controller's own work (routing,
+admission, buffer, ledger, batching, sync), not a judge's. (``--stage-kind rubric`` runs HealthBench
+prompts with the rules judge instead: one verifier call per group.)
+
+Measured (formulas in ``bench/scale_stats.py``), after the first ``--warmup`` steps:
+
+- controller CPU per sample = driver process CPU time (user + system, every thread: the event
+  loop and Ray's core-worker threads) / samples consumed;
+- event-loop lag p50 / p99: a timer task sleeps 10 ms and records how late it woke;
+- driver RSS and Ray object-store bytes in use, sampled every second; RSS flat = every sample
+  within ±10% of the first one after warm-up;
+- weight-sync fan-out = the ``sync/seconds`` metric of each step (learner broadcast and every
+  engine's ``update_weights``, concurrently); the parity check after it is not included;
+- peak groups in flight (``admission.in_flight``, sampled by the timer), and peak pending
+  (in flight + buffered, the quantity admission bounds by (S + 1)·B).
+
+Writes ``summary.json`` and ``series.json`` under ``--output-dir``; prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import logging
+import os
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ helpers
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's verimed, not the venv's install
+import scale_stats as stats  # noqa: E402
+from machine_info import cpu_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+LAG_TIMER_S = 0.010
+RESOURCE_EVERY_S = 1.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--engines", type=int, default=64, help="emulated rollout engines (placement.rollout.replicas)")
+    p.add_argument("--prompts-per-step", type=int, default=512, help="B groups per learner step")
+    p.add_argument("--group-size", type=int, default=16, help="G samples per group")
+    p.add_argument("--max-staleness", type=int, default=7, help="S: (S+1)·B groups may be admitted at once")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=5, help="steps left out of CPU, lag and RSS figures")
+    p.add_argument("--max-tokens", type=int, default=64, help="rollout.max_tokens (tokens per reply, at most)")
+    p.add_argument("--emulate", default="h100-qwen2.5-7b", help="device profile of engines and learner")
+    p.add_argument("--time-scale", type=float, default=100.0, help="emulation.time_scale: modelled waits / X")
+    p.add_argument("--stage-kind", choices=("rule", "rubric"), default="rule")
+    p.add_argument("--profile", choices=("none", "cprofile"), default="none",
+                   help="cprofile: profile the driver's event loop from the end of warm-up (adds CPU: the "
+                        "CPU figure of a profiled run is not the one to report)")
+    p.add_argument("--output-dir", type=Path, default=None, help="default: runs/scale/<UTC time>")
+    p.add_argument("--override", nargs="*", default=[], help="more dotted config overrides")
+    args = p.parse_args(argv)
+    for name in ("engines", "prompts_per_step", "group_size", "steps", "max_tokens"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_staleness < 0:
+        raise SystemExit(f"--max-staleness must be >= 0, got {args.max_staleness}")
+    if not 0 <= args.warmup < args.steps:
+        raise SystemExit(f"--warmup must be in [0, --steps), got {args.warmup} with --steps {args.steps}")
+    return args
+
+
+def overrides(args: argparse.Namespace, run_dir: Path) -> list[str]:
+    """The config overrides of the bench's run (the workload in dotted form)."""
+    data = "{cases: 1.0}" if args.stage_kind == "rule" else "{healthbench: 1.0}"
+    return [
+        "rollout.backend=emulated", "trainer.backend=emulated", f"emulation.profile={args.emulate}",
+        f"emulation.time_scale={args.time_scale}",
+        f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}", f"run.steps={args.steps}",
+        f"rollout.prompts_per_step={args.prompts_per_step}", f"rollout.group_size={args.group_size}",
+        f"rollout.max_tokens={args.max_tokens}", f"async.max_staleness={args.max_staleness}",
+        f"stages=[{{name: {args.stage_kind}, kind: {args.stage_kind}, steps: {args.steps}, data: {data}}}]",
+        # Logical GPUs, one per engine and one learner rank; no CPU reservations (2 real cores here).
+        f"placement.rollout.replicas={args.engines}", "placement.rollout.gpus_per_replica=1",
+        "placement.rollout.cpus_per_replica=0", "placement.learner.replicas=1",
+        "placement.learner.gpus_per_replica=1", "placement.learner.cpus_per_replica=0",
+        "stage_eval.healthbench=0", "stage_eval.consultations=0", "metrics.wandb=disabled",
+        "metrics.console=false", "grpo.dynamic_sampling=false", *args.override,
+    ]
+
+
+class Probe:
+    """Samples the controller from inside its event loop: lag, in-flight peak, RSS, object store, per-step CPU."""
+
+    def __init__(self, ctl, warmup: int, profiler=None):
+        self.ctl, self.warmup, self.profiler = ctl, warmup, profiler
+        self.t0 = time.perf_counter()
+        self.process = psutil.Process()
+        self.lags: list[tuple[float, float]] = []  # (t, overshoot s)
+        self.resources: list[tuple[float, int, int]] = []  # (t, driver RSS bytes, object store bytes used)
+        self.steps: list[dict[str, float]] = []
+        self.peak_in_flight = self.peak_pending = 0
+        self.peak_in_flight_after_warmup = 0
+        self.warm_t: float | None = None
+
+    def now(self) -> float:
+        return time.perf_counter() - self.t0
+
+    async def lag_loop(self) -> None:
+        while True:
+            asked = time.perf_counter() + LAG_TIMER_S
+            await asyncio.sleep(LAG_TIMER_S)
+            self.lags.append((self.now(), max(0.0, time.perf_counter() - asked)))
+            adm = self.ctl.admission
+            self.peak_in_flight = max(self.peak_in_flight, adm.in_flight)
+            self.peak_pending = max(self.peak_pending, adm.pending)
+            if self.warm_t is not None:
+                self.peak_in_flight_after_warmup = max(self.peak_in_flight_after_warmup, adm.in_flight)
+
+    async def resource_loop(self) -> None:
+        import ray
+        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+        state = get_state_from_address(ray.get_runtime_context().gcs_address)
+
+        def store_bytes() -> int:
+            return int(get_memory_info_reply(state).store_stats.object_store_bytes_used)
+
+        while True:
+            used = await asyncio.to_thread(store_bytes)
+            self.resources.append((self.now(), self.process.memory_info().rss, used))
+            await asyncio.sleep(RESOURCE_EVERY_S)
+
+    def step_done(self, metrics: dict[str, float]) -> None:
+        cpu = self.process.cpu_times()
+        self.steps.append({"step": float(self.ctl.version), "t": self.now(), "cpu_s": cpu.user + cpu.system,
+                           "consumed": float(len(self.ctl.ledger)), "sync_s": metrics.get("sync/seconds", float("nan")),
+                           "step_s": metrics["time/step_s"], "train_wait_s": metrics["time/train_wait_s"],
+                           "in_flight": float(self.ctl.admission.in_flight), "buffered": float(len(self.ctl.buffer))})
+        if self.ctl.version == self.warmup:
+            self.warm_t = self.now()
+            if self.profiler is not None:
+                self.profiler.enable()
+
+
+def make_controller_class():
+    from verimed.actors.controller import Controller
+
+    class ProbedController(Controller):
+        """The real controller; ``step`` reports to the probe after each learner step."""
+
+        probe: Probe
+
+        async def step(self):
+            metrics = await super().step()
+            self.probe.step_done(metrics)
+            return metrics
+
+    return ProbedController
+
+
+async def run_probed(cfg, run_dir: Path, model_path: str, warmup: int, profiler) -> tuple[Probe, dict]:
+    ctl = make_controller_class()(cfg, run_dir, model_path)
+    probe = ctl.probe = Probe(ctl, warmup, profiler)
+    tasks = [asyncio.create_task(probe.lag_loop()), asyncio.create_task(probe.resource_loop())]
+    try:
+        await ctl.run()
+    finally:
+        if profiler is not None:
+            profiler.disable()
+        for t in tasks:
+            t.cancel()
+    mem = await asyncio.gather(*[e.memory.remote() for e in ctl.engines])
+    engines = {"engine_rss_bytes_sum": sum(m["rss_bytes"] for m in mem), "engine_rss_bytes_max": max(m["rss_bytes"] for m in mem)}
+    return probe, engines
+
+
+def summarise(probe: Probe, args: argparse.Namespace) -> dict:
+    """The bench's figures after warm-up (see the module docstring)."""
+    warm = probe.steps[args.warmup - 1] if args.warmup else {"t": 0.0, "cpu_s": 0.0, "consumed": 0.0}
+    end = probe.steps[-1]
+    lags = [lag for t, lag in probe.lags if t >= warm["t"]]
+    rss = stats.after([t for t, _, _ in probe.resources], [r for _, r, _ in probe.resources], warm["t"])
+    store = stats.after([t for t, _, _ in probe.resources], [s for _, _, s in probe.resources], warm["t"])
+    syncs = [s["sync_s"] for s in probe.steps[args.warmup:]]
+    measured = probe.steps[args.warmup:]
+    out = {
+        "steps_measured": len(measured), "samples_measured": int(end["consumed"] - warm["consumed"]),
+        "cpu_ms_per_sample": stats.cpu_ms_per_sample(warm["cpu_s"], end["cpu_s"], int(end["consumed"] - warm["consumed"])),
+        "wall_s_measured": end["t"] - warm["t"],
+        "samples_per_s": (end["consumed"] - warm["consumed"]) / max(end["t"] - warm["t"], 1e-9),
+        **stats.lag_summary(lags),
+        "rss_reference_bytes": 0.0, "rss_max_deviation": float("nan"), "rss_flat": 0.0,
+        "object_store_max_bytes": float(max(store, default=0)),
+        "sync_p50_s": stats.percentile(syncs, 50), "sync_max_s": max(syncs),
+        "peak_in_flight": float(probe.peak_in_flight), "peak_pending": float(probe.peak_pending),
+        "peak_in_flight_after_warmup": float(probe.peak_in_flight_after_warmup),
+        "admission_window": float((args.max_staleness + 1) * args.prompts_per_step),
+        "step_s_mean": sum(s["step_s"] for s in measured) / len(measured),
+        "train_wait_s_mean": sum(s["train_wait_s"] for s in measured) / len(measured),
+    }
+    if rss:
+        flat = stats.flatness(rss)
+        out.update(rss_reference_bytes=flat["reference"], rss_max_bytes=flat["max"], rss_min_bytes=flat["min"],
+                   rss_max_deviation=flat["max_deviation"], rss_flat=flat["flat"])
+    out["verdicts"] = stats.verdicts(out)
+    return out
+
+
+def ledger_summary(run_dir: Path, steps: int, samples_per_step: int) -> dict:
+    """Exactly-once over ``ledger.jsonl``: every consumed uid once, B·G per step, one line per step."""
+    lines = [json.loads(x) for x in (run_dir / "ledger.jsonl").read_text().splitlines() if x.strip()]
+    uids = [u for line in lines for u in line["consumed"]]
+    out = {"ledger_lines": len(lines), "ledger_consumed": len(uids), "ledger_unique": len(set(uids)),
+           "ledger_ok": len(uids) == len(set(uids)) == steps * samples_per_step and len(lines) == steps}
+    try:  # the shared checker (verimed/core/train/ledger_check.py), once it is on this branch
+        from verimed.core.train.ledger_check import check_exactly_once
+    except ImportError:
+        return out
+    report = check_exactly_once(run_dir)
+    out.update(ledger_check_ok=report.ok, ledger_check_problems=report.problems[:10])
+    return out
+
+
+def format_table(s: dict) -> str:
+    mib = 1024 * 1024
+    rows = [("controller CPU / sample", f"{s['cpu_ms_per_sample']:.3f} ms"),
+            ("event-loop lag p50 / p99 / max", f"{s['lag_p50_ms']:.1f} / {s['lag_p99_ms']:.1f} / {s['lag_max_ms']:.1f} ms"),
+            ("driver RSS after warm-up, min..max", f"{s.get('rss_min_bytes', 0) / mib:.0f}..{s.get('rss_max_bytes', 0) / mib:.0f} MiB "
+                                                   f"(max dev {s['rss_max_deviation']:.1%} of {s['rss_reference_bytes'] / mib:.0f} MiB)"),
+            ("object store in use, max", f"{s['object_store_max_bytes'] / mib:.1f} MiB"),
+            ("weight-sync fan-out p50 / max", f"{s['sync_p50_s']:.3f} / {s['sync_max_s']:.3f} s"),
+            ("peak in flight (after warm-up) / pending / window", f"{s['peak_in_flight']:.0f} "
+             f"({s['peak_in_flight_after_warmup']:.0f}) / {s['peak_pending']:.0f} / {s['admission_window']:.0f}"),
+            ("samples measured, samples/s", f"{s['samples_measured']}, {s['samples_per_s']:.0f}"),
+            ("step s (mean), train wait s (mean)", f"{s['step_s_mean']:.2f}, {s['train_wait_s_mean']:.2f}"),
+            *[(k, "PASS" if v else "FAIL") for k, v in s["verdicts"].items()]]
+    return "\n".join(["| figure | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows]]) + "\n"
+
+
+def start_ray(cfg, temp_dir: str) -> None:
+    """A local Ray node of this bench alone (own temp dir), with the plan's logical GPUs."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    from verimed.cli.train import planned_resources
+
+    cpus, gpus = planned_resources(cfg)
+    ray.init(num_cpus=max(4.0, cpus), num_gpus=gpus, include_dashboard=False, _temp_dir=temp_dir,
+             object_store_memory=2 * 1024**3, log_to_driver=False, logging_level=logging.WARNING,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out_dir = (args.output_dir or ROOT / "runs" / "scale" / dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")).resolve()
+    run_dir = out_dir / "run"
+    import uvloop
+
+    from verimed.cli.train import resolve_policy_path
+    from verimed.core.config import load_config
+
+    cfg = load_config(None, overrides(args, run_dir))
+    model_path = resolve_policy_path(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()
+    temp_dir = tempfile.mkdtemp(prefix="ray-scale-", dir="/tmp")
+    profiler = None
+    if args.profile == "cprofile":
+        import cProfile
+
+        profiler = cProfile.Profile()
+    start_ray(cfg, temp_dir)
+    import ray
+
+    wall0 = time.perf_counter()
+    try:
+        probe, engines = uvloop.run(run_probed(cfg, run_dir, model_path, args.warmup, profiler))
+    finally:
+        ray.shutdown()
+    summary = {"command": "python bench/scale.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+               "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": cpu_model(),
+               "cores": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 1024**3, 1),
+               "load_before": load_before, "load_after": os.getloadavg(), "wall_s_total": time.perf_counter() - wall0,
+               "samples_per_step": args.prompts_per_step * args.group_size, **vars(args) | {"output_dir": str(out_dir)},
+               **summarise(probe, args), **engines, **ledger_summary(run_dir, args.steps, args.prompts_per_step * args.group_size)}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    (out_dir / "series.json").write_text(json.dumps({"lags": probe.lags, "resources": probe.resources, "steps": probe.steps}))
+    if profiler is not None:
+        profiler.dump_stats(out_dir / "driver.prof")
+    print(format_table(summary))
+    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, list) or len(v) < 5}, default=str))
+    return 0 if summary["ledger_ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
