@@ -23,6 +23,7 @@ import asyncio
 import json
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -114,7 +115,7 @@ class Controller:
         self.counters = {k: 0 for k in ("groups_failed", "groups_dropped", "groups_wrong_stage", "duplicates_dropped",
                                         "stale_dropped", "stale_rerun", "gen_tokens", "dialogues_failed",
                                         "prompts_too_long")}
-        self.retry: list[Draw] = []  # failed or stale draws, re-run first: no gaps in the ledger
+        self.retry: deque[Draw] = deque()  # failed or stale draws, re-run first: no gaps in the ledger
         self.in_flight: dict[int, Draw] = {}  # started, not finished: checkpointed and re-run on resume
         self.rerun_after: dict[int, Draw] = {}  # stale slices of a dialogue still running: re-run when it ends
         self.dropped_since_step: dict[str, list[str]] = {}  # reason -> first uid of each group dropped
@@ -279,7 +280,7 @@ class Controller:
         while True:
             while self.admission.can_start(self.version):
                 self.admission.started(1, version=self.version)
-                draw = self.retry.pop(0) if self.retry else self.schedule.next_draw(self.current_stage)
+                draw = self.retry.popleft() if self.retry else self.schedule.next_draw(self.current_stage)
                 self.in_flight[draw.draw] = draw
                 asyncio.create_task(self._run_draw(draw))
                 self._track_idle()
@@ -363,10 +364,11 @@ class Controller:
             if self.reference is not None:
                 # Reference log-probs start now, overlapping the learner's current step.
                 self.ref_pending[samples[0].uid] = self.reference.submit(self._batch([result], draw.stage))
-            versions = [int(v) for s in samples for v in s.response_versions.numpy()]
+            # min over numpy arrays, no Python int per token: 4096 groups in flight deliver ~1M tokens a step
+            oldest = min((int(v.min()) for s in samples if (v := s.response_versions.numpy()).size), default=-1)
             order = tuple(int(x) for x in samples[0].uid.split("/")[:2])  # (draw, slice): schedule order
             self.buffer.put(Ready(stage=draw.stage, uids=[s.uid for s in samples],
-                                  oldest_version=min(versions, default=-1), order=order, item=(draw, result)))
+                                  oldest_version=oldest, order=order, item=(draw, result)))
             self.delivered.set()
         self.wake.set()
 
@@ -448,7 +450,7 @@ class Controller:
         # In-flight groups died with the old actors: count admission afresh from this version.
         self.admission = AdmissionControl(self.cfg.rollout.prompts_per_step, self.cfg.async_.max_staleness,
                                           base_version=self.version)
-        self.retry = [Draw(*d) for d in state.in_flight]
+        self.retry = deque(Draw(*d) for d in state.in_flight)
         for group, advantages, draw in zip(state.buffered_groups, state.buffered_advantages, state.buffered_draws):
             self.admission.started(1)
             self._deliver(Draw(*draw), GroupResult(group=group, advantages=np.asarray(advantages, np.float32), kept=True))

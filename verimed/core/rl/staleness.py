@@ -262,37 +262,87 @@ class ReadyBuffer:
 
     Of the rest, the B oldest (:attr:`Ready.age`) form the batch; the others stay.
     Hence every token of a consumed batch has version >= version - s.
+
+    Cost: the controller calls :meth:`take` on every delivery while a batch fills (thousands of
+    times a step with thousands of groups in flight). Whether an entry is dropped depends only on
+    (stage, version, s, the ledger) and on the other entries' uids, so an entry found valid stays
+    valid until one of those changes: a take under the same conditions as the previous one checks
+    only the entries put since (O(new)), and sorts only when a batch can form. Anything else (new
+    version or stage, a consumption in the ledger, a uid shared with another entry) rescans all.
     """
 
     def __init__(self) -> None:
-        self.entries: list[Ready] = []
+        self._valid: list[Ready] = []  # found valid by the last take, under self._checked_under
+        self._valid_uids: set[str] = set()
+        self._new: list[Ready] = []  # put since the last take
+        self._checked_under: tuple[int, ...] | None = None
+
+    @property
+    def entries(self) -> list[Ready]:
+        return self._valid + self._new
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return len(self._valid) + len(self._new)
 
     def put(self, entry: Ready) -> None:
-        self.entries.append(entry)
+        self._new.append(entry)
 
     def take(self, stage: int, version: int, batch_groups: int, max_staleness: int, ledger: Ledger) -> Taken:
+        under = (stage, version, max_staleness, id(ledger), len(ledger))
+        new_uids = [uid for entry in self._new for uid in entry.uids]
+        if under != self._checked_under or len(set(new_uids)) != len(new_uids) or not self._valid_uids.isdisjoint(new_uids):
+            return self._rescan(under, stage, version, batch_groups, max_staleness, ledger)
+        wrong_stage, duplicates, stale = [], [], []
+        for entry in sorted(self._new, key=lambda e: e.age):
+            kind = self._classify(entry, stage, version, max_staleness, ledger, set())
+            (self._valid if kind is None else _drop_list(kind, wrong_stage, duplicates, stale)).append(entry)
+            if kind is None:
+                self._valid_uids.update(entry.uids)
+        self._new = []
+        return Taken(self._form_batch(batch_groups), wrong_stage, duplicates, stale)
+
+    @staticmethod
+    def _classify(entry: Ready, stage: int, version: int, max_staleness: int, ledger: Ledger,
+                  seen: set[str]) -> str | None:
+        """Why ``entry`` is dropped ("wrong_stage", "duplicate", "stale"), or None when it may be trained."""
+        if entry.stage != stage:
+            return "wrong_stage"
+        if ledger.duplicates(entry.uids) or seen.intersection(entry.uids):
+            return "duplicate"
+        if 0 <= entry.oldest_version < version - max_staleness:
+            return "stale"
+        return None
+
+    def _rescan(self, under: tuple[int, ...], stage: int, version: int, batch_groups: int, max_staleness: int,
+                ledger: Ledger) -> Taken:
         keep, wrong_stage, duplicates, stale = [], [], [], []
         seen: set[str] = set()
         for entry in sorted(self.entries, key=lambda e: e.age):
-            if entry.stage != stage:
-                wrong_stage.append(entry)
-            elif ledger.duplicates(entry.uids) or seen.intersection(entry.uids):
-                duplicates.append(entry)
-            elif 0 <= entry.oldest_version < version - max_staleness:
-                stale.append(entry)
-            else:
-                keep.append(entry)
+            kind = self._classify(entry, stage, version, max_staleness, ledger, seen)
+            (keep if kind is None else _drop_list(kind, wrong_stage, duplicates, stale)).append(entry)
+            if kind is None:
                 seen.update(entry.uids)
-        batch = keep[:batch_groups] if len(keep) >= batch_groups else None
-        self.entries = keep[batch_groups:] if batch is not None else keep
-        return Taken(batch, wrong_stage, duplicates, stale)
+        self._valid, self._valid_uids, self._new, self._checked_under = keep, seen, [], under
+        return Taken(self._form_batch(batch_groups), wrong_stage, duplicates, stale)
+
+    def _form_batch(self, batch_groups: int) -> list[Ready] | None:
+        """The ``batch_groups`` oldest valid entries, removed from the buffer; None (nothing removed) if fewer."""
+        if len(self._valid) < batch_groups:
+            return None
+        self._valid.sort(key=lambda e: e.age)
+        batch, self._valid = self._valid[:batch_groups], self._valid[batch_groups:]
+        for entry in batch:
+            self._valid_uids.difference_update(entry.uids)
+        return batch
 
     def drain(self) -> list[Ready]:
         """Every entry, oldest first, leaving the buffer as it is (for checkpoints)."""
         return sorted(self.entries, key=lambda e: e.age)
+
+
+def _drop_list(kind: str, wrong_stage: list, duplicates: list, stale: list) -> list:
+    """The drop list of ``kind`` ("wrong_stage", "duplicate" or "stale")."""
+    return {"wrong_stage": wrong_stage, "duplicate": duplicates, "stale": stale}[kind]
 
 
 def staleness_histogram(token_versions: np.ndarray, current_version: int) -> dict[int, int]:

@@ -119,6 +119,7 @@ def _ascii(text: str) -> str:
     return unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
 
 
+@functools.lru_cache(maxsize=1 << 16)  # ~20 regex passes per word; the vocabulary of answers is small
 def _word(w: str) -> str:
     for pattern, repl in _SPELLING:
         w = re.sub(pattern, repl, w)
@@ -158,8 +159,14 @@ def _synonym_table(extra: tuple[tuple[str, ...], ...]) -> tuple[tuple[re.Pattern
 
 def canonical(text: str, synonyms: Sequence[Sequence[str]] = ()) -> str:
     """``normalise_answer`` then every abbreviation / synonym replaced by its canonical phrase."""
+    return _canonical(text, tuple(tuple(g) for g in synonyms))
+
+
+# One regex pass per synonym variant (~120): gold answers and vignette sentences repeat every epoch
+# of the dataset, and were most of the controller's CPU at scale (bench/scale.py, bench/RESULTS.md).
+@functools.lru_cache(maxsize=1 << 15)
+def _canonical(text: str, extra: tuple[tuple[str, ...], ...]) -> str:
     out = normalise_answer(text)
-    extra = tuple(tuple(g) for g in synonyms)
     # Replace via placeholders so a canonical phrase is never rewritten again.
     holders: list[str] = []
     for pattern, canon in _synonym_table(extra):

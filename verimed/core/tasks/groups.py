@@ -6,7 +6,8 @@ pass in-process cores and the controller passes actor handles wrapped by
 
 - ``simulator.start(session_id, case, persona) -> str`` (patient opening)
 - ``rubrics.generate(case, dialogue) -> list[RubricItem]``
-- ``judge.judge(conversation, response, items) -> list[Judgement]``
+- ``judge.judge(conversation, response, items) -> list[Judgement]``; optionally
+  ``judge.judge_many([(conversation, response, items), ...]) -> list[list[Judgement]]`` (one call per group)
 - ``generate(uid_prefix, prompt_ids, n, seed, rollout=RolloutConfig) -> list[Sample]`` (engine router;
   ``rollout``: the stage's sampling settings — max_tokens, temperature, top_p)
 
@@ -17,6 +18,7 @@ replies and hands their scores to :func:`scored_group` (verifiable answers) or
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any, Awaitable, Callable, Sequence
 
 import msgspec
@@ -52,13 +54,33 @@ def group_uid(draw: int, group: int = 0) -> str:
 
 
 def prompt_ids(tokenizer: Any, messages: Sequence[Turn]) -> list[int]:
-    """Chat-template token ids of ``messages`` with the generation prompt (the engine's input)."""
-    return apply_chat_template(tokenizer, [{"role": t.role, "content": t.content} for t in messages])
+    """Chat-template token ids of ``messages`` with the generation prompt (the engine's input).
+
+    Memoised per (tokenizer, roles and contents): a dataset's prompts recur every epoch, and the
+    template + tokenisation was a few ms per group in the controller (bench/scale.py). A copy is
+    returned, so a caller may keep or change its list.
+    """
+    return list(_prompt_ids(tokenizer, tuple((t.role, t.content) for t in messages)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _prompt_ids(tokenizer: Any, turns: tuple[tuple[str, str], ...]) -> tuple[int, ...]:
+    return tuple(apply_chat_template(tokenizer, [{"role": role, "content": content} for role, content in turns]))
 
 
 async def judge_group(roles: Roles, cfg: Config, prompt: Prompt, samples: list[Sample]) -> GroupResult:
-    """Grade every sample against ``prompt.rubric``, then :func:`scored_group` with the rubric scores."""
-    judgements = await asyncio.gather(*[roles.judge.judge(prompt.messages, s.text, prompt.rubric) for s in samples])
+    """Grade every sample against ``prompt.rubric``, then :func:`scored_group` with the rubric scores.
+
+    A judge with ``judge_many`` (the verifier actor) grades the whole group in one call: one
+    round trip per group instead of G, the conversation and rubric sent once.
+    """
+    many = getattr(roles.judge, "judge_many", None)
+    if many is not None:
+        judgements = await many([(prompt.messages, s.text, prompt.rubric) for s in samples])
+        if len(judgements) != len(samples):
+            raise RuntimeError(f"judge_many returned {len(judgements)} judgements for {len(samples)} samples")
+    else:
+        judgements = await asyncio.gather(*[roles.judge.judge(prompt.messages, s.text, prompt.rubric) for s in samples])
     scores = np.asarray([training_reward(prompt.rubric, j) for j in judgements], dtype=np.float64)
     return scored_group(cfg, prompt, samples, scores, judgements)
 
