@@ -144,8 +144,8 @@ def normalise_answer(text: str) -> str:
 
 
 @functools.lru_cache(maxsize=64)
-def _synonym_table(extra: tuple[tuple[str, ...], ...]) -> tuple[tuple[re.Pattern, str], ...]:
-    """(pattern, canonical) for every variant, longest variant first (so "acute mi" sees "mi" last)."""
+def _synonym_table(extra: tuple[tuple[str, ...], ...]) -> tuple[tuple[str, re.Pattern, str], ...]:
+    """(variant, pattern, canonical) for every variant, longest variant first (so "acute mi" sees "mi" last)."""
     pairs = []
     for group in SYNONYMS + extra:
         canon = normalise_answer(group[0])
@@ -154,7 +154,7 @@ def _synonym_table(extra: tuple[tuple[str, ...], ...]) -> tuple[tuple[re.Pattern
             if v and v != canon:
                 pairs.append((v, canon))
     pairs.sort(key=lambda p: -len(p[0]))
-    return tuple((re.compile(rf"(?<![a-z0-9]){re.escape(v)}(?![a-z0-9])"), c) for v, c in pairs)
+    return tuple((v, re.compile(rf"(?<![a-z0-9]){re.escape(v)}(?![a-z0-9])"), c) for v, c in pairs)
 
 
 def canonical(text: str, synonyms: Sequence[Sequence[str]] = ()) -> str:
@@ -162,14 +162,17 @@ def canonical(text: str, synonyms: Sequence[Sequence[str]] = ()) -> str:
     return _canonical(text, tuple(tuple(g) for g in synonyms))
 
 
-# One regex pass per synonym variant (~120): gold answers and vignette sentences repeat every epoch
-# of the dataset, and were most of the controller's CPU at scale (bench/scale.py, bench/RESULTS.md).
+# ~120 synonym variants, each a regex pass over the text: that was most of the controller's CPU at
+# scale (bench/scale.py, bench/RESULTS.md). Gold answers and vignette sentences repeat every epoch
+# of the dataset (cached); a reply's text is new each time (a substring test skips most passes).
 @functools.lru_cache(maxsize=1 << 15)
 def _canonical(text: str, extra: tuple[tuple[str, ...], ...]) -> str:
     out = normalise_answer(text)
     # Replace via placeholders so a canonical phrase is never rewritten again.
     holders: list[str] = []
-    for pattern, canon in _synonym_table(extra):
+    for variant, pattern, canon in _synonym_table(extra):
+        if variant not in out:  # the pattern matches only where the variant occurs: skip the regex pass
+            continue
         def hold(_m, canon=canon):
             holders.append(canon)
             return f" \x00{len(holders) - 1}\x00 "
