@@ -101,7 +101,9 @@ def overrides(args: argparse.Namespace, run_dir: Path) -> list[str]:
         "placement.rollout.cpus_per_replica=0", "placement.learner.replicas=1",
         "placement.learner.gpus_per_replica=1", "placement.learner.cpus_per_replica=0",
         "stage_eval.healthbench=0", "stage_eval.consultations=0", "metrics.wandb=disabled",
-        "metrics.console=false", "grpo.dynamic_sampling=false", *args.override,
+        "metrics.console=false", "grpo.dynamic_sampling=false",
+        "model.max_model_len=4096",  # emulated: no KV cache; no vignette is skipped as too long
+        *args.override,
     ]
 
 
