@@ -1,0 +1,51 @@
+"""bench/scale.py at small scale: 8 emulated engines, 256 groups admitted at once, 3 steps (issue #17.1).
+
+Starts a local Ray node of its own (the bench's temp dir) with logical GPUs, so it is marked
+integration + slow. It checks what the bench reports, never how fast: the summary has every
+figure, the admission window was filled (peak in flight = (S + 1)·B), and the run trained every
+sample exactly once (the shared ledger check, ``verimed/core/train/ledger_check.py``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from verimed.core.train.ledger_check import check_exactly_once
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ENGINES, B, G, S, STEPS, WARMUP = 8, 32, 4, 7, 3, 1
+FIGURES = ("cpu_ms_per_sample", "lag_p50_ms", "lag_p99_ms", "lag_max_ms", "rss_reference_bytes", "rss_max_deviation",
+           "object_store_max_bytes", "sync_p50_s", "sync_max_s", "samples_per_s", "engine_rss_bytes_sum")
+
+
+def test_scale_bench_small(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "bench/scale.py", "--engines", str(ENGINES), "--prompts-per-step", str(B), "--group-size", str(G),
+         "--max-staleness", str(S), "--steps", str(STEPS), "--warmup", str(WARMUP), "--time-scale", "100",
+         "--output-dir", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+    )
+    assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-3000:])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for key in FIGURES:
+        assert isinstance(summary[key], (int, float)) and math.isfinite(summary[key]), (key, summary[key])
+    assert set(summary["verdicts"]) == {"cpu <= 1 ms/sample", "lag p99 <= 50 ms", "rss within ±10%"}
+    # The admission window, (S + 1)·B groups, was filled: every group of it in flight at once.
+    assert summary["admission_window"] == (S + 1) * B
+    assert summary["peak_in_flight"] == summary["peak_pending"] == (S + 1) * B
+    assert summary["steps_measured"] == STEPS - WARMUP and summary["samples_measured"] == (STEPS - WARMUP) * B * G
+    assert summary["lag_samples"] > 0
+    series = json.loads((tmp_path / "series.json").read_text())
+    assert [s["step"] for s in series["steps"]] == [1.0, 2.0, 3.0] and series["resources"]
+    # Exactly once: the bench's own count and the shared checker over the run's files.
+    assert summary["ledger_ok"] and summary["ledger_consumed"] == STEPS * B * G
+    report = check_exactly_once(tmp_path / "run")
+    assert report.ok, report.problems
+    assert report.consumed == STEPS * B * G
