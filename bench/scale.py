@@ -50,8 +50,8 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ helpers
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's verimed, not the venv's install
-import scale_stats as stats  # noqa: E402
-from machine_info import cpu_model  # noqa: E402
+import scale_stats as stats
+from machine_info import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 LAG_TIMER_S = 0.010
@@ -133,7 +133,10 @@ class Probe:
 
     async def resource_loop(self) -> None:
         import ray
-        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+        from ray._private.internal_api import (
+            get_memory_info_reply,
+            get_state_from_address,
+        )
 
         state = get_state_from_address(ray.get_runtime_context().gcs_address)
 
@@ -208,7 +211,7 @@ def summarise(probe: Probe, args: argparse.Namespace) -> dict:
     lags = [lag for t, lag in probe.lags if t >= warm["t"]]
     rss = stats.after([t for t, _, _ in probe.resources], [r for _, r, _ in probe.resources], warm["t"])
     store = stats.after([t for t, _, _ in probe.resources], [s for _, _, s in probe.resources], warm["t"])
-    syncs = [s["sync_s"] for s in probe.steps[args.warmup:]]
+    syncs = [s["sync_s"] for s in probe.steps[args.warmup:] if s["sync_s"] == s["sync_s"]]  # NaN: a sync skipped
     measured = probe.steps[args.warmup:]
     out = {
         "steps_measured": len(measured), "samples_measured": int(end["consumed"] - warm["consumed"]),
@@ -218,7 +221,8 @@ def summarise(probe: Probe, args: argparse.Namespace) -> dict:
         **stats.lag_summary(lags),
         "rss_reference_bytes": 0.0, "rss_max_deviation": float("nan"), "rss_flat": 0.0,
         "object_store_max_bytes": float(max(store, default=0)),
-        "sync_p50_s": stats.percentile(syncs, 50), "sync_max_s": max(syncs),
+        "sync_p50_s": stats.percentile(syncs, 50) if syncs else float("nan"), "sync_max_s": max(syncs, default=float("nan")),
+        "syncs_measured": len(syncs),
         "peak_in_flight": float(probe.peak_in_flight), "peak_pending": float(probe.peak_pending),
         "peak_in_flight_after_warmup": float(probe.peak_in_flight_after_warmup),
         "admission_window": float((args.max_staleness + 1) * args.prompts_per_step),
@@ -253,12 +257,12 @@ def format_table(s: dict) -> str:
     mib = 1024 * 1024
     rows = [("controller CPU / sample", f"{s['cpu_ms_per_sample']:.3f} ms"),
             ("event-loop lag p50 / p99 / max", f"{s['lag_p50_ms']:.1f} / {s['lag_p99_ms']:.1f} / {s['lag_max_ms']:.1f} ms"),
-            ("driver RSS after warm-up, min..max", f"{s.get('rss_min_bytes', 0) / mib:.0f}..{s.get('rss_max_bytes', 0) / mib:.0f} MiB "
-                                                   f"(max dev {s['rss_max_deviation']:.1%} of {s['rss_reference_bytes'] / mib:.0f} MiB)"),
+            ("driver RSS after warm-up, min..max", (f"{s.get('rss_min_bytes', 0) / mib:.0f}..{s.get('rss_max_bytes', 0) / mib:.0f} MiB "
+                                                   f"(max dev {s['rss_max_deviation']:.1%} of {s['rss_reference_bytes'] / mib:.0f} MiB)")),
             ("object store in use, max", f"{s['object_store_max_bytes'] / mib:.1f} MiB"),
             ("weight-sync fan-out p50 / max", f"{s['sync_p50_s']:.3f} / {s['sync_max_s']:.3f} s"),
-            ("peak in flight (after warm-up) / pending / window", f"{s['peak_in_flight']:.0f} "
-             f"({s['peak_in_flight_after_warmup']:.0f}) / {s['peak_pending']:.0f} / {s['admission_window']:.0f}"),
+            ("peak in flight (after warm-up) / pending / window", (f"{s['peak_in_flight']:.0f} "
+             f"({s['peak_in_flight_after_warmup']:.0f}) / {s['peak_pending']:.0f} / {s['admission_window']:.0f}")),
             ("samples measured, samples/s", f"{s['samples_measured']}, {s['samples_per_s']:.0f}"),
             ("step s (mean), train wait s (mean)", f"{s['step_s_mean']:.2f}, {s['train_wait_s_mean']:.2f}"),
             *[(k, "PASS" if v else "FAIL") for k, v in s["verdicts"].items()]]

@@ -7,7 +7,7 @@ wall times, per-step CPU and sample counters) and hands them here.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 # The issue's must-shows (issue #17, part 1).
 CPU_MS_PER_SAMPLE_MAX = 1.0
@@ -29,7 +29,7 @@ def percentile(values: Sequence[float], q: float) -> float:
     if any(math.isnan(x) for x in xs):
         raise ValueError("percentile: NaN among the values")
     pos = (len(xs) - 1) * q / 100.0
-    i = int(math.floor(pos))
+    i = math.floor(pos)
     if i + 1 >= len(xs):
         return xs[-1]
     return xs[i] + (pos - i) * (xs[i + 1] - xs[i])
