@@ -74,3 +74,30 @@ def test_verdicts_at_the_limits():
     assert all(ok.values())
     bad = ss.verdicts({"cpu_ms_per_sample": 1.01, "lag_p99_ms": 50.1, "rss_flat": 0.0})
     assert not any(bad.values())
+
+
+def test_the_bench_summary_leaves_warmup_out(monkeypatch):
+    """bench/scale.py:summarise on a hand-made probe: CPU, lag, RSS and syncs count only after step W."""
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location("bench_scale", ROOT / "bench" / "scale.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    steps = [  # warm-up step 1 is slow and CPU-hungry; steps 2-3 cost 0.5 s CPU per 1000 samples
+        {"step": 1.0, "t": 10.0, "cpu_s": 50.0, "consumed": 1000.0, "sync_s": 9.0, "step_s": 10.0, "train_wait_s": 9.0},
+        {"step": 2.0, "t": 12.0, "cpu_s": 50.5, "consumed": 2000.0, "sync_s": 0.2, "step_s": 2.0, "train_wait_s": 1.0},
+        {"step": 3.0, "t": 14.0, "cpu_s": 51.0, "consumed": 3000.0, "sync_s": float("nan"), "step_s": 2.0, "train_wait_s": 1.0},
+    ]
+    probe = SimpleNamespace(
+        steps=steps, lags=[(5.0, 0.9), (11.0, 0.002), (13.0, 0.004)],  # the 900 ms start-up lag is before warm-up
+        resources=[(5.0, 50, 0), (10.0, 100, 7), (12.0, 105, 9), (14.0, 104, 3)],
+        peak_in_flight=64, peak_pending=64, peak_in_flight_after_warmup=60)
+    args = SimpleNamespace(warmup=1, max_staleness=1, prompts_per_step=32)
+    s = bench.summarise(probe, args)
+    assert s["samples_measured"] == 2000 and s["cpu_ms_per_sample"] == pytest.approx(0.5)
+    assert s["lag_max_ms"] == pytest.approx(4.0) and s["lag_samples"] == 2
+    assert s["rss_reference_bytes"] == 100 and s["rss_max_deviation"] == pytest.approx(0.05) and s["rss_flat"] == 1.0
+    assert s["object_store_max_bytes"] == 9
+    assert s["syncs_measured"] == 1 and s["sync_max_s"] == pytest.approx(0.2)  # the NaN (skipped) sync left out
+    assert s["admission_window"] == 64 and s["verdicts"]["cpu <= 1 ms/sample"]
