@@ -149,3 +149,50 @@ def test_prompt_ids_is_memoised_but_every_caller_gets_its_own_list(tiny_model_pa
     assert prompt_ids(tok, messages) == apply_chat_template(tok, [{"role": t.role, "content": t.content} for t in messages])
     other = prompt_ids(tok, [Turn(role="user", content="chest pain")])
     assert other != first[:-1]  # the key is the whole conversation, roles included
+
+
+def reference_batch(groups, advantages):
+    """The per-sample packing (the layout of ``core/rl/batch.py``'s docstring, one sequence at a time)."""
+    ids, mask, behaviour, adv, versions, cu = [], [], [], [], [], [0]
+    for group, group_adv in zip(groups, advantages):
+        for sample, a in zip(group.samples, group_adv):
+            p, r = len(sample.prompt_ids.numpy()), len(sample.response_ids.numpy())
+            ids += [sample.prompt_ids.numpy(), sample.response_ids.numpy()]
+            mask += [np.zeros(p, np.float32), np.ones(r, np.float32)]
+            behaviour += [np.zeros(p, np.float32), sample.response_logprobs.numpy().astype(np.float32)]
+            adv += [np.zeros(p, np.float32), np.full(r, a, np.float32)]
+            versions += [np.full(p, -1, np.int32), sample.response_versions.numpy().astype(np.int32)]
+            cu.append(cu[-1] + p + r)
+    cat = np.concatenate
+    return {"input_ids": cat(ids).astype(np.int32), "loss_mask": cat(mask), "behaviour_logprobs": cat(behaviour),
+            "advantages": cat(adv), "versions": cat(versions), "cu_seqlens": np.asarray(cu, np.int32)}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_vectorised_packing_equals_the_per_sample_layout_bit_for_bit(seed):
+    from verimed.core.rl.batch import build_train_batch
+    from verimed.core.types import Group
+
+    rng = np.random.default_rng(seed)
+    groups, advantages = [], []
+    for g in range(int(rng.integers(1, 5))):
+        n = int(rng.integers(1, 4))
+        samples_ = []
+        for i in range(n):
+            p, r = int(rng.integers(1, 9)), int(rng.integers(0, 7))  # odd lengths, an empty response too
+            samples_.append(Sample(uid=f"{g}/0/{i}", prompt_ids=Array.of(rng.integers(0, 50, p).astype(np.int32)),
+                                   response_ids=Array.of(rng.integers(0, 50, r).astype(np.int32)),
+                                   response_logprobs=Array.of(-rng.random(r).astype(np.float32)),
+                                   response_versions=Array.of(rng.integers(0, 4, r).astype(np.int32)), text=""))
+        groups.append(Group(prompt=Prompt(index=g, source="cases", messages=[]), samples=samples_,
+                            rewards=[0.0] * n, rubric_scores=[0.0] * n))
+        advantages.append((rng.standard_normal(n) * 3).astype(np.float32))  # negative advantages too
+    batch = build_train_batch(groups, advantages, policy_version=3, temperature=0.7)
+    for name, expected in reference_batch(groups, advantages).items():
+        got = getattr(batch, name).numpy()
+        assert got.dtype == expected.dtype and got.tobytes() == expected.tobytes(), name
+    assert batch.uids == [s.uid for grp in groups for s in grp.samples]
+    assert batch.group_ids.numpy().tolist() == [g for g, grp in enumerate(groups) for _ in grp.samples]
+    assert batch.max_response_len == max(1, max(len(s.response_ids.numpy()) for grp in groups for s in grp.samples))
+    with pytest.raises(ValueError, match="no samples"):
+        build_train_batch([], [], 0)
