@@ -124,7 +124,7 @@ class EmulatedEngine:
             ids.append(self.tokenizer.eos_id)  # vLLM keeps the EOS token in token_ids
         versions = await self._decode(len(ids))
         prev = np.asarray([prompt_ids[-1], *ids[:-1]])
-        logprobs = pair_logprobs(prev, np.asarray(ids), np.asarray(versions)).tolist()
+        logprobs = pair_logprobs(prev, np.asarray(ids), np.asarray(versions))  # float32 [R]: no float per token
         return EngineOutput(ids, logprobs, versions, self.tokenizer.decode(ids), "stop" if stop else "length")
 
     async def _decode(self, num_tokens: int) -> list[int]:
