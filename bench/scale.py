@@ -81,8 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.max_staleness < 0:
         raise SystemExit(f"--max-staleness must be >= 0, got {args.max_staleness}")
-    if not 0 <= args.warmup < args.steps:
-        raise SystemExit(f"--warmup must be in [0, --steps), got {args.warmup} with --steps {args.steps}")
+    if not 1 <= args.warmup < args.steps:
+        # at least one: the first step holds the actors' start-up and a batch with nothing to overlap
+        raise SystemExit(f"--warmup must be in [1, --steps), got {args.warmup} with --steps {args.steps}")
     return args
 
 
@@ -206,11 +207,13 @@ async def run_probed(cfg, run_dir: Path, model_path: str, warmup: int, profiler)
 
 def summarise(probe: Probe, args: argparse.Namespace) -> dict:
     """The bench's figures after warm-up (see the module docstring)."""
-    warm = probe.steps[args.warmup - 1] if args.warmup else {"t": 0.0, "cpu_s": 0.0, "consumed": 0.0}
-    end = probe.steps[-1]
-    lags = [lag for t, lag in probe.lags if t >= warm["t"]]
-    rss = stats.after([t for t, _, _ in probe.resources], [r for _, r, _ in probe.resources], warm["t"])
-    store = stats.after([t for t, _, _ in probe.resources], [s for _, _, s in probe.resources], warm["t"])
+    warm, end = probe.steps[args.warmup - 1], probe.steps[-1]
+    # From the end of warm-up to the end of the last step: the final checkpoint and export after it
+    # (thousands of buffered groups written out once) are not the steady state.
+    lags = [lag for t, lag in probe.lags if warm["t"] <= t <= end["t"]]
+    window = [(t, r, s) for t, r, s in probe.resources if t <= end["t"]]
+    rss = stats.after([t for t, _, _ in window], [r for _, r, _ in window], warm["t"])
+    store = stats.after([t for t, _, _ in window], [s for _, _, s in window], warm["t"])
     syncs = [s["sync_s"] for s in probe.steps[args.warmup:] if s["sync_s"] == s["sync_s"]]  # NaN: a sync skipped
     measured = probe.steps[args.warmup:]
     out = {

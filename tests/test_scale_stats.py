@@ -90,8 +90,8 @@ def test_the_bench_summary_leaves_warmup_out(monkeypatch):
         {"step": 3.0, "t": 14.0, "cpu_s": 51.0, "consumed": 3000.0, "sync_s": float("nan"), "step_s": 2.0, "train_wait_s": 1.0},
     ]
     probe = SimpleNamespace(
-        steps=steps, lags=[(5.0, 0.9), (11.0, 0.002), (13.0, 0.004)],  # the 900 ms start-up lag is before warm-up
-        resources=[(5.0, 50, 0), (10.0, 100, 7), (12.0, 105, 9), (14.0, 104, 3)],
+        steps=steps, lags=[(5.0, 0.9), (11.0, 0.002), (13.0, 0.004), (15.0, 2.0)],  # start-up and final checkpoint lags left out
+        resources=[(5.0, 50, 0), (10.0, 100, 7), (12.0, 105, 9), (14.0, 104, 3), (15.0, 900, 1)],  # 15: after the end
         peak_in_flight=64, peak_pending=64, peak_in_flight_after_warmup=60)
     args = SimpleNamespace(warmup=1, max_staleness=1, prompts_per_step=32)
     s = bench.summarise(probe, args)
