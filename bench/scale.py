@@ -163,6 +163,9 @@ class Probe:
                            "consumed": float(len(self.ctl.ledger)), "sync_s": metrics.get("sync/seconds", float("nan")),
                            "step_s": metrics["time/step_s"], "train_wait_s": metrics["time/train_wait_s"],
                            "in_flight": float(self.ctl.admission.in_flight), "buffered": float(len(self.ctl.buffer))})
+        # RSS at every step end too (a short run may have no periodic sample after warm-up)
+        last_store = self.resources[-1][2] if self.resources else 0
+        self.resources.append((self.now(), self.process.memory_info().rss, last_store))
         if self.ctl.version == self.warmup:
             self.warm_t = self.now()
             if self.profiler is not None:
