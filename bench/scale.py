@@ -23,8 +23,9 @@ Measured (formulas in ``bench/scale_stats.py``), after the first ``--warmup`` st
 - controller CPU per sample = driver process CPU time (user + system, every thread: the event
   loop and Ray's core-worker threads) / samples consumed;
 - event-loop lag p50 / p99: a timer task sleeps 10 ms and records how late it woke;
-- driver RSS and Ray object-store bytes in use, sampled every second; RSS flat = every sample
-  within ±10% of the first one after warm-up;
+- driver RSS and Ray object-store bytes in use, sampled every second and at every step end; RSS
+  flat = the peak RSS of every measured step within ±10% of the first measured step's peak (RSS is
+  a sawtooth within a step: the batch is packed, sent, freed);
 - weight-sync fan-out = the ``sync/seconds`` metric of each step (learner broadcast and every
   engine's ``update_weights``, concurrently); the parity check after it is not included;
 - peak groups in flight (``admission.in_flight``, sampled by the timer), and peak pending
@@ -235,8 +236,12 @@ def summarise(probe: Probe, args: argparse.Namespace) -> dict:
         "step_s_mean": sum(s["step_s"] for s in measured) / len(measured),
         "train_wait_s_mean": sum(s["train_wait_s"] for s in measured) / len(measured),
     }
-    if rss:
-        flat = stats.flatness(rss)
+    ends = [st["t"] for st in probe.steps[args.warmup - 1:]]
+    peaks = stats.step_peaks([t for t, _, _ in window], [r for _, r, _ in window], ends)
+    out.update(rss_step_peaks_bytes=peaks, rss_samples_min_bytes=float(min(rss, default=0)),
+               rss_samples_max_bytes=float(max(rss, default=0)))
+    if peaks:
+        flat = stats.flatness(peaks)
         out.update(rss_reference_bytes=flat["reference"], rss_max_bytes=flat["max"], rss_min_bytes=flat["min"],
                    rss_max_deviation=flat["max_deviation"], rss_flat=flat["flat"])
     out["verdicts"] = stats.verdicts(out)
@@ -263,7 +268,7 @@ def format_table(s: dict) -> str:
     mib = 1024 * 1024
     rows = [("controller CPU / sample", f"{s['cpu_ms_per_sample']:.3f} ms"),
             ("event-loop lag p50 / p99 / max", f"{s['lag_p50_ms']:.1f} / {s['lag_p99_ms']:.1f} / {s['lag_max_ms']:.1f} ms"),
-            ("driver RSS after warm-up, min..max", (f"{s.get('rss_min_bytes', 0) / mib:.0f}..{s.get('rss_max_bytes', 0) / mib:.0f} MiB "
+            ("driver RSS, step peaks after warm-up, min..max", (f"{s.get('rss_min_bytes', 0) / mib:.0f}..{s.get('rss_max_bytes', 0) / mib:.0f} MiB "
                                                    f"(max dev {s['rss_max_deviation']:.1%} of {s['rss_reference_bytes'] / mib:.0f} MiB)")),
             ("object store in use, max", f"{s['object_store_max_bytes'] / mib:.1f} MiB"),
             ("weight-sync fan-out p50 / max", f"{s['sync_p50_s']:.3f} / {s['sync_max_s']:.3f} s"),

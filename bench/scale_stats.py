@@ -6,6 +6,7 @@ wall times, per-step CPU and sample counters) and hands them here.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -55,6 +56,25 @@ def after(times: Sequence[float], values: Sequence[float], t0: float) -> list[fl
     if len(times) != len(values):
         raise ValueError(f"after: {len(times)} times for {len(values)} values")
     return [v for t, v in zip(times, values) if t >= t0]
+
+
+def step_peaks(times: Sequence[float], values: Sequence[float], step_ends: Sequence[float]) -> list[float]:
+    """The largest value in each step: max{v_i : step_ends[k-1] < t_i <= step_ends[k]} for k = 1 … n-1.
+
+    Driver RSS is a sawtooth within a step (the batch is packed, sent and freed); comparing each
+    step's peak with the first measured step's peak sees growth across steps, not where in the
+    sawtooth a sample fell. Steps without a sample are left out.
+    """
+    if len(times) != len(values):
+        raise ValueError(f"step_peaks: {len(times)} times for {len(values)} values")
+    if any(b < a for a, b in itertools.pairwise(step_ends)):
+        raise ValueError("step_peaks: step end times must not decrease")
+    peaks = []
+    for lo, hi in itertools.pairwise(step_ends):
+        inside = [v for t, v in zip(times, values) if lo < t <= hi]
+        if inside:
+            peaks.append(float(max(inside)))
+    return peaks
 
 
 def flatness(values: Sequence[float], tolerance: float = RSS_FLAT_TOLERANCE) -> dict[str, float]:

@@ -61,6 +61,22 @@ def test_flatness_against_the_first_value_after_warmup():
         ss.flatness([0.0, 1.0])
 
 
+def test_step_peaks_see_growth_across_steps_not_the_sawtooth_phase():
+    # a sawtooth 100 -> 150 within each step, flat across steps; samples at step ends are troughs
+    times = [1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0]
+    values = [100, 150, 100, 150, 100, 150, 100]
+    peaks = ss.step_peaks(times, values, [1.0, 2.0, 3.0, 4.0])
+    assert peaks == [150, 150, 150] and ss.flatness(peaks)["flat"] == 1.0
+    assert ss.flatness(values)["flat"] == 0.0  # against the first sample the same series "grew" 50%
+    growing = ss.step_peaks(times, [100, 150, 100, 160, 100, 170, 100], [1.0, 2.0, 3.0, 4.0])
+    assert growing == [150, 160, 170] and ss.flatness(growing)["max_deviation"] == pytest.approx(20 / 150)
+    assert ss.step_peaks(times, values, [10.0, 11.0]) == []  # no sample inside: nothing, not a zero
+    with pytest.raises(ValueError, match="must not decrease"):
+        ss.step_peaks(times, values, [2.0, 1.0])
+    with pytest.raises(ValueError, match="2 times for 1 values"):
+        ss.step_peaks([1.0, 2.0], [1.0], [0.0, 3.0])
+
+
 def test_cpu_ms_per_sample():
     assert ss.cpu_ms_per_sample(10.0, 12.0, 4000) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="samples must be > 0"):
@@ -97,7 +113,9 @@ def test_the_bench_summary_leaves_warmup_out(monkeypatch):
     s = bench.summarise(probe, args)
     assert s["samples_measured"] == 2000 and s["cpu_ms_per_sample"] == pytest.approx(0.5)
     assert s["lag_max_ms"] == pytest.approx(4.0) and s["lag_samples"] == 2
-    assert s["rss_reference_bytes"] == 100 and s["rss_max_deviation"] == pytest.approx(0.05) and s["rss_flat"] == 1.0
+    # step peaks: (10, 12] -> 105, (12, 14] -> 104; the sample at 15 (final checkpoint) is left out
+    assert s["rss_step_peaks_bytes"] == [105, 104] and s["rss_reference_bytes"] == 105
+    assert s["rss_max_deviation"] == pytest.approx(1 / 105) and s["rss_flat"] == 1.0
     assert s["object_store_max_bytes"] == 9
     assert s["syncs_measured"] == 1 and s["sync_max_s"] == pytest.approx(0.2)  # the NaN (skipped) sync left out
     assert s["admission_window"] == 64 and s["verdicts"]["cpu <= 1 ms/sample"]

@@ -162,10 +162,17 @@ def canonical(text: str, synonyms: Sequence[Sequence[str]] = ()) -> str:
     return _canonical(text, tuple(tuple(g) for g in synonyms))
 
 
-# ~120 synonym variants, each a regex pass over the text: that was most of the controller's CPU at
-# scale (bench/scale.py, bench/RESULTS.md). Gold answers and vignette sentences repeat every epoch
-# of the dataset (cached); a reply's text is new each time (a substring test skips most passes).
-@functools.lru_cache(maxsize=1 << 15)
+@functools.lru_cache(maxsize=1 << 13)
+def canonical_repeated(text: str, synonyms: tuple[tuple[str, ...], ...] = ()) -> str:
+    """:func:`canonical`, memoised: for texts that recur (gold answers, vignette sentences, options).
+
+    ~120 synonym variants, each a regex pass over the text, made canonicalisation most of the
+    controller's CPU at scale (bench/scale.py, bench/RESULTS.md); a dataset's texts recur every
+    epoch. Replies are new each time: they go through :func:`canonical` and are not kept.
+    """
+    return _canonical(text, synonyms)
+
+
 def _canonical(text: str, extra: tuple[tuple[str, ...], ...]) -> str:
     out = normalise_answer(text)
     # Replace via placeholders so a canonical phrase is never rewritten again.
@@ -253,7 +260,8 @@ def check_diagnosis(response: str, gold: str, synonyms: Sequence[Sequence[str]] 
     answer = canonical(_answer_text(response), synonyms)
     if not answer:
         return False
-    golds = [g for g in (_content(canonical(alt, synonyms).split()) - _OPTIONAL for alt in gold_alternates(gold)) if g]
+    extra = tuple(tuple(g) for g in synonyms)
+    golds = [g for g in (_content(canonical_repeated(alt, extra).split()) - _OPTIONAL for alt in gold_alternates(gold)) if g]
     if not golds:
         raise ValueError(f"gold diagnosis {gold!r} has no content words")
     parts = [p for p in _HEDGE.split(answer) if _content(p.split())]
@@ -285,7 +293,7 @@ def mcq_choice(response: str, options: Mapping[str, str] | Sequence[str]) -> str
 
 def _option_text_match(answer: str, opts: dict[str, str]) -> str | None:
     norm = canonical(answer)
-    exact = [k for k, v in opts.items() if canonical(v) == norm]
+    exact = [k for k, v in opts.items() if canonical_repeated(v) == norm]
     return exact[0] if len(exact) == 1 else None
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 
 from verimed.core.data.mcq import MCQItem
-from verimed.core.tasks.answers import canonical, gold_alternates
+from verimed.core.tasks.answers import canonical_repeated, gold_alternates
 from verimed.core.types import Case, Turn
 
 DOCTOR_SYSTEM_PROMPT = (
@@ -31,7 +31,7 @@ def mcq_prompt(item: MCQItem) -> list[Turn]:
 
 
 def _mentions(text: str, names: list[str]) -> bool:
-    words = f" {canonical(text)} "
+    words = f" {canonical_repeated(text)} "  # a case's sentences recur every epoch
     return any(f" {n} " in words for n in names)
 
 
@@ -41,7 +41,7 @@ def vignette(case: Case, max_findings: int = 8) -> str:
     Sentences and findings that name the diagnosis (or an alternate /
     abbreviation of it, e.g. a test "indicative of PML") are left out.
     """
-    names = [n for n in (canonical(a) for a in gold_alternates(case.diagnosis)) if n]
+    names = [n for n in (canonical_repeated(a) for a in gold_alternates(case.diagnosis)) if n]
 
     def clean(text: str) -> str:
         sentences = re.split(r"(?<=[.!?])\s+", text.strip())
