@@ -107,12 +107,14 @@ def test_the_bench_summary_leaves_warmup_out(monkeypatch):
     ]
     probe = SimpleNamespace(
         steps=steps, lags=[(5.0, 0.9), (11.0, 0.002), (13.0, 0.004), (15.0, 2.0)],  # start-up and final checkpoint lags left out
+        busy_lags=[(5.0, 0.9), (11.0, 0.001), (13.0, 0.004), (15.0, 2.0)],
         resources=[(5.0, 50, 0), (10.0, 100, 7), (12.0, 105, 9), (14.0, 104, 3), (15.0, 900, 1)],  # 15: after the end
         peak_in_flight=64, peak_pending=64, peak_in_flight_after_warmup=60)
     args = SimpleNamespace(warmup=1, max_staleness=1, prompts_per_step=32)
     s = bench.summarise(probe, args)
     assert s["samples_measured"] == 2000 and s["cpu_ms_per_sample"] == pytest.approx(0.5)
     assert s["lag_max_ms"] == pytest.approx(4.0) and s["lag_samples"] == 2
+    assert s["busy_lag_p50_ms"] == pytest.approx(2.5) and s["busy_lag_samples"] == 2
     # step peaks: (10, 12] -> 105, (12, 14] -> 104; the sample at 15 (final checkpoint) is left out
     assert s["rss_step_peaks_bytes"] == [105, 104] and s["rss_reference_bytes"] == 105
     assert s["rss_max_deviation"] == pytest.approx(1 / 105) and s["rss_flat"] == 1.0

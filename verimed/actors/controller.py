@@ -68,6 +68,8 @@ from verimed.core.train.reference import reference_model_path
 
 # Give up (with the last error) when this many groups fail in a row with nothing succeeding.
 MAX_CONSECUTIVE_FAILURES = 50
+# The producer yields to the event loop after starting this many groups in a row.
+START_BURST = 16
 
 
 class PromptTooLong(ValueError):
@@ -278,13 +280,19 @@ class Controller:
     async def produce(self) -> None:
         """Start groups whenever admission control allows; never waits for training."""
         while True:
+            started = 0
             while self.admission.can_start(self.version):
                 self.admission.started(1, version=self.version)
                 draw = self.retry.popleft() if self.retry else self.schedule.next_draw(self.current_stage)
                 self.in_flight[draw.draw] = draw
                 asyncio.create_task(self._run_draw(draw))
                 self._track_idle()
-            self.wake.clear()
+                started += 1
+                if started % START_BURST == 0:
+                    # Each new group builds its prompt and sends a Ray call in the loop's next turn:
+                    # 512 at once blocked the loop for a quarter second (bench/scale.py).
+                    await asyncio.sleep(0)
+            self.wake.clear()  # no await since the last can_start: no wake-up is lost
             await self.wake.wait()
 
     async def _run_draw(self, draw: Draw) -> None:
