@@ -196,3 +196,17 @@ def test_vectorised_packing_equals_the_per_sample_layout_bit_for_bit(seed):
     assert batch.max_response_len == max(1, max(len(s.response_ids.numpy()) for grp in groups for s in grp.samples))
     with pytest.raises(ValueError, match="no samples"):
         build_train_batch([], [], 0)
+
+
+def test_prompt_ids_with_an_unhashable_tokenizer_still_encodes():
+    from types import SimpleNamespace
+
+    calls = []
+
+    def apply_chat_template(messages, **kwargs):
+        calls.append(messages)
+        return [1, 2, 3]
+
+    tok = SimpleNamespace(apply_chat_template=apply_chat_template)  # unhashable: no cache, same ids
+    messages = [Turn(role="user", content="q")]
+    assert prompt_ids(tok, messages) == prompt_ids(tok, messages) == [1, 2, 3] and len(calls) == 2
