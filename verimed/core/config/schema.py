@@ -85,6 +85,9 @@ class JudgeConfig(Section):
     max_retries: NonNegInt = 2  # re-asks on unparseable judge output
     # Judge answer budget (llm backend); null = llm.max_tokens. The role key wins over llm.*.
     max_tokens: PositiveInt | None = None
+    # Judge calls in flight from the verifier actor (llm backend). The verifier engines' batch is only
+    # as full as this allows: size it to their capacity (engines × rollout.max_num_seqs) on a cluster.
+    max_concurrency: PositiveInt = 64
 
 
 class LLMConfig(Section):

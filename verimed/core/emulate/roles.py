@@ -118,7 +118,8 @@ def make_judge(cfg: Any, llm: LLMClient | None = None) -> LLMJudge | RulesJudge:
     """``cfg.backend`` (JudgeConfig) "llm" with an emulated client: :class:`EmulatedJudge`
     with the LLM judge's settings; otherwise :func:`verimed.core.rubrics.make_judge`."""
     if getattr(cfg, "backend", None) == "llm" and is_emulated(llm):
-        return EmulatedJudge(llm, max_retries=cfg.max_retries, max_tokens=getattr(cfg, "max_tokens", None))
+        return EmulatedJudge(llm, max_retries=cfg.max_retries, max_tokens=getattr(cfg, "max_tokens", None),
+                             concurrency=getattr(cfg, "max_concurrency", 64))
     return rubric_judges.make_judge(cfg, llm)
 
 

@@ -120,5 +120,6 @@ def make_judge(cfg: Any, llm: LLMClient | None = None) -> LLMJudge | RulesJudge:
         if is_emulated(llm):  # its engines answer filler, which never parses
             raise ValueError("judge.backend=llm with an emulated client (rollout.backend=emulated): build the "
                              "judge with verimed.core.emulate.roles.make_judge")
-        return LLMJudge(llm, max_retries=cfg.max_retries, max_tokens=getattr(cfg, "max_tokens", None))
+        return LLMJudge(llm, max_retries=cfg.max_retries, max_tokens=getattr(cfg, "max_tokens", None),
+                        concurrency=getattr(cfg, "max_concurrency", 64))
     raise ValueError(f"judge.backend must be 'rules' or 'llm', got {backend!r}")
