@@ -21,6 +21,7 @@ from netutil import loopback_up_args
 
 from verimed.cli import main
 from verimed.core.cluster import loopback as lb
+from verimed.core.train.ledger_check import check_exactly_once
 
 REPO = Path(__file__).resolve().parent.parent
 RAY_BIN = str(Path(sys.executable).parent / "ray")
@@ -63,3 +64,5 @@ def test_node_8gpu_config_runs_through_ray_job_submit_on_a_loopback_node(tmp_pat
     assert sorted(gpu_devices) == [str(d) for d in range(8)]  # 8 whole GPUs, each seen by exactly one actor
     consumed = [uid for line in (run / "ledger.jsonl").read_text().splitlines() for uid in json.loads(line)["consumed"]]
     assert len(consumed) == len(set(consumed)) == STEPS * 32 * 8  # B·G samples per step, each once
+    report = check_exactly_once(run)
+    assert report.ok, report.summary()

@@ -20,6 +20,7 @@ import psutil
 import pytest
 
 from verimed.core.train.checkpoint import latest_checkpoint, load_controller_state
+from verimed.core.train.ledger_check import check_exactly_once
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -100,6 +101,8 @@ def _check_exactly_once(run_dir: Path, steps: int, groups_per_step: int, group_s
     pending = {g.prompt.index for g in state.buffered_groups} | {d[0] for d in state.in_flight}
     dropped = {int(uid.split("/")[0]) for line in lines for uids in line["dropped"].values() for uid in uids}
     assert draws | pending | dropped >= set(range(max(draws) + 1)), "a draw was lost"
+    report = check_exactly_once(run_dir)  # the stricter check from the files alone: every draw the schedule made
+    assert report.ok, report.summary()
 
 
 def test_async_kill_and_resume_consumes_without_duplicates_or_gaps(tmp_path):

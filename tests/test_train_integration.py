@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from verimed.core.train.ledger_check import check_exactly_once
+
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["run.steps=3", "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_tokens=16",
         "metrics.wandb=offline", "metrics.console=false"]
@@ -83,5 +85,7 @@ def test_engine_killed_mid_run_recovers_and_consumes_exactly_once(tmp_path):
     assert controller.reference is None  # kl_coef is 0 in every stage: no reference actor exists
     consumed = controller.ledger.to_state().consumed
     assert len(consumed) == len(set(consumed)) == 4 * 2 * 2
+    report = check_exactly_once(tmp_path / "kill")  # the killed engine's draw was re-run, none lost
+    assert report.ok, report.summary()
     # After the restart the new engine serves the learner's weights again.
     assert rows[-1]["sync/parity_max_abs"] <= 1e-3

@@ -50,7 +50,7 @@ from verimed.core.rl.staleness import (
 )
 from verimed.core.rollout.llm import RoleClient, llm_roles
 from verimed.core.tasks.dialogue import dialogue_slices
-from verimed.core.tasks.groups import GroupResult, Roles
+from verimed.core.tasks.groups import GroupResult, Roles, group_uid
 from verimed.core.tasks.pools import DataPools
 from verimed.core.tasks.schedule import Draw, Schedule, stage_at
 from verimed.core.tasks.single_turn import single_turn_group
@@ -304,6 +304,7 @@ class Controller:
             result = await single_turn_group(self.roles, stage, stage_cfg, item, draw)
         except PromptTooLong as exc:
             self.counters["prompts_too_long"] += 1
+            self._record_drop("prompt_too_long", draw)
             print(f"verimed: skipped: {exc}", file=sys.stderr)
             self.admission.dropped(1)
         except Exception as exc:  # a crashed actor must not kill the run: count, report, re-run once it is back
@@ -319,6 +320,8 @@ class Controller:
                 # node must not turn into a hot retry loop.
                 await asyncio.sleep(min(30.0, 0.5 * 2 ** min(self.consecutive_failures, 6)))
                 self.retry.append(draw)
+            else:
+                self._record_drop("failed", draw)
             self.admission.dropped(1)
         else:
             self.consecutive_failures = 0
@@ -327,6 +330,7 @@ class Controller:
     async def _run_dialogue(self, draw: Draw, stage: StageConfig, stage_cfg, case) -> None:
         """Multi-turn draws: one group per dialogue slice, each slice admitted like a group."""
         holds_slot = [True]  # slice 0 was admitted by the producer
+        delivered = 0
 
         async def admit() -> bool:
             while True:
@@ -344,9 +348,14 @@ class Controller:
                                                 max_slices=stage.reward.max_slices or self.cfg.simulator.max_turns,
                                                 continuation=stage.reward.continuation):
                 holds_slot[0] = False
+                delivered += 1
                 self._deliver(draw, result)
+            if not delivered:  # the run moved to the next stage before this dialogue's first slice
+                self._record_drop("stage_ended", draw)
         except Exception as exc:  # delivered slices stay; the rest of the dialogue is lost, counted
-            self.counters["prompts_too_long" if isinstance(exc, PromptTooLong) else "dialogues_failed"] += 1
+            too_long = isinstance(exc, PromptTooLong)
+            self.counters["prompts_too_long" if too_long else "dialogues_failed"] += 1
+            self._record_drop("prompt_too_long" if too_long else "failed", draw)
             if isinstance(exc, ray.exceptions.RayActorError):
                 self.sync.needs_rejoin = True
             print(f"verimed: dialogue {draw.draw} failed ({type(exc).__name__}: {str(exc)[:200]})", file=sys.stderr)
@@ -356,6 +365,7 @@ class Controller:
     def _deliver(self, draw: Draw, result: GroupResult) -> None:
         if not result.kept:
             self.counters["groups_dropped"] += 1
+            self.dropped_since_step.setdefault("filtered", []).append(result.group.samples[0].uid)
             self.admission.dropped(1)
         else:
             self.admission.finished(1)
@@ -432,6 +442,11 @@ class Controller:
         with atomic_checkpoint_dir(self.run_dir, self.version, keep=self.cfg.run.checkpoint_keep) as tmp:
             await self.learners.save_checkpoint(str(tmp / LEARNER_SUBDIR))
             save_controller_state(tmp, state)
+        # Drops since the last step line finished their draws before this checkpoint: a resumed run
+        # will not play them again, so the ledger names them now (a drop-only line).
+        if self.dropped_since_step:
+            self._write_ledger_line({"checkpoint": self.version, "dropped": self.dropped_since_step})
+            self.dropped_since_step = {}
         return self.run_dir
 
     async def restore(self) -> None:
@@ -492,10 +507,16 @@ class Controller:
         """One line of ``ledger.jsonl`` per step: the uids it trains on and the groups dropped since the
         last step, by reason, so exactly-once consumption can be checked from outside (a resumed run
         appends; the last line of a step wins)."""
-        line = {"step": self.version + 1, "consumed": uids, "dropped": self.dropped_since_step}
+        self._write_ledger_line({"step": self.version + 1, "consumed": uids, "dropped": self.dropped_since_step})
+        self.dropped_since_step = {}
+
+    def _write_ledger_line(self, line: dict) -> None:
         with (self.run_dir / "ledger.jsonl").open("a", encoding="utf-8") as f:
             f.write(json.dumps(line) + "\n")
-        self.dropped_since_step = {}
+
+    def _record_drop(self, reason: str, draw: Draw) -> None:
+        """A draw that will not run again and trained nothing (or nothing more): named in the next ledger line."""
+        self.dropped_since_step.setdefault(reason, []).append(group_uid(draw.draw))
 
     def _rerun(self, draw: Draw) -> None:
         """Play a stale group's draw again (a dialogue still running first finishes, then replays)."""

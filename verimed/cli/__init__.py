@@ -5,6 +5,7 @@
     verimed simulate [--audit N | --case ID --persona ENFP --explain]
     verimed plan CONFIG [--cluster-resources SPEC] [--simulate PROFILE [--steps N] [--time-scale X]]
     verimed export RUN_DIR OUT_DIR
+    verimed ledger RUN_DIR          (exactly-once check: no sample trained twice, no draw lost)
     verimed cluster up --nodes N --gpus-per-node G --cpus-per-node C | down | status
 
 Heavy modules (torch, ray, vllm) are imported only after the arguments are
@@ -19,6 +20,7 @@ import sys
 from verimed.cli import cluster as cluster_cli
 from verimed.cli import eval as eval_cli
 from verimed.cli import export as export_cli
+from verimed.cli import ledger as ledger_cli
 from verimed.cli import plan as plan_cli
 from verimed.cli import simulate as simulate_cli
 from verimed.cli import train as train_cli
@@ -33,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate_cli.add_arguments(sub.add_parser("simulate", help="patient simulator: audit or interactive"))
     plan_cli.add_plan_arguments(sub.add_parser("plan", help="resolve and check actor placement"))
     export_cli.add_export_arguments(sub.add_parser("export", help="export a run's checkpoint as a Hugging Face model"))
+    ledger_cli.add_arguments(sub.add_parser("ledger", help="check a run's ledger: exactly-once, no gap"))
     cluster_cli.add_arguments(sub.add_parser("cluster", help="a Ray cluster of loopback nodes with logical GPUs"))
     return parser
 
@@ -62,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             return simulate_cli.run(args)
         if args.command == "cluster":
             return cluster_cli.run(args)
+        if args.command == "ledger":
+            return ledger_cli.run(args)
         if args.command == "export":
             return export_cli.run_export(args)
         if args.command == "plan":
