@@ -33,9 +33,12 @@ def failure_origin(exc: BaseException) -> tuple[str, str, str]:
     cause = exc
     actor = ""
     if isinstance(exc, ray.exceptions.RayTaskError):
+        # The error as raised here is Ray's "dual" instance (RayTaskError and the cause's class), whose
+        # attributes are the cause's: the actor and method are on its message's first line,
+        # "ray::VerifierActor.judge() (pid=.., ip=..)" (possibly in terminal colours).
         cause = getattr(exc, "cause", None) or exc
-        actor = (getattr(exc, "proctitle", "") or "").removeprefix("ray::") or getattr(exc, "function_name", "")
-        actor = actor.removesuffix("()")
+        title = re.search(r"ray::([\w.]+)", str(exc))
+        actor = title.group(1) if title else ""
     kind = "judge_unavailable" if isinstance(cause, JudgeUnavailable) else "group_error"
     if not actor:
         actor = "judge" if kind == "judge_unavailable" else "controller"

@@ -7,13 +7,14 @@ old (the staleness bound drops and re-runs them). Routing by expected completion
 instead weighs each engine's queue by how long its requests have been taking:
 
     cost_i = (inflight_i + 1) * L_i          L_i: EWMA of engine i's observed request latency
-    pick   = argmin over live engines of cost_i   (ties: fewest in flight, then lowest index)
+    pick   = argmin over live engines of cost_i   (ties: fewest in flight, unmeasured, lowest index)
 
 ("peak EWMA" load balancing). Two engines with latencies L and f·L then settle at
 in-flight counts n and about (n + 1)/f - 1: a slow engine gets proportionally less
 work, and a fast one is never starved while requests queue on a slow one. An engine
-with no measurement yet takes the mean of the measured ones (all equal before any
-completes: plain least-loaded, the old behaviour).
+with no measurement yet takes the mean of the measured ones and wins ties, so it is
+probed without being flooded (all equal before any completes: plain least-loaded,
+the old behaviour); a hung engine's in-flight count still prices it out.
 """
 from __future__ import annotations
 
@@ -46,4 +47,5 @@ def pick_engine(inflight: Sequence[int], latency_s: Sequence[float | None], skip
         raise ValueError("pick_engine: no engines")
     live = [i for i in range(len(inflight)) if i not in skip] or list(range(len(inflight)))
     costs = expected_costs(inflight, latency_s)
-    return min(live, key=lambda i: (costs[i], inflight[i], i))
+    # Ties: fewer in flight, then an unmeasured engine (so it gets measured), then the lower index.
+    return min(live, key=lambda i: (costs[i], inflight[i], latency_s[i] is not None, i))
