@@ -318,7 +318,8 @@ def test_the_failed_actor_and_its_cause_are_read_from_rays_errors():
         "verimed.core.rubrics.judge.JudgeUnavailable: judge LLM unreachable", JudgeUnavailable("judge LLM unreachable"),
         proctitle="ray::VerifierActor.judge", pid=5, ip="127.0.0.1").as_instanceof_cause()  # what `await` raises
     assert failure_origin(raised) == ("judge_unavailable", "VerifierActor.judge", "JudgeUnavailable: judge LLM unreachable")
-    bug = ray.exceptions.RayTaskError("generate", "...", ZeroDivisionError("division by zero"),
+    bug = ray.exceptions.RayTaskError("generate", "Traceback (most recent call last):\n  File \"r.py\", line 3\n"
+                                      "ZeroDivisionError: division by zero", ZeroDivisionError("division by zero"),
                                       proctitle="ray::RolloutActor.generate").as_instanceof_cause()
     assert failure_origin(bug) == ("group_error", "RolloutActor.generate", "ZeroDivisionError: division by zero")
     died = ray.exceptions.ActorDiedError()
