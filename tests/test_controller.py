@@ -27,6 +27,9 @@ class EngineDouble:
         self.calls: list[dict] = []
         self.runs: dict[int, int] = {}
 
+    def metrics(self, method: str = "generate") -> dict[str, float]:
+        return {}  # EngineRouter's per-engine counters: none here
+
     async def call(self, method, uid_prefix, prompt_ids, n, seed, max_tokens, temperature, top_p, **_):
         assert method == "generate"
         draw = int(uid_prefix.split("/")[0])
