@@ -146,13 +146,13 @@ class _Remote:
 
 
 class RoleActorDouble:
-    """A simulator / verifier / rubric-generator actor double: only its LLM counters are read."""
+    """A simulator / verifier / rubric-generator actor double: only its (LLM and judge) counters are read."""
 
     def __init__(self):
         async def stats():
             return {}
 
-        self.llm_stats = _Remote(stats)
+        self.llm_stats = self.stats = _Remote(stats)
 
 
 class ParityEngine:

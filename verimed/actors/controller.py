@@ -229,6 +229,12 @@ class Controller:
                 raise s
             else:
                 out.update({f"llm/{role}/{k}": float(v) for k, v in s.items()})
+        # The judge's own counters (items, ungradable, unavailable, ...): whether any reward was
+        # computed without a verdict, which a judge outage must not cause.
+        try:
+            out.update({f"judge/{k}": float(v) for k, v in (await self.verifier.stats.remote()).items()})
+        except ray.exceptions.RayError:  # restarting actor: its counters restart too; never fatal
+            out["judge/actor_unavailable"] = 1.0
         return out
 
     def _placement(self):
