@@ -127,7 +127,8 @@ def test_in_a_slot_limited_loop_the_slowed_engine_costs_under_ten_percent_only_w
     least_loaded = _closed_loop_rate([1.0, 1.0, 1.0, 5.0], slots=16, horizon=1000.0, measured=False) / without
     # least-loaded: a quarter of the slots on the slow engine, (12 + 4/5) / 16 = 0.8 of the rate;
     # by expected completion it holds 1 slot of 16: (15 + 1/5) / 16 = 0.95 (issue #17 target: 0.90)
-    assert least_loaded == pytest.approx(0.8, abs=0.01) and routed == pytest.approx(0.95, abs=0.01)
+    # (tolerance: requests cut at the horizon, at most 16 of the 16000 counted)
+    assert least_loaded == pytest.approx(0.8, abs=1e-3) and routed == pytest.approx(0.95, abs=1e-3)
 
 
 def test_the_router_measures_latency_per_method_and_routes_away_from_the_slow_engine(monkeypatch):
