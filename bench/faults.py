@@ -46,6 +46,7 @@ TARGET_RATIO = 0.90  # issue #17: >= 90% of the N-1 healthy engines' trained tok
 def plan(args: argparse.Namespace) -> list:
     base = ["stages=[]", f"run.steps={args.steps}", f"rollout.prompts_per_step={args.prompts}",
             f"rollout.group_size={args.group}", f"rollout.max_tokens={args.max_tokens}",
+            f"model.max_model_len={args.max_tokens + 1536}",  # room for the longest case prompt
             f"async.max_staleness={args.staleness}", f"emulation.time_scale={args.time_scale}",
             "stage_eval.healthbench=0", "stage_eval.consultations=0", *args.override]
     n = args.engines

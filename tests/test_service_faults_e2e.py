@@ -93,7 +93,7 @@ def test_a_30s_judge_outage_delays_groups_loses_none_and_is_counted_at_its_step(
 def test_one_engine_5x_slower_keeps_the_bound_exactly_once_and_gets_fewer_groups(tmp_path):
     steps, staleness = 8, 1
     run, rows, _ = _train(tmp_path, "slow", "h100-qwen2.5-7b", [
-        f"run.steps={steps}", "rollout.prompts_per_step=8", "rollout.group_size=2", "rollout.max_tokens=512",
+        f"run.steps={steps}", "rollout.prompts_per_step=8", "rollout.group_size=2", "rollout.max_tokens=512", "model.max_model_len=2048",
         f"async.max_staleness={staleness}", "placement.rollout.replicas=4", "emulation.engine_slowdown={3: 5}",
         "emulation.time_scale=5"], timeout=600)
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
