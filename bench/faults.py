@@ -75,11 +75,12 @@ def run_facts(rows: list[dict], warmup: int, engines: int) -> dict[str, float]:
 
 
 def report(summaries: dict[str, dict[str, float]], facts: dict[str, dict[str, float]], args) -> str:
-    lines = [f"slow engine: {args.engines} engines, engine {args.engines - 1} {args.slowdown}x slower, profile "
-             f"{args.profile}, B={args.prompts} G={args.group}, max_staleness {args.staleness}, "
-             f"{args.steps} steps ({args.warmup} warmup), time_scale {args.time_scale}",
-             f"{'run':<9} {'train tok/s':>12} {'trainer idle':>13} {'staleness max':>14} {'stale drops':>12} "
-             f"{'last engine share':>18}"]
+    head = (f"slow engine: {args.engines} engines, engine {args.engines - 1} {args.slowdown}x slower, profile "
+            f"{args.profile}, B={args.prompts} G={args.group}, max_staleness {args.staleness}, "
+            f"{args.steps} steps ({args.warmup} warmup), time_scale {args.time_scale}")
+    columns = (f"{'run':<9} {'train tok/s':>12} {'trainer idle':>13} {'staleness max':>14} {'stale drops':>12} "
+               f"{'last engine share':>18}")
+    lines = [head, columns]
     for name, s in summaries.items():
         f = facts[name]
         lines.append(f"{name:<9} {s['train_tokens_per_s']:>12.1f} {s['trainer_idle']:>13.2f} "
