@@ -358,3 +358,32 @@ def test_the_failed_actor_and_its_cause_are_read_from_rays_errors():
     died = ray.exceptions.ActorDiedError()
     assert failure_origin(died)[:2] == ("actor_died", "actor")
     assert failure_origin(JudgeUnavailable("x")) == ("judge_unavailable", "judge", "JudgeUnavailable: x")
+
+
+# ------------------------------------------------------------------ bench/faults.py (analysis only)
+
+
+def test_the_slow_engine_bench_plans_both_runs_and_reports_the_ratio_and_the_bound():
+    import importlib.util
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("bench_faults", root / "bench" / "faults.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_faults"] = bench
+    spec.loader.exec_module(bench)
+    args = bench.parse_args(["--engines", "4", "--slowdown", "5", "--output-dir", "/nonexistent"])
+    slowed, without = bench.plan(args)
+    assert "placement.rollout.replicas=4" in slowed.overrides and "emulation.engine_slowdown={3: 5.0}" in slowed.overrides
+    assert "placement.rollout.replicas=3" in without.overrides
+    assert not any("engine_slowdown" in o for o in without.overrides)
+    rows = [{"step": 1, "staleness/max": 1.0, "counters/stale_dropped": 2.0, **{f"router/engine_{i}/requests": r
+             for i, r in enumerate([9.0, 9.0, 10.0, 2.0])}}]
+    facts = bench.run_facts(rows, 0, 4)
+    assert facts == {"staleness_max": 1.0, "stale_dropped": 2.0, "last_engine_share": 2.0 / 30.0}
+    summaries = {"slowed": {"train_tokens_per_s": 91.0, "trainer_idle": 0.5},
+                 "without": {"train_tokens_per_s": 100.0, "trainer_idle": 0.4}}
+    text = bench.report(summaries, {"slowed": facts, "without": {**facts, "staleness_max": 2.0}}, args)
+    assert "ratio slowed / without = 0.910 (target >= 0.9: met)" in text and "staleness bound VIOLATED" in text
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--engines", "1"])
