@@ -19,7 +19,7 @@ import pytest
 from verimed.core.config import ConfigError, JudgeConfig, load_config
 from verimed.core.rollout.routing import ewma, expected_costs, pick_engine
 from verimed.core.rubrics.judge import JudgeUnavailable, LLMJudge, make_judge
-from verimed.core.train.faults import FAULT_KINDS, FaultLog, RetryPolicy, one_line
+from verimed.core.train.faults import FAULT_KINDS, FaultCounters, RetryPolicy, one_line
 from verimed.core.types import RubricItem, Turn
 
 EMULATED = ["rollout.backend=emulated", "trainer.backend=emulated", "emulation.profile=cpu-smollm2"]
@@ -49,7 +49,7 @@ def test_retry_policy_rejects_settings_that_never_wait_or_never_try(kwargs):
 
 
 def test_fault_log_counts_per_step_and_cumulatively_and_names_the_actor(tmp_path):
-    log = FaultLog(tmp_path / "logs" / "faults.log")
+    log = FaultCounters(tmp_path / "logs" / "faults.log")
     log.record("judge_unavailable", step=3, draw=7, actor="VerifierActor.judge", cause="JudgeUnavailable: down")
     log.record("judge_unavailable", step=3, draw=8, actor="VerifierActor.judge", cause="JudgeUnavailable: down")
     first = log.step_metrics()
@@ -60,7 +60,7 @@ def test_fault_log_counts_per_step_and_cumulatively_and_names_the_actor(tmp_path
     assert second["faults/judge_unavailable"] == 0 and second["counters/judge_unavailable"] == 2
     assert second["faults/actor_died"] == 1
     lines = (tmp_path / "logs" / "faults.log").read_text().splitlines()
-    assert len(lines) == 3 and "step 3 judge_unavailable draw 7 actor VerifierActor.judge: JudgeUnavailable" in lines[0]
+    assert len(lines) == 3 and "step 3: judge_unavailable draw 7 actor VerifierActor.judge: JudgeUnavailable" in lines[0]
     assert lines[2].endswith("actor RolloutActor: The actor is dead because it was killed")  # the cause line
     with pytest.raises(ValueError, match="fault kind 'judge_down'"):
         log.record("judge_down", step=1)
@@ -281,7 +281,7 @@ def _controller(tmp_path: Path, policy: RetryPolicy, outcomes: dict[int, list]):
     c.counters = {k: 0 for k in ("groups_failed", "prompts_too_long", "dialogues_failed")}
     c.retry, c.dropped_since_step, c.draw_attempts = [], {}, {}
     c.consecutive_failed_draws, c.last_failure, c.version = 0, "", 4
-    c.retry_policy, c.faults = policy, FaultLog(tmp_path / "logs" / "faults.log")
+    c.retry_policy, c.faults = policy, FaultCounters(tmp_path / "logs" / "faults.log")
     c.sync = types.SimpleNamespace(needs_rejoin=False)
     c.admission = types.SimpleNamespace(dropped=lambda n: None)
     delivered: list[int] = []
@@ -325,7 +325,7 @@ def test_a_judge_outage_delays_groups_and_loses_none(tmp_path, monkeypatch):
     m = c.faults.step_metrics()
     assert m["faults/judge_unavailable"] == 3 and m["faults/draws_failed"] == 0
     lines = (tmp_path / "logs" / "faults.log").read_text().splitlines()
-    assert len(lines) == 3 and all(" step 5 judge_unavailable draw 0 actor judge: JudgeUnavailable" in ln for ln in lines)
+    assert len(lines) == 3 and all(" step 5: judge_unavailable draw 0 actor judge: JudgeUnavailable" in ln for ln in lines)
 
 
 def test_a_bad_item_fails_every_attempt_and_is_dropped_as_failed_not_looped(tmp_path, monkeypatch):

@@ -64,7 +64,7 @@ from verimed.core.train.checkpoint import (
     load_controller_state,
     save_controller_state,
 )
-from verimed.core.train.faults import FaultLog, RetryPolicy
+from verimed.core.train.faults import FaultCounters, RetryPolicy
 from verimed.core.train.reference import reference_model_path
 
 # Give up (with the last error) when this many draws in a row were dropped after RetryPolicy's
@@ -125,7 +125,7 @@ class Controller:
         self.retry_policy = RetryPolicy()
         self.draw_attempts: dict[int, int] = {}  # draw -> failed attempts so far (a success forgets it)
         # Every fault: faults/<kind> per step, counters/<kind> cumulative, a line of logs/faults.log.
-        self.faults = FaultLog(run_dir / "logs" / "faults.log")
+        self.faults = FaultCounters(run_dir / "logs" / "faults.log")
         self.reference = None
         self.ref_pending: dict[str, object] = {}
         # Rollout idle time: wall time with no group in flight (generation starved by admission).

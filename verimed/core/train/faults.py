@@ -4,7 +4,7 @@ A draw whose group fails (a crashed actor, a judge that cannot be reached, any
 other error of its generate / judge path) is never skipped silently: it waits
 and runs again under :class:`RetryPolicy`, and only after ``max_attempts`` failed
 attempts is it dropped — counted, written to ``ledger.jsonl`` as dropped
-``"failed"``, and its last error logged. Every fault is a :class:`FaultLog`
+``"failed"``, and its last error logged. :class:`FaultCounters` records every fault as an
 event: per-step counts ``faults/<kind>`` (the step it happened at) and cumulative
 ``counters/<kind>`` in ``metrics.jsonl`` / W&B, and one line in
 ``runs/<name>/logs/faults.log`` naming the actor that failed and why.
@@ -74,7 +74,7 @@ class FaultEvent(msgspec.Struct, frozen=True):
     wall_s: float  # time.time() of the event
 
 
-class FaultLog:
+class FaultCounters:
     """Fault events of a run: counters per step and cumulative, and ``logs/faults.log``.
 
     ``step_metrics()`` returns, for every kind k in FAULT_KINDS,
@@ -112,9 +112,10 @@ class FaultLog:
 
 
 def format_event(event: FaultEvent) -> str:
-    """``<UTC time> step <s> <kind> draw <d> actor <a>: <cause>`` (one line of logs/faults.log)."""
+    """``<UTC time> step <s>: <kind> draw <d> actor <a>: <cause>`` (one line of logs/faults.log; the
+    ``<time> step <s>: <what>`` shape of every line there)."""
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(event.wall_s))
-    return f"{stamp} step {event.step} {event.kind} draw {event.draw} actor {event.actor or '?'}: {event.cause}"
+    return f"{stamp} step {event.step}: {event.kind} draw {event.draw} actor {event.actor or '?'}: {event.cause}"
 
 
 def one_line(text: str, limit: int = 300) -> str:
