@@ -11,6 +11,7 @@ event: per-step counts ``faults/<kind>`` (the step it happened at) and cumulativ
 
     policy = RetryPolicy()                     # 0.5 s, 1 s, 2 s, ... capped at 30 s; 10 attempts
     if policy.gives_up(attempts): drop it     # else: await asyncio.sleep(policy.delay_s(attempts))
+    faults = FaultCounters(run_dir / "logs" / "faults.log")
     faults.record("judge_unavailable", step=7, draw=12, actor="VerifierActor", cause="...")
     metrics.update(faults.step_metrics())      # once per learner step
 """
