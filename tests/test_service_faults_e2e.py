@@ -80,6 +80,8 @@ def test_a_30s_judge_outage_delays_groups_loses_none_and_is_counted_at_its_step(
 
     # counted at the step it happened, cumulative at the end, and nothing after the judge came back
     per_step = [r["faults/judge_unavailable"] for r in rows]
+    print(f"outage {proxy.outages[0][1] - proxy.outages[0][0]:.1f} s; judge_unavailable per step {per_step}; "
+          f"step seconds {[round(r['time/step_s'], 1) for r in rows]}; {report.summary()}")
     hit = [r["step"] for r in rows if r["faults/judge_unavailable"] > 0]
     assert hit and sum(per_step) == last["counters/judge_unavailable"] > 0
     assert hit[-1] < steps and per_step[-1] == 0, per_step
@@ -105,6 +107,9 @@ def test_one_engine_5x_slower_keeps_the_bound_exactly_once_and_gets_fewer_groups
     last = rows[-1]
     fast = [last[f"router/engine_{i}/requests"] for i in range(3)]
     slow = last["router/engine_3/requests"]
+    print(f"generate requests per engine {fast + [slow]}; latency_s "
+          f"{[round(last[f'router/engine_{i}/latency_s'], 2) for i in range(4)]}; staleness/max "
+          f"{[r['staleness/max'] for r in rows]}; stale drops {last['counters/stale_dropped']:.0f}; {report.summary()}")
     # least-loaded routing would give each engine about a quarter; by expected completion the
     # slow engine settles near a fifth of a fast one's share (core/rollout/routing.py)
     assert slow < min(fast) / 2, (fast, slow)
