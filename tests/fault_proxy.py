@@ -12,6 +12,12 @@ a 200 with a malformed JSON body, a reset connection); the rest are forwarded.
 ``upstream=None`` answers itself (a tiny fake server: a judge verdict, usage
 counts), for fast unit tests. Raw asyncio HTTP/1.1 with keep-alive: a reset
 really is a TCP reset (``transport.abort()``).
+
+An outage (``down_after=K, down_s=S``): the K-th chat request takes the server
+down for S seconds the way a crashed server is down: the listening socket
+closes (new connections are refused), every open connection is reset, and it
+listens again on the same port afterwards; ``outages`` holds the (start, end)
+wall times.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import asyncio
 import json
 import random
 import threading
+import time
 from typing import Any
 
 KINDS = ("429", "500", "slow", "malformed", "reset")
@@ -28,7 +35,7 @@ class FaultProxy:
     def __init__(self, upstream: str | None = None, fault_rate: float = 0.2, seed: int = 0,
                  kinds: tuple[str, ...] = KINDS, retry_after: str = "0.05", slow_s: float = 1.0,
                  schedule: list[str | None] | None = None, reply_delay_s: float = 0.0,
-                 reject_response_format: bool = False):
+                 reject_response_format: bool = False, down_after: int | None = None, down_s: float = 0.0):
         self.upstream, self.retry_after, self.slow_s, self.reply_delay_s = upstream, retry_after, slow_s, reply_delay_s
         self.reject_response_format = reject_response_format  # play a server without structured output
         rng = random.Random(seed)
@@ -40,6 +47,10 @@ class FaultProxy:
         self.bodies: list[dict[str, Any]] = []
         self.in_flight = self.max_in_flight = 0
         self.port = 0
+        self.down_after, self.down_s = down_after, down_s
+        self.outages: list[tuple[float, float]] = []
+        self.reset_by_outage = 0  # connections reset when the server went down
+        self._writers: set[asyncio.StreamWriter] = set()
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -73,7 +84,18 @@ class FaultProxy:
         self._ready.set()
         self._loop.run_forever()
 
+    async def _go_down(self) -> None:
+        start = time.time()
+        self._server.close()  # new connections: refused
+        for writer in list(self._writers):  # open ones: reset
+            self.reset_by_outage += 1
+            writer.transport.abort()
+        await asyncio.sleep(self.down_s)
+        self._server = await asyncio.start_server(self._connection, "127.0.0.1", self.port)
+        self.outages.append((start, time.time()))
+
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
         try:
             while True:
                 request = await _read_request(reader)
@@ -84,6 +106,7 @@ class FaultProxy:
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
             pass  # the client gave up (its timeout), or the proxy stops: nothing to answer
         finally:
+            self._writers.discard(writer)
             writer.close()
 
     async def _serve(self, request: tuple[str, str, bytes], writer: asyncio.StreamWriter) -> bool:
@@ -92,6 +115,9 @@ class FaultProxy:
         n = self.requests
         self.requests += 1
         fault = self.schedule[n % len(self.schedule)] if path.endswith("/chat/completions") else None
+        if self.down_after is not None and n == self.down_after:
+            asyncio.get_running_loop().create_task(self._go_down())  # resets this connection too
+            return False
         if fault:
             self.injected[fault] += 1
         if fault == "reset":

@@ -27,6 +27,9 @@ class EngineDouble:
         self.calls: list[dict] = []
         self.runs: dict[int, int] = {}
 
+    def metrics(self, method: str = "generate") -> dict[str, float]:
+        return {}  # EngineRouter's per-engine counters: none here
+
     async def call(self, method, uid_prefix, prompt_ids, n, seed, max_tokens, temperature, top_p, **_):
         assert method == "generate"
         draw = int(uid_prefix.split("/")[0])
@@ -143,13 +146,13 @@ class _Remote:
 
 
 class RoleActorDouble:
-    """A simulator / verifier / rubric-generator actor double: only its LLM counters are read."""
+    """A simulator / verifier / rubric-generator actor double: only its (LLM and judge) counters are read."""
 
     def __init__(self):
         async def stats():
             return {}
 
-        self.llm_stats = _Remote(stats)
+        self.llm_stats = self.stats = _Remote(stats)
 
 
 class ParityEngine:

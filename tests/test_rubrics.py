@@ -248,6 +248,26 @@ def test_llm_judge_uses_separate_templates_batches_and_routes_by_prefix():
     assert training_reward(ITEMS, out) == 0.0  # 0 met - 4 present -> clipped
 
 
+def test_judge_max_concurrency_caps_the_calls_in_flight_and_reaches_both_judges():
+    from verimed.core.config import load_config
+    from verimed.core.emulate.roles import make_judge as make_emulated_judge
+    from verimed.core.rubrics.judge import make_judge
+
+    items = [RubricItem(f"Item {i}", 1) for i in range(40)]
+    in_flight = {}
+    for cap in (2, 64):
+        cfg = load_config(None, ["judge.backend=llm", f"judge.max_concurrency={cap}"]).judge
+        llm = RoutedJudgeLLM(lambda prompt, n: '{"criteria_met": true}')
+        judge = make_judge(cfg, llm)
+        run(judge.judge(CONVO, "reply", items))
+        in_flight[cap] = llm.max_in_flight
+        llm.emulated = True  # the emulated judge (rollout.backend emulated) takes the same key
+        assert make_emulated_judge(cfg, llm).concurrency == cap
+    assert in_flight == {2: 2, 64: 40}  # the cap binds; 40 items fit under 64
+    with pytest.raises(Exception, match="max_concurrency"):
+        load_config(None, ["judge.max_concurrency=0"])
+
+
 def test_llm_judge_retries_then_counts_ungradable_without_crashing():
     def answer(prompt, n):
         if "steroids" in prompt:

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
+from verimed.actors.failures import failure_origin
 from verimed.actors.learner import LearnerGroup
 from verimed.actors.logs import with_log_file
 from verimed.actors.rollout import EngineGroupClient, EngineRouter, RolloutActor
@@ -64,10 +65,12 @@ from verimed.core.train.checkpoint import (
     load_controller_state,
     save_controller_state,
 )
+from verimed.core.train.faults import FaultCounters, RetryPolicy
 from verimed.core.train.reference import reference_model_path
 
-# Give up (with the last error) when this many groups fail in a row with nothing succeeding.
-MAX_CONSECUTIVE_FAILURES = 50
+# Give up (with the last error) when this many draws in a row were dropped after RetryPolicy's
+# attempts with nothing succeeding in between: a service that stays down, or a broken config.
+MAX_CONSECUTIVE_FAILED_DRAWS = 16
 # The producer yields to the event loop after starting this many groups in a row.
 START_BURST = 16
 
@@ -121,7 +124,11 @@ class Controller:
         self.in_flight: dict[int, Draw] = {}  # started, not finished: checkpointed and re-run on resume
         self.rerun_after: dict[int, Draw] = {}  # stale slices of a dialogue still running: re-run when it ends
         self.dropped_since_step: dict[str, list[str]] = {}  # reason -> first uid of each group dropped
-        self.consecutive_failures, self.last_failure = 0, ""
+        self.consecutive_failed_draws, self.last_failure = 0, ""
+        self.retry_policy = RetryPolicy()
+        self.draw_attempts: dict[int, int] = {}  # draw -> failed attempts so far (a success forgets it)
+        # Every fault: faults/<kind> per step, counters/<kind> cumulative, a line of logs/faults.log.
+        self.faults = FaultCounters(run_dir / "logs" / "faults.log")
         self.reference = None
         self.ref_pending: dict[str, object] = {}
         # Rollout idle time: wall time with no group in flight (generation starved by admission).
@@ -225,6 +232,12 @@ class Controller:
                 raise s
             else:
                 out.update({f"llm/{role}/{k}": float(v) for k, v in s.items()})
+        # The judge's own counters (items, ungradable, unavailable, ...): whether any reward was
+        # computed without a verdict, which a judge outage must not cause.
+        try:
+            out.update({f"judge/{k}": float(v) for k, v in (await self.verifier.stats.remote()).items()})
+        except ray.exceptions.RayError:  # restarting actor: its counters restart too; never fatal
+            out["judge/actor_unavailable"] = 1.0
         return out
 
     def _placement(self):
@@ -316,25 +329,42 @@ class Controller:
             self._record_drop("prompt_too_long", draw)
             print(f"verimed: skipped: {exc}", file=sys.stderr)
             self.admission.dropped(1)
-        except Exception as exc:  # a crashed actor must not kill the run: count, report, re-run once it is back
-            self.counters["groups_failed"] += 1
-            self.consecutive_failures += 1
-            self.last_failure = f"{type(exc).__name__}: {str(exc)[:300]}"
-            retry = isinstance(exc, ray.exceptions.RayActorError)
-            print(f"verimed: group {draw.draw} failed ({self.last_failure}){'; it will be re-run' if retry else '; skipped'}",
-                  file=sys.stderr)
-            if retry:
-                self.sync.needs_rejoin = True  # a restarted engine is on its initial weights, outside the group
-                # Back off while holding the slot: a restarting actor needs time, and a dead
-                # node must not turn into a hot retry loop.
-                await asyncio.sleep(min(30.0, 0.5 * 2 ** min(self.consecutive_failures, 6)))
-                self.retry.append(draw)
-            else:
-                self._record_drop("failed", draw)
+        except Exception as exc:  # a crashed actor or an unreachable judge must not kill the run, nor lose the draw
+            await self._group_failed(draw, exc)
             self.admission.dropped(1)
         else:
-            self.consecutive_failures = 0
+            self.consecutive_failed_draws = 0
+            self.draw_attempts.pop(draw.draw, None)
             self._deliver(draw, result)
+
+    async def _group_failed(self, draw: Draw, exc: Exception) -> None:
+        """A group's generate / judge path raised: count it (``faults/<kind>`` at this step, the actor
+        and cause in logs/faults.log), then play the draw again after ``retry_policy``'s backoff, or,
+        after ``retry_policy.max_attempts`` failures, drop it as "failed" in the ledger. Never skipped
+        silently: a judge outage or a restarting actor costs time, not data."""
+        kind, actor, cause = failure_origin(exc)
+        self.counters["groups_failed"] += 1
+        self.last_failure = f"{actor}: {cause}"
+        attempts = self.draw_attempts.get(draw.draw, 0) + 1
+        self.draw_attempts[draw.draw] = attempts
+        self.faults.record(kind, step=self.version + 1, draw=draw.draw, actor=actor, cause=cause)
+        if kind == "actor_died":
+            self.sync.needs_rejoin = True  # a restarted engine is on its initial weights, outside the group
+        if self.retry_policy.gives_up(attempts):
+            self.draw_attempts.pop(draw.draw, None)
+            self.consecutive_failed_draws += 1
+            self.faults.record("draws_failed", step=self.version + 1, draw=draw.draw, actor=actor, cause=cause)
+            self._record_drop("failed", draw)
+            print(f"verimed: group {draw.draw} failed {attempts} times ({self.last_failure}); dropped "
+                  "(ledger: failed)", file=sys.stderr)
+            return
+        delay = self.retry_policy.delay_s(attempts)
+        print(f"verimed: group {draw.draw} failed (attempt {attempts} of {self.retry_policy.max_attempts}; "
+              f"{self.last_failure}); re-run in {delay:.1f}s", file=sys.stderr)
+        # Back off while holding the slot: a restarting actor or a judge server needs time,
+        # and a dead service must not turn into a hot retry loop.
+        await asyncio.sleep(delay)
+        self.retry.append(draw)
 
     async def _run_dialogue(self, draw: Draw, stage: StageConfig, stage_cfg, case) -> None:
         """Multi-turn draws: one group per dialogue slice, each slice admitted like a group."""
@@ -361,13 +391,19 @@ class Controller:
                 self._deliver(draw, result)
             if not delivered:  # the run moved to the next stage before this dialogue's first slice
                 self._record_drop("stage_ended", draw)
-        except Exception as exc:  # delivered slices stay; the rest of the dialogue is lost, counted
+        except Exception as exc:
             too_long = isinstance(exc, PromptTooLong)
-            self.counters["prompts_too_long" if too_long else "dialogues_failed"] += 1
-            self._record_drop("prompt_too_long" if too_long else "failed", draw)
-            if isinstance(exc, ray.exceptions.RayActorError):
-                self.sync.needs_rejoin = True
-            print(f"verimed: dialogue {draw.draw} failed ({type(exc).__name__}: {str(exc)[:200]})", file=sys.stderr)
+            if not too_long and not delivered:  # nothing of it reached the buffer: play it again, as a group
+                await self._group_failed(draw, exc)
+            else:  # delivered slices stay; the rest of the dialogue is lost, counted
+                self.counters["prompts_too_long" if too_long else "dialogues_failed"] += 1
+                self._record_drop("prompt_too_long" if too_long else "failed", draw)
+                if not too_long:
+                    kind, actor, cause = failure_origin(exc)
+                    self.faults.record(kind, step=self.version + 1, draw=draw.draw, actor=actor, cause=cause)
+                if isinstance(exc, ray.exceptions.RayActorError):
+                    self.sync.needs_rejoin = True
+                print(f"verimed: dialogue {draw.draw} failed ({type(exc).__name__}: {str(exc)[:200]})", file=sys.stderr)
         if holds_slot[0]:
             self.admission.dropped(1)  # an admitted slice that never produced a group
 
@@ -509,9 +545,10 @@ class Controller:
             try:
                 await asyncio.wait_for(self.delivered.wait(), timeout=5.0)
             except asyncio.TimeoutError:
-                if self.consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
-                    raise RuntimeError(f"generation failed {self.consecutive_failures} times in a row; "
-                                       f"last error: {self.last_failure}") from None
+                if self.consecutive_failed_draws >= MAX_CONSECUTIVE_FAILED_DRAWS:
+                    raise RuntimeError(f"{self.consecutive_failed_draws} draws in a row failed "
+                                       f"{self.retry_policy.max_attempts} times each; last error: "
+                                       f"{self.last_failure}") from None
 
     def _audit(self, uids: list[str]) -> None:
         """One line of ``ledger.jsonl`` per step: the uids it trains on and the groups dropped since the
@@ -577,6 +614,7 @@ class Controller:
             "version": float(self.version), "ledger/consumed": float(len(self.ledger)),
             "counters/sync_failures": float(self.sync.failures), "counters/engine_restarts": float(self.sync.rejoins),
             **{f"counters/{k}": float(v) for k, v in self.counters.items()},
+            **self.faults.step_metrics(), **self.router.metrics("generate"),
         })
         if step_in_stage == self.stages[stage].steps - 1 or self.version == self.cfg.run.steps:
             metrics.update(await self._evaluate(stage))

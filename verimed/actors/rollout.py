@@ -1,7 +1,7 @@
 """Rollout engine actor: a thin Ray shell over :mod:`verimed.core.rollout.engines`.
 
-One actor per engine replica; the controller routes prompts to the least
-loaded one (:class:`EngineRouter`). The same actor answers ``chat`` for the
+One actor per engine replica; the controller routes prompts to the one of
+least expected completion (:class:`EngineRouter`). The same actor answers ``chat`` for the
 ``policy`` LLM backend of the simulator / rubric / judge roles.
 """
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import tempfile
+import time
 from pathlib import Path
 
 import psutil
@@ -17,6 +18,7 @@ import ray
 from verimed.actors.logs import redirect_output
 from verimed.core.config import Config
 from verimed.core.rollout.engines import engine_settings
+from verimed.core.rollout.routing import ewma, pick_engine
 from verimed.core.types import Sample, WeightVersion
 
 
@@ -110,9 +112,11 @@ def _emulated_engine(cfg: Config, tokenizer_dir: str, replica: int, role: str):
     from verimed.core.emulate.profile import load_profile
     from verimed.core.emulate.tokens import LightTokenizer
 
+    # emulation.engine_slowdown names policy engines (role "rollout") by replica index.
+    slowdown = cfg.emulation.engine_slowdown.get(replica, 1.0) if role == "rollout" else 1.0
     return EmulatedEngine(load_profile(cfg.emulation.profile), LightTokenizer(tokenizer_dir),
                           time_scale=cfg.emulation.time_scale, join_group=join_rendezvous,
-                          member=f"{role}-{replica}", **engine_settings(cfg, role, replica))
+                          member=f"{role}-{replica}", slowdown=slowdown, **engine_settings(cfg, role, replica))
 
 
 def engine_pidfile_name(node_id: str, job_id: str, replica: int) -> str:
@@ -147,33 +151,52 @@ def _kill_stale_engine(pidfile: Path) -> None:
 
 
 class EngineRouter:
-    """Least-loaded routing over rollout actors; sticky by prompt prefix when asked.
+    """Routing by expected completion over rollout actors; sticky by prompt prefix when asked.
 
-    Load is tracked locally (requests this router sent and not yet answered),
-    which needs no extra round trip per request. Engines in ``skip`` (set by
-    :class:`verimed.actors.weight_sync.WeightSyncCoordinator`: they missed a sync and
-    serve older weights than the others) get no requests until they catch up,
-    unless every engine is in it.
+    Each request goes to the engine of least ``(in flight + 1) x EWMA latency``
+    (:mod:`verimed.core.rollout.routing`: why, and the formula), the latency kept per
+    method (a ``generate`` of G samples and a judge ``chat`` differ by orders of
+    magnitude). In-flight counts and latencies are tracked locally (requests this
+    router sent), which needs no extra round trip per request. Engines in ``skip``
+    (set by :class:`verimed.actors.weight_sync.WeightSyncCoordinator`: they missed a
+    sync and serve older weights than the others) get no requests until they catch
+    up, unless every engine is in it.
     """
 
     def __init__(self, actors: list):
         self.actors = actors
         self.inflight = [0] * len(actors)
         self.skip: frozenset[int] = frozenset()
+        self.latency_s: dict[str, list[float | None]] = {}  # method -> per-engine EWMA latency (s)
+        self.completed: dict[str, list[int]] = {}  # method -> per-engine requests answered
 
-    def pick(self, affinity_key: str | None = None) -> int:
+    def pick(self, affinity_key: str | None = None, method: str = "generate") -> int:
         live = [i for i in range(len(self.actors)) if i not in self.skip] or list(range(len(self.actors)))
         if affinity_key is not None:
             return live[int(hashlib.sha1(affinity_key.encode()).hexdigest(), 16) % len(live)]
-        return min(live, key=lambda i: self.inflight[i])
+        return pick_engine(self.inflight, self.latency_s.get(method, [None] * len(self.actors)), self.skip)
 
     async def call(self, method: str, *args, affinity_key: str | None = None, **kwargs):
-        i = self.pick(affinity_key)
+        i = self.pick(affinity_key, method)
         self.inflight[i] += 1
+        start = time.perf_counter()
         try:
-            return await getattr(self.actors[i], method).remote(*args, **kwargs)
+            result = await getattr(self.actors[i], method).remote(*args, **kwargs)
         finally:
             self.inflight[i] -= 1
+        # Only answered requests are measured: a failure says nothing about the engine's speed.
+        latency = self.latency_s.setdefault(method, [None] * len(self.actors))
+        latency[i] = ewma(latency[i], time.perf_counter() - start)
+        self.completed.setdefault(method, [0] * len(self.actors))[i] += 1
+        return result
+
+    def metrics(self, method: str = "generate", prefix: str = "router") -> dict[str, float]:
+        """``<prefix>/engine_<i>/requests`` (answered, cumulative) and ``/latency_s`` (EWMA) of ``method``."""
+        done = self.completed.get(method, [0] * len(self.actors))
+        latency = self.latency_s.get(method, [None] * len(self.actors))
+        out = {f"{prefix}/engine_{i}/requests": float(n) for i, n in enumerate(done)}
+        out.update({f"{prefix}/engine_{i}/latency_s": float(x) for i, x in enumerate(latency) if x is not None})
+        return out
 
 
 class EngineGroupClient:

@@ -24,7 +24,9 @@ class VerifierActor:
     def __init__(self, cfg: Any, llm: Any = None):
         redirect_output()  # first: all later output, child processes included, goes to its log file
         self.llm = llm
-        self.judge_impl = make_judge(cfg, llm)
+        # An unreachable judge LLM raises (JudgeUnavailable) instead of grading the item "ungradable":
+        # the controller re-runs the draw with backoff rather than train on a reward without verdicts.
+        self.judge_impl = make_judge(cfg, llm, on_client_error="raise")
 
     async def judge(self, conversation: list[Turn], response: str, items: list[RubricItem]) -> list[Judgement]:
         return await self.judge_impl.judge(conversation, response, items)

@@ -81,6 +81,9 @@ def _explain(message: str, raw: dict[str, Any]) -> str:
     problem, _, where = message.rpartition(" - at `")
     if not problem:
         problem, where = message, "$`"
+    if where.startswith("key` in `"):  # a mapping's key has the wrong type, e.g. emulation.engine_slowdown
+        where = where[len("key` in `"):]
+        problem = f"every key {problem[0].lower()}{problem[1:]}"
     path = [p for p in re.split(r"\.|\[|\]", where.rstrip("`").lstrip("$")) if p]
     unknown = re.match(r"Object contains unknown field `(.+)`", problem)
     if unknown:

@@ -85,6 +85,9 @@ class JudgeConfig(Section):
     max_retries: NonNegInt = 2  # re-asks on unparseable judge output
     # Judge answer budget (llm backend); null = llm.max_tokens. The role key wins over llm.*.
     max_tokens: PositiveInt | None = None
+    # Judge calls in flight from the verifier actor (llm backend). The verifier engines' batch is only
+    # as full as this allows: size it to their capacity (engines × rollout.max_num_seqs) on a cluster.
+    max_concurrency: PositiveInt = 64
 
 
 class LLMConfig(Section):
@@ -199,6 +202,11 @@ class EmulationConfig(Section):
     # (converted once, as model.path is). It need not be the target model's tokenizer: its ids
     # only have to fit the target vocabulary (SmolLM2's 49152 < Qwen2.5's 152064).
     tokenizer: str = "smollm2"
+    # What-if planning and fault tests: {policy engine replica index: factor}; that engine's
+    # compute (prefill, decode, scoring) takes factor x the profile's time (5.0: a 5x slower
+    # GPU; 0.5: twice as fast). Weight-sync time is unchanged (link-bound). Indices must be
+    # in [0, placement.rollout.replicas); engines not listed run at factor 1.
+    engine_slowdown: dict[int, float] = {}
 
 
 def check_backends(cfg: "Config") -> None:
@@ -212,6 +220,24 @@ def check_backends(cfg: "Config") -> None:
     if rollout and not cfg.emulation.profile:
         raise ConfigError("emulation.profile: required when rollout.backend and trainer.backend are 'emulated' "
                           "(a name under configs/profiles/, e.g. cpu-smollm2, or a path to a profile YAML)")
+    check_engine_slowdown(cfg.emulation.engine_slowdown, cfg.placement.rollout.replicas, rollout)
+
+
+def check_engine_slowdown(slowdown: dict[int, float], replicas: int, emulated: bool) -> None:
+    """``emulation.engine_slowdown``: replica indices in [0, replicas), finite factors > 0, emulated engines only."""
+    if not slowdown:
+        return
+    if not emulated:
+        raise ConfigError(f"emulation.engine_slowdown = {slowdown}: only emulated engines read it "
+                          "(rollout.backend = 'emulated', e.g. verimed train CONFIG --emulate PROFILE); remove it")
+    bad_index = sorted(i for i in slowdown if not 0 <= i < replicas)
+    if bad_index:
+        raise ConfigError(f"emulation.engine_slowdown: replica index {bad_index[0]} is not a policy engine; "
+                          f"expected indices in [0, {replicas}) (placement.rollout.replicas = {replicas})")
+    for i, factor in slowdown.items():
+        if not (factor > 0 and factor < float("inf")):
+            raise ConfigError(f"emulation.engine_slowdown[{i}] = {factor}: expected a finite factor > 0 "
+                              "(5.0 = five times slower)")
 
 
 class MetricsConfig(Section):

@@ -59,14 +59,19 @@ class _Sequence:
 
 class EmulatedEngine:
     def __init__(self, profile: DeviceProfile, tokenizer, *, tensor_parallel_size: int = 1, seed: int = 0,
-                 time_scale: float = 1.0, join_group: JoinGroup | None = None, member: str = "engine", **_: Any):
+                 time_scale: float = 1.0, join_group: JoinGroup | None = None, member: str = "engine",
+                 slowdown: float = 1.0, **_: Any):
         """``tokenizer``: ``encode(text) -> ids``, ``decode(ids) -> text``, ``eos_id``, ``special_ids``
-        (:class:`verimed.core.emulate.tokens.LightTokenizer`). Other ``engine_settings`` keys are accepted
-        and ignored (KV cache size, dtype: nothing is allocated)."""
+        (:class:`verimed.core.emulate.tokens.LightTokenizer`). ``slowdown`` (``emulation.engine_slowdown``):
+        compute waits (prefill, decode ticks, scoring) take ``slowdown`` x the profile's time; weight-sync
+        waits do not. Other ``engine_settings`` keys are accepted and ignored (KV cache size, dtype: nothing
+        is allocated)."""
+        if not slowdown > 0:
+            raise EmulationError(f"{member}: slowdown {slowdown}: expected a factor > 0")
         engine_speed(profile, tensor_parallel_size)  # a tp the profile has no speed for fails at start-up
         self._check_devices(tensor_parallel_size)
         self.profile, self.tokenizer, self.tp, self.time_scale = profile, tokenizer, tensor_parallel_size, time_scale
-        self.seed, self.member, self.join_group = seed, member, join_group
+        self.seed, self.member, self.join_group, self.slowdown = seed, member, join_group, slowdown
         self.rng = np.random.default_rng(seed)
         self.sync_workers = tensor_parallel_size
         self.version = 0
@@ -97,6 +102,10 @@ class EmulatedEngine:
     async def _wait(self, modelled_s: float) -> None:
         await asyncio.sleep(modelled_s / self.time_scale)
 
+    async def _compute(self, modelled_s: float) -> None:
+        """Wait ``modelled_s`` of compute on this engine: x ``slowdown`` (a slower device), then / time_scale."""
+        await self._wait(modelled_s * self.slowdown)
+
     # ------------------------------------------------------------ generation
 
     async def generate(self, prompt_ids: list[int], n: int, *, max_tokens: int, temperature: float,
@@ -108,7 +117,7 @@ class EmulatedEngine:
         self.active += n
         try:
             await self._running.wait()
-            await self._wait(prefill_seconds(self.profile, len(prompt_ids), self.tp))
+            await self._compute(prefill_seconds(self.profile, len(prompt_ids), self.tp))
             return list(await asyncio.gather(*[self._one(prompt_ids, max_tokens, None if seed is None else seed + i)
                                                for i in range(n)]))
         finally:
@@ -154,7 +163,7 @@ class EmulatedEngine:
                 rate = decode_tokens_per_s_per_seq(self.profile, len(batch), self.tp)
                 longest = max(s.target - s.progress for s in batch) / rate
                 dt = min(max(self.profile.rollout.tick_s, MIN_WALL_TICK_S * self.time_scale), longest)
-                await self._wait(dt)
+                await self._compute(dt)  # a slowed engine: the same tokens per tick, ticks slowdown x longer
                 self.ticks += 1
                 for seq in batch:  # stamped while the lock is held: the version cannot change mid-tick
                     seq.progress = min(float(seq.target), seq.progress + rate * dt + 1e-9)
@@ -177,7 +186,7 @@ class EmulatedEngine:
 
     async def score(self, token_ids: list[int]) -> np.ndarray:
         """Log-probs [len-1] of ``token_ids[1:]`` under the served version (parity checks); waits a prefill."""
-        await self._wait(prefill_seconds(self.profile, len(token_ids), self.tp))
+        await self._compute(prefill_seconds(self.profile, len(token_ids), self.tp))
         return sequence_logprobs(token_ids, self.version)
 
     async def chat(self, messages: list[dict[str, str]], max_tokens: int = 256, temperature: float = 0.0,
@@ -195,7 +204,7 @@ class EmulatedEngine:
         self.active += 1
         try:
             await self._running.wait()
-            await self._wait(prefill_seconds(self.profile, prompt_tokens, self.tp))
+            await self._compute(prefill_seconds(self.profile, prompt_tokens, self.tp))
             await self._decode(n)
         finally:
             self.active -= 1

@@ -114,12 +114,14 @@ class EmulatedSimulatorBackend(LLMBackend):
         return ""
 
 
-def make_judge(cfg: Any, llm: LLMClient | None = None) -> LLMJudge | RulesJudge:
+def make_judge(cfg: Any, llm: LLMClient | None = None, on_client_error: str = "ungradable") -> LLMJudge | RulesJudge:
     """``cfg.backend`` (JudgeConfig) "llm" with an emulated client: :class:`EmulatedJudge`
-    with the LLM judge's settings; otherwise :func:`verimed.core.rubrics.make_judge`."""
+    with the LLM judge's settings; otherwise :func:`verimed.core.rubrics.make_judge`.
+    ``on_client_error``: "ungradable" or "raise" (:class:`verimed.core.rubrics.judge.LLMJudge`)."""
     if getattr(cfg, "backend", None) == "llm" and is_emulated(llm):
-        return EmulatedJudge(llm, max_retries=cfg.max_retries, max_tokens=getattr(cfg, "max_tokens", None))
-    return rubric_judges.make_judge(cfg, llm)
+        return EmulatedJudge(llm, max_retries=cfg.max_retries, max_tokens=getattr(cfg, "max_tokens", None),
+                             concurrency=getattr(cfg, "max_concurrency", 64), on_client_error=on_client_error)
+    return rubric_judges.make_judge(cfg, llm, on_client_error)
 
 
 def make_generator(cfg: Any, llm: LLMClient | None = None) -> CachedGenerator:

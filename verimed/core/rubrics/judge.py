@@ -11,6 +11,10 @@ engine and reuses its KV cache for the shared prefix. An item whose output
 still cannot be parsed after ``max_retries`` re-asks (or whose client call
 keeps failing) gets ``met=None``: it is counted in ``stats["ungradable"]`` and
 left out of that response's normaliser by ``scoring``; the run goes on.
+With ``on_client_error="raise"`` (training: the verifier actor) an item whose
+last attempt still failed to reach the LLM raises :class:`JudgeUnavailable`
+instead: an outage is not a verdict, and a reward computed without it would
+train on it (the controller re-runs the draw with backoff).
 Every judgement keeps the raw output it was read from (``Judgement.raw``).
 
 Budget and temperature: ``judge.max_tokens`` when set, else the client's
@@ -35,8 +39,20 @@ from verimed.core.types import Judgement, RubricItem, Turn
 log = logging.getLogger(__name__)
 
 
+class JudgeUnavailable(RuntimeError):
+    """The judge's LLM could not be reached for an item after every attempt (``on_client_error="raise"``)."""
+
+
+ON_CLIENT_ERROR = ("ungradable", "raise")
+
+
 class LLMJudge:
-    """Grades each rubric item with one LLM call (plus retries)."""
+    """Grades each rubric item with one LLM call (plus retries).
+
+    ``on_client_error``: what an item whose last attempt failed with a client error
+    (network, HTTP status, a dead engine) becomes: ``"ungradable"`` (met=None,
+    counted; evaluation reports) or ``"raise"`` (:class:`JudgeUnavailable`; training).
+    """
 
     # One reply -> (verdict or UNGRADABLE, explanation). The emulated judge
     # (verimed.core.emulate.roles) reads every reply as gradable: its verdicts
@@ -44,16 +60,19 @@ class LLMJudge:
     read_verdict = staticmethod(parse_verdict)
 
     def __init__(self, llm: LLMClient, max_retries: int = 2, max_tokens: int | None = None, concurrency: int = 64,
-                 temperature: float | None = None):
+                 temperature: float | None = None, on_client_error: str = "ungradable"):
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        if on_client_error not in ON_CLIENT_ERROR:
+            raise ValueError(f"on_client_error must be one of {ON_CLIENT_ERROR}, got {on_client_error!r}")
+        self.on_client_error = on_client_error
         default_tokens, default_temperature = role_defaults(llm)
         self.llm, self.max_retries = llm, max_retries
         self.max_tokens = default_tokens if max_tokens is None else max_tokens
         self.temperature = default_temperature if temperature is None else temperature
         self.concurrency = concurrency
         self._slots: dict[int, asyncio.Semaphore] = {}  # per event loop (a semaphore binds to one loop)
-        self.stats = {"items": 0, "calls": 0, "retries": 0, "ungradable": 0, "client_errors": 0}
+        self.stats = {"items": 0, "calls": 0, "retries": 0, "ungradable": 0, "client_errors": 0, "unavailable": 0}
 
     async def judge(self, conversation: Sequence[Turn], response: str, items: Sequence[RubricItem]) -> list[Judgement]:
         key = "judge:" + dialogue_hash(conversation)
@@ -78,6 +97,7 @@ class LLMJudge:
         self.stats["items"] += 1
         last = ""
         attempts = 0
+        client_error = False  # whether the last attempt failed to reach the LLM
         for attempt in range(1 + self.max_retries):
             attempts = attempt + 1
             if attempt:
@@ -92,12 +112,17 @@ class LLMJudge:
                 self.stats["client_errors"] += 1
                 log.warning("judge call failed (item %d, attempt %d): %r", index, attempts, exc)
                 last = f"client error: {exc!r}"
+                client_error = True
                 continue
+            client_error = False
             verdict, explanation = self.read_verdict(output)
             if verdict != UNGRADABLE:
                 return Judgement(item_index=index, met=bool(verdict), explanation=explanation, attempts=attempts,
                                  raw=output)
             last = output
+        if client_error and self.on_client_error == "raise":
+            self.stats["unavailable"] += 1
+            raise JudgeUnavailable(f"judge LLM unreachable for item {index} after {attempts} attempt(s): {last[:200]}")
         self.stats["ungradable"] += 1
         return Judgement(item_index=index, met=None, explanation=f"ungradable: {last[:200]}", attempts=attempts,
                          raw=last)
@@ -109,8 +134,8 @@ def verdict_schema(verdict_key: str) -> dict[str, Any]:
             "properties": {"explanation": {"type": "string"}, verdict_key: {"type": "boolean"}}}
 
 
-def make_judge(cfg: Any, llm: LLMClient | None = None) -> LLMJudge | RulesJudge:
-    """The judge chosen by ``cfg.backend`` (JudgeConfig): "rules" or "llm"."""
+def make_judge(cfg: Any, llm: LLMClient | None = None, on_client_error: str = "ungradable") -> LLMJudge | RulesJudge:
+    """The judge chosen by ``cfg.backend`` (JudgeConfig): "rules" or "llm" (``on_client_error``: see LLMJudge)."""
     backend = getattr(cfg, "backend", None)
     if backend == "rules":
         return RulesJudge()
@@ -120,5 +145,6 @@ def make_judge(cfg: Any, llm: LLMClient | None = None) -> LLMJudge | RulesJudge:
         if is_emulated(llm):  # its engines answer filler, which never parses
             raise ValueError("judge.backend=llm with an emulated client (rollout.backend=emulated): build the "
                              "judge with verimed.core.emulate.roles.make_judge")
-        return LLMJudge(llm, max_retries=cfg.max_retries, max_tokens=getattr(cfg, "max_tokens", None))
+        return LLMJudge(llm, max_retries=cfg.max_retries, max_tokens=getattr(cfg, "max_tokens", None),
+                        concurrency=getattr(cfg, "max_concurrency", 64), on_client_error=on_client_error)
     raise ValueError(f"judge.backend must be 'rules' or 'llm', got {backend!r}")

@@ -6,7 +6,8 @@
 - ``learner``: optimizer step, flat parameter buffer, FSDP2 wrapping;
 - ``reference``: reference log-probs for the KL term;
 - ``distributed``: the learners' process group and shared collectives;
-- ``checkpoint``: atomic run checkpoints, sharded learner state, HF export.
+- ``checkpoint``: atomic run checkpoints, sharded learner state, HF export;
+- ``faults``: the retry policy of a failed draw, the fault counters and ``logs/faults.log``.
 
 May import: ``config``, ``types``, ``models``, ``rl``, ``tasks.schedule`` (the
 checkpointed schedule state), ``verimed.kernels``, torch.
