@@ -146,13 +146,15 @@ class EngineRouter:
     which needs no extra round trip per request. Engines in ``skip`` (set by
     :class:`verimed.actors.weight_sync.WeightSyncCoordinator`: they missed a sync and
     serve older weights than the others) get no requests until they catch up,
-    unless every engine is in it.
+    unless every engine is in it. ``on_actor_error(i, exc)``, when set, hears of every
+    Ray actor error of engine i (its node died, or it restarted) before the caller does.
     """
 
     def __init__(self, actors: list):
         self.actors = actors
         self.inflight = [0] * len(actors)
         self.skip: frozenset[int] = frozenset()
+        self.on_actor_error = None
 
     def pick(self, affinity_key: str | None = None) -> int:
         live = [i for i in range(len(self.actors)) if i not in self.skip] or list(range(len(self.actors)))
@@ -165,6 +167,10 @@ class EngineRouter:
         self.inflight[i] += 1
         try:
             return await getattr(self.actors[i], method).remote(*args, **kwargs)
+        except ray.exceptions.RayActorError as exc:
+            if self.on_actor_error is not None:
+                self.on_actor_error(i, exc)
+            raise
         finally:
             self.inflight[i] -= 1
 
