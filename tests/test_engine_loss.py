@@ -228,7 +228,7 @@ def test_an_engine_that_never_answers_is_left_out_of_the_rebuild(monkeypatch):
 
 
 def test_a_sync_that_finds_an_engine_gone_takes_it_out_and_rebuilds_next_time(monkeypatch):
-    sync, engines, router, lines = _coordinator(2, monkeypatch)
+    sync, engines, router, _ = _coordinator(2, monkeypatch)
 
     async def scenario():
         await sync.init()
@@ -246,7 +246,7 @@ def test_a_sync_that_finds_an_engine_gone_takes_it_out_and_rebuilds_next_time(mo
 
 
 def test_with_every_engine_lost_the_rebuild_fails_and_the_run_keeps_its_weights(monkeypatch):
-    sync, engines, router, lines = _coordinator(2, monkeypatch)
+    sync, engines, _, lines = _coordinator(2, monkeypatch)
 
     async def scenario():
         await sync.init()
@@ -254,6 +254,7 @@ def test_with_every_engine_lost_the_rebuild_fails_and_the_run_keeps_its_weights(
             e.state = "restarting"
         sync.needs_rejoin = True
         assert await sync.sync(1) == {} and sync.failures == 1  # reported, not raised: the next sync tries again
+        assert sync.membership.group() == [] and len([line for line in lines if " lost (" in line]) == 2
         for task in sync.watchers.values():
             task.cancel()
 

@@ -17,15 +17,22 @@ Each run ends with the exactly-once ledger check (``verimed/core/train/ledger_ch
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
+import time
+from pathlib import Path
 
 import pytest
+from netutil import loopback_up_args
 
 from verimed.cli import main
 from verimed.core.cluster import loopback as lb
+from verimed.core.train.checkpoint import latest_checkpoint
+from verimed.core.train.ledger_check import check_exactly_once
 
 
 def _state(tmp: str, sessions: list[int]) -> None:
@@ -71,7 +78,7 @@ def test_kill_node_kills_exactly_that_nodes_session_at_once(short_tmp):
         for _ in range(200):
             if len(lb.session_members(node.pid)) == 3:
                 break
-            subprocess.run(["sleep", "0.05"])
+            time.sleep(0.05)
         _state(short_tmp, [bystander.pid, node.pid])
         killed_node, killed = lb.kill_node(short_tmp, 1)
         assert killed_node.ip == "127.0.0.3" and killed == 3  # the shell ignores SIGTERM: only SIGKILL does this
@@ -98,3 +105,191 @@ def test_a_cpu_head_gets_no_gpus_and_the_workers_keep_theirs():
     assert "--num-gpus=2" in lb.start_command(default, 0, "ray")
     with pytest.raises(ValueError, match=re.escape("--head-gpus -1")):
         lb.LoopbackSpec(nodes=2, gpus_per_node=2, cpus_per_node=4, head_gpus=-1).validate()
+
+
+# ------------------------------------------------------------------- integration: a loopback cluster
+
+REPO = Path(__file__).resolve().parent.parent
+RAY_BIN = str(Path(sys.executable).parent / "ray")
+# 3 nodes: a CPU head (the job driver and the rules clients, which need no resources) and two workers of
+# 2 logical GPUs. The plan's 4 GPUs (a 1-GPU learner, three 1-GPU engines) fill both workers, so one worker
+# hosts the learner and an engine, the other two engines and nothing else, and a lost node's bundles can
+# only come back on that node.
+NODES, GPUS_PER_NODE, CPUS_PER_NODE = 3, 2, 4
+RUN = ["stages=[]", "rollout.prompts_per_step=4", "rollout.group_size=2", "rollout.max_tokens=32",
+       "stage_eval.healthbench=0", "stage_eval.consultations=0", "metrics.wandb=disabled", "metrics.console=false",
+       "run.checkpoint_keep=2", "placement.learner.gpus_per_replica=1", "placement.learner.cpus_per_replica=1",
+       "placement.rollout.replicas=3", "placement.rollout.gpus_per_replica=1", "placement.rollout.cpus_per_replica=1"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """(temp dir, state) of the module's loopback cluster; every test leaves all its nodes up."""
+    tmp, up = loopback_up_args(NODES, GPUS_PER_NODE, CPUS_PER_NODE, RAY_BIN)
+    assert main(up + ["--head-gpus", "0"]) == 0
+    try:
+        yield tmp, lb.read_state(tmp)
+    finally:
+        main(["cluster", "down", "--temp-dir", tmp])
+
+
+def _revive(tmp: str) -> None:
+    """Start again every worker node a failed test left down (the next test needs the whole cluster)."""
+    for node in lb.read_state(tmp).nodes[1:]:
+        if not lb.session_members(node.session):
+            lb.start_node(tmp, node.index, RAY_BIN)
+
+
+class Job:
+    """One ``ray job submit`` of ``verimed train`` (waits for the job, its log in ``log``)."""
+
+    def __init__(self, state, runs: Path, name: str, overrides: list[str], resume: bool = False):
+        self.url, self.id, self.run = state.dashboard_url, f"{name}-{time.monotonic_ns()}", runs / name
+        self.log = runs / f"{self.id}.log"
+        runtime_env = json.dumps({"env_vars": {"PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}})
+        cmd = [RAY_BIN, "job", "submit", f"--address={self.url}", f"--submission-id={self.id}",
+               f"--runtime-env-json={runtime_env}", "--", sys.executable, "-m", "verimed.cli", "train",
+               str(REPO / "configs/default.yaml"), "--emulate", "cpu-smollm2", *RUN, *overrides,
+               f"run.output_dir={runs}", f"run.name={name}"]
+        cmd += ["--resume", str(self.run)] if resume else []
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        runs.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+
+    def wait(self, timeout_s: float = 900) -> tuple[int, str]:
+        rc = self.proc.wait(timeout=timeout_s)
+        return rc, self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        subprocess.run([RAY_BIN, "job", "stop", f"--address={self.url}", self.id], check=True, timeout=120,
+                       capture_output=True, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+
+    def rows(self) -> dict[int, dict]:
+        """metrics.jsonl, the last row of each step (a resumed run re-does the steps after its checkpoint)."""
+        path = self.run / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return {row["step"]: row for row in map(json.loads, lines)}
+
+    def until(self, predicate, what: str, timeout_s: float = 300) -> None:
+        """Wait until ``predicate()``; fail naming ``what`` and the job's log tail if the job ends or time runs out."""
+        deadline = time.monotonic() + timeout_s
+        while not predicate():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"{what}: not seen (job {'ended' if self.proc.poll() is not None else 'runs'}); "
+                                     f"log tail:\n{self.log.read_text(errors='replace')[-4000:]}")
+            time.sleep(0.5)
+
+    def actors_on(self) -> dict[str, set[str]]:
+        """node IP -> names of the actors placed there (placement.json of the start-up check)."""
+        actors = json.loads((self.run / "placement.json").read_text())["actors"]
+        out: dict[str, set[str]] = {}
+        for name, where in actors.items():
+            out.setdefault(where["node_ip"], set()).add(name)
+        return out
+
+
+def _node_index(ip: str) -> int:
+    return int(ip.rsplit(".", 1)[1]) - lb.FIRST_HOST
+
+
+@pytest.mark.integration
+def test_engine_node_lost_the_run_goes_on_and_the_engines_rejoin_up_to_date(cluster, tmp_path):
+    """Kill the worker node that hosts two of the three engines mid-run: training goes on with one engine
+    (it stalled in the weight-sync rejoin, which waited for every engine), the lost groups run again, and
+    after the node rejoins both restarted engines are synced before they serve. Exactly-once ledger."""
+    tmp, state = cluster
+    steps = 30
+    job = Job(state, tmp_path / "runs", "engine-lost", [f"run.steps={steps}", "run.checkpoint_every=10",
+                                                         "emulation.time_scale=2"])
+    try:
+        job.until(lambda: len(job.rows()) >= 2, "two steps before the fault")
+        by_node = job.actors_on()
+        victims = [ip for ip, names in by_node.items() if names and all(n.startswith("rollout-") for n in names)]
+        assert len(victims) == 1 and len(by_node[victims[0]]) == 2, by_node
+        lost = sorted(by_node[victims[0]])
+        assert main(["cluster", "kill-node", "--node", str(_node_index(victims[0])), "--temp-dir", tmp]) == 0
+        killed_at = max(job.rows())
+        # The run goes on while the node is down: this is where the old rejoin stalled (600 s per try).
+        job.until(lambda: max(job.rows()) >= killed_at + 3, "three steps with the node down")
+        assert job.rows()[max(job.rows())]["counters/engines_lost"] == 2.0
+        assert job.rows()[max(job.rows())]["engines/in_rotation"] == 1.0
+        assert main(["cluster", "start-node", "--node", str(_node_index(victims[0])), "--temp-dir", tmp]) == 0
+        rc, log = job.wait()
+        assert rc == 0, log[-4000:]
+    finally:
+        if job.proc.poll() is None:
+            job.stop()
+        _revive(tmp)
+    rows = job.rows()
+    assert sorted(rows) == list(range(1, steps + 1))
+    first_lost = min(s for s, r in rows.items() if r["counters/engines_lost"] > 0)
+    assert first_lost >= killed_at
+    last = rows[steps]
+    # Both came back and were synced before serving: all three engines in rotation, the parity check
+    # (which reads every engine in rotation) at 0 after the last sync.
+    assert (last["counters/engines_lost"], last["counters/engines_recovered"]) == (2.0, 2.0), last
+    assert last["engines/in_rotation"] == 3.0 and last["sync/parity_max_abs"] == 0.0
+    assert last["counters/groups_rerun_after_failure"] >= 1.0  # groups in flight on the lost engines
+    faults = (job.run / "logs" / "faults.log").read_text()
+    for name in lost:
+        assert f"engine {name} on {victims[0]} lost (" in faults, faults
+        assert re.search(rf"engine {name} recovered: synced to version \d+, routed again", faults), faults
+    report = check_exactly_once(job.run)
+    assert report.ok, report.summary()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_learner_node_lost_stops_with_the_resume_command_and_resume_finishes_exactly_once(cluster, tmp_path):
+    tmp, state = cluster
+    steps, runs = 8, tmp_path / "runs"
+    overrides = [f"run.steps={steps}", "run.checkpoint_every=2", "emulation.time_scale=5"]
+    job = Job(state, runs, "learner-lost", overrides)
+    try:
+        job.until(lambda: (latest_checkpoint(job.run) is not None and max(job.rows(), default=0) >= 3),
+                  "a checkpoint and a step after it")
+        learner_ip = next(ip for ip, names in job.actors_on().items() if "learner-0" in names)
+        assert learner_ip != lb.node_ip(0)  # the CPU head has no GPU for it
+        assert main(["cluster", "kill-node", "--node", str(_node_index(learner_ip)), "--temp-dir", tmp]) == 0
+        rc, log = job.wait()
+    finally:
+        if job.proc.poll() is None:
+            job.stop()
+        _revive(tmp)
+    assert rc != 0, log[-3000:]
+    expected = f"learner rank 0 on {learner_ip} died ("
+    assert expected in log and f"resume with `verimed train CONFIG --resume {job.run}`" in log, log[-3000:]
+    assert expected in (job.run / "logs" / "faults.log").read_text()
+    resumed = Job(state, runs, "learner-lost", overrides, resume=True)
+    rc, log = resumed.wait()
+    assert rc == 0 and "resumed" in log, log[-3000:]
+    assert sorted(resumed.rows()) == list(range(1, steps + 1))
+    report = check_exactly_once(job.run)
+    assert report.ok, report.summary()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_ray_job_stop_then_resume_finishes_exactly_once(cluster, tmp_path):
+    _, state = cluster
+    steps, runs = 8, tmp_path / "runs"
+    overrides = [f"run.steps={steps}", "run.checkpoint_every=2", "emulation.time_scale=5"]
+    job = Job(state, runs, "stopped", overrides)
+    try:
+        job.until(lambda: (latest_checkpoint(job.run) is not None and max(job.rows(), default=0) >= 3),
+                  "a checkpoint and a step after it")
+        job.stop()
+        rc, log = job.wait()
+    finally:
+        if job.proc.poll() is None:
+            job.stop()
+    assert rc != 0, log[-3000:]
+    assert "verimed: stopped by SIGTERM at version" in log and f"--resume {job.run}`" in log, log[-3000:]
+    stopped_at = latest_checkpoint(job.run)
+    resumed = Job(state, runs, "stopped", overrides, resume=True)
+    rc, log = resumed.wait()
+    assert rc == 0 and f"resumed {stopped_at}" in log, log[-3000:]
+    assert sorted(resumed.rows()) == list(range(1, steps + 1))
+    report = check_exactly_once(job.run)
+    assert report.ok, report.summary()

@@ -28,7 +28,13 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from verimed.actors.faults import FaultLog, LearnerLost, exit_on_sigterm, learner_lost_message, learner_rank_of
+from verimed.actors.faults import (
+    FaultLog,
+    LearnerLost,
+    exit_on_sigterm,
+    learner_lost_message,
+    learner_rank_of,
+)
 from verimed.actors.learner import LearnerGroup
 from verimed.actors.logs import with_log_file
 from verimed.actors.rollout import EngineGroupClient, EngineRouter, RolloutActor
