@@ -107,6 +107,42 @@ def test_a_cpu_head_gets_no_gpus_and_the_workers_keep_theirs():
         lb.LoopbackSpec(nodes=2, gpus_per_node=2, cpus_per_node=4, head_gpus=-1).validate()
 
 
+def test_fault_lines_name_the_actor_its_node_the_cause_and_how_to_resume(tmp_path, capsys):
+    import ray
+
+    from verimed.actors.faults import FaultLog, describe_error, learner_lost_message, learner_rank_of
+
+    class Handle:  # a Ray actor handle's id, as learner_rank_of reads it
+        def __init__(self, hex_id):
+            self._actor_id = type("Id", (), {"hex": lambda _self: hex_id})()
+
+    died = ray.exceptions.RayActorError("ab12", "The actor died unexpectedly before finishing this task.\n"
+                                                "\tclass_name: LearnerActor\n\tip: 127.0.0.3\n"
+                                                "The actor died because its node has died.")
+    assert describe_error(died) == ("RayActorError: The actor died unexpectedly before finishing this task. "
+                                    "class_name: LearnerActor ip: 127.0.0.3 The actor died because its node has died.")
+    assert len(describe_error(died, limit=20)) == 20
+    learners = [Handle("ff00"), Handle("ab12")]
+    assert learner_rank_of(died, learners) == 1
+    assert learner_rank_of(ray.exceptions.RayActorError("cd34"), learners) is None  # an engine's error
+    assert learner_rank_of(ray.exceptions.RayActorError(), learners) is None  # no actor id at all
+    message = learner_lost_message(1, "127.0.0.3", died, 4, tmp_path)
+    assert message.startswith("learner rank 1 on 127.0.0.3 died (RayActorError: ")
+    assert "its node has died" in message and "the run stops at version 4" in message
+    assert f"has no checkpoint yet (it restarts at step 0); resume with `verimed train CONFIG --resume {tmp_path}`" in message
+    (tmp_path / "checkpoints" / "step-000004").mkdir(parents=True)
+    assert (f"the newest checkpoint is {tmp_path / 'checkpoints' / 'step-000004'}; resume with"
+            in learner_lost_message(0, None, died, 4, tmp_path))
+    log = FaultLog(tmp_path)
+    log(4, "engine rollout-2 on 127.0.0.4 lost (ActorDiedError: ...)")
+    log(5, "engine rollout-2 recovered: synced to version 9, routed again")
+    lines = (tmp_path / "logs" / "faults.log").read_text().splitlines()
+    assert [re.sub(r"^\S+ ", "", line) for line in lines] == [
+        "step 4: engine rollout-2 on 127.0.0.4 lost (ActorDiedError: ...)",
+        "step 5: engine rollout-2 recovered: synced to version 9, routed again"]
+    assert "verimed: step 4: engine rollout-2 on 127.0.0.4 lost" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------- integration: a loopback cluster
 
 REPO = Path(__file__).resolve().parent.parent

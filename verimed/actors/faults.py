@@ -38,6 +38,13 @@ class FaultLog:
             f.write(f"{stamp} step {step}: {line}\n")
 
 
+def describe_error(exc: BaseException, limit: int = 400) -> str:
+    """``Type: message`` on one line. Ray's actor errors spread the cause over lines (class, actor id,
+    pid, ip, then why: "...its node has died..."); all of them are kept, joined, up to ``limit`` characters."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return f"{type(exc).__name__}: {text}"[:limit]
+
+
 def resume_hint(run_dir: Path) -> str:
     """Where a stopped run can continue from: its newest checkpoint and the command."""
     ckpt = latest_checkpoint(Path(run_dir))
@@ -57,8 +64,7 @@ def learner_rank_of(exc: BaseException, learner_actors: list) -> int | None:
 
 
 def learner_lost_message(rank: int, node_ip: str | None, exc: BaseException, version: int, run_dir: Path) -> str:
-    cause = (str(exc).strip().splitlines() or [""])[0][:300]
-    return (f"learner rank {rank} on {node_ip or 'an unknown node'} died ({type(exc).__name__}: {cause}); "
+    return (f"learner rank {rank} on {node_ip or 'an unknown node'} died ({describe_error(exc)}); "
             f"the run stops at version {version}: {resume_hint(run_dir)}")
 
 

@@ -23,6 +23,7 @@ import msgspec
 import numpy as np
 import ray
 
+from verimed.actors.faults import describe_error
 from verimed.actors.learner import LearnerGroup
 from verimed.core.config import Config
 from verimed.core.models import apply_chat_template
@@ -104,9 +105,8 @@ class WeightSyncCoordinator:
             return
         self.needs_rejoin = True
         self._update_routing()
-        cause = (str(exc).strip().splitlines() or [""])[0][:300]
         self.report(f"engine rollout-{i} on {self.engine_nodes.get(i, 'an unknown node')} lost "
-                    f"({type(exc).__name__}: {cause}); the run goes on with {self.membership.in_rotation()} engines")
+                    f"({describe_error(exc)}); the run goes on with {self.membership.in_rotation()} engines")
         if i not in self.watchers or self.watchers[i].done():
             self.watchers[i] = asyncio.get_running_loop().create_task(self._await_return(i))
 
