@@ -110,7 +110,12 @@ def test_a_cpu_head_gets_no_gpus_and_the_workers_keep_theirs():
 def test_fault_lines_name_the_actor_its_node_the_cause_and_how_to_resume(tmp_path, capsys):
     import ray
 
-    from verimed.actors.faults import FaultLog, describe_error, learner_lost_message, learner_rank_of
+    from verimed.actors.faults import (
+        FaultLog,
+        describe_error,
+        learner_lost_message,
+        learner_rank_of,
+    )
 
     class Handle:  # a Ray actor handle's id, as learner_rank_of reads it
         def __init__(self, hex_id):
