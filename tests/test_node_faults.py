@@ -240,9 +240,11 @@ def test_engine_node_lost_the_run_goes_on_and_the_engines_rejoin_up_to_date(clus
     (it stalled in the weight-sync rejoin, which waited for every engine), the lost groups run again, and
     after the node rejoins both restarted engines are synced before they serve. Exactly-once ledger."""
     tmp, state = cluster
-    steps = 30
+    # ~2.5 s a step (the emulated learner's 9 s at time_scale 1, measured here): 40 steps leave ~60 s after
+    # the kill for Ray to notice, the node to rejoin and the engines to restart before the run ends.
+    steps = 40
     job = Job(state, tmp_path / "runs", "engine-lost", [f"run.steps={steps}", "run.checkpoint_every=10",
-                                                         "emulation.time_scale=2"])
+                                                         "emulation.time_scale=4"])
     try:
         job.until(lambda: len(job.rows()) >= 2, "two steps before the fault")
         by_node = job.actors_on()
@@ -285,7 +287,7 @@ def test_engine_node_lost_the_run_goes_on_and_the_engines_rejoin_up_to_date(clus
 def test_learner_node_lost_stops_with_the_resume_command_and_resume_finishes_exactly_once(cluster, tmp_path):
     tmp, state = cluster
     steps, runs = 8, tmp_path / "runs"
-    overrides = [f"run.steps={steps}", "run.checkpoint_every=2", "emulation.time_scale=5"]
+    overrides = [f"run.steps={steps}", "run.checkpoint_every=2", "emulation.time_scale=10"]
     job = Job(state, runs, "learner-lost", overrides)
     try:
         job.until(lambda: (latest_checkpoint(job.run) is not None and max(job.rows(), default=0) >= 3),
@@ -315,7 +317,7 @@ def test_learner_node_lost_stops_with_the_resume_command_and_resume_finishes_exa
 def test_ray_job_stop_then_resume_finishes_exactly_once(cluster, tmp_path):
     _, state = cluster
     steps, runs = 8, tmp_path / "runs"
-    overrides = [f"run.steps={steps}", "run.checkpoint_every=2", "emulation.time_scale=5"]
+    overrides = [f"run.steps={steps}", "run.checkpoint_every=2", "emulation.time_scale=10"]
     job = Job(state, runs, "stopped", overrides)
     try:
         job.until(lambda: (latest_checkpoint(job.run) is not None and max(job.rows(), default=0) >= 3),
