@@ -259,3 +259,25 @@ def test_with_every_engine_lost_the_rebuild_fails_and_the_run_keeps_its_weights(
             task.cancel()
 
     asyncio.run(scenario())
+
+
+def test_an_engine_dying_between_its_sync_and_the_parity_check_is_lost_not_fatal(monkeypatch):
+    sync, engines, router, lines = _coordinator(2, monkeypatch)
+
+    async def scenario():
+        await sync.init()
+        real_call = engines[1].call
+
+        async def dies_after_its_update(name, *args, **kwargs):
+            if name == "score":
+                engines[1].state = "restarting"
+            return await real_call(name, *args, **kwargs)
+
+        engines[1].call = dies_after_its_update
+        out = await sync.sync(1)
+        assert out["sync/parity_max_abs"] == 0.0  # engine 0's gap; engine 1 is out
+        assert sync.membership.lost == {1} and router.skip == {1} and sync.needs_rejoin
+        for task in sync.watchers.values():
+            task.cancel()
+
+    asyncio.run(scenario())

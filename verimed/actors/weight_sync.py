@@ -190,10 +190,21 @@ class WeightSyncCoordinator:
 
     async def parity_gap(self) -> float:
         """max |log p_engine - log p_learner| over fixed tokens, across the engines in rotation."""
-        routed = [e for i, e in enumerate(self.engines) if i not in self.membership.unroutable()]
+        routed = [i for i in range(len(self.engines)) if i not in self.membership.unroutable()]
         learner_lp, *engine_lps = await asyncio.gather(
-            self.learners.score(self.parity_ids), *[e.score.remote(self.parity_ids) for e in routed])
-        return float(max((np.abs(np.asarray(lp) - learner_lp).max() for lp in engine_lps), default=0.0))
+            self.learners.score(self.parity_ids), *[self.engines[i].score.remote(self.parity_ids) for i in routed],
+            return_exceptions=True)
+        if isinstance(learner_lp, BaseException):
+            raise learner_lp
+        gaps = []
+        for i, lp in zip(routed, engine_lps):
+            if isinstance(lp, ray.exceptions.RayActorError):
+                self.engine_failed(i, lp)  # died since its sync: out, like any lost engine
+            elif isinstance(lp, BaseException):
+                raise lp
+            else:
+                gaps.append(float(np.abs(np.asarray(lp) - learner_lp).max()))
+        return max(gaps, default=0.0)
 
 
 class EngineSilent(RuntimeError):
