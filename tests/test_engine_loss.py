@@ -262,7 +262,7 @@ def test_with_every_engine_lost_the_rebuild_fails_and_the_run_keeps_its_weights(
 
 
 def test_an_engine_dying_between_its_sync_and_the_parity_check_is_lost_not_fatal(monkeypatch):
-    sync, engines, router, lines = _coordinator(2, monkeypatch)
+    sync, engines, router, _ = _coordinator(2, monkeypatch)
 
     async def scenario():
         await sync.init()
