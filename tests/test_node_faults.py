@@ -203,9 +203,10 @@ class Job:
         return rc, self.log.read_text(errors="replace")
 
     def _ray_job(self, action: str) -> str:
-        return subprocess.run([RAY_BIN, "job", action, f"--address={self.url}", self.id], check=True, timeout=120,
+        done = subprocess.run([RAY_BIN, "job", action, f"--address={self.url}", self.id], check=True, timeout=120,
                               capture_output=True, text=True,
-                              env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}).stdout
+                              env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+        return done.stdout + done.stderr  # Ray's CLI logger writes some lines to stderr
 
     def stop(self) -> None:
         self._ray_job("stop")
