@@ -148,6 +148,29 @@ def test_fault_lines_name_the_actor_its_node_the_cause_and_how_to_resume(tmp_pat
     assert "verimed: step 4: engine rollout-2 on 127.0.0.4 lost" in capsys.readouterr().err
 
 
+def test_sigterm_says_where_to_resume_and_exits_143(tmp_path):
+    """In a child process (the handler exits the process): the message, the exit code, and nothing
+    changed outside the block."""
+    script = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from verimed.actors.faults import exit_on_sigterm\n"
+        "before = signal.getsignal(signal.SIGTERM)\n"
+        "with exit_on_sigterm(Path(sys.argv[1]), lambda: 7):\n"
+        "    pass\n"
+        "assert signal.getsignal(signal.SIGTERM) is before\n"
+        "with exit_on_sigterm(Path(sys.argv[1]), lambda: 7):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    signal.pause()\n"
+        "print('not reached')\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, check=False)
+    assert done.returncode == 143, done.stderr
+    assert "not reached" not in done.stdout
+    assert (f"verimed: stopped by SIGTERM at version 7: it has no checkpoint yet (it restarts at step 0); "
+            f"resume with `verimed train CONFIG --resume {tmp_path}`") in done.stderr
+
+
 # ------------------------------------------------------------------- integration: a loopback cluster
 
 REPO = Path(__file__).resolve().parent.parent

@@ -629,5 +629,5 @@ def run_training(cfg: Config, run_dir: Path, model_path: str, resume: bool = Fal
     import uvloop
 
     controller = Controller(cfg, run_dir, model_path, resume, verbose)
-    exit_on_sigterm(run_dir, lambda: controller.version)  # `ray job stop`: say where to resume from
-    return uvloop.run(controller.run())
+    with exit_on_sigterm(run_dir, lambda: controller.version):  # `ray job stop`: say where to resume from
+        return uvloop.run(controller.run())

@@ -8,9 +8,11 @@ counters are in ``metrics.jsonl`` / W&B (``counters/engines_lost``, ``counters/e
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -68,15 +70,25 @@ def learner_lost_message(rank: int, node_ip: str | None, exc: BaseException, ver
             f"the run stops at version {version}: {resume_hint(run_dir)}")
 
 
-def exit_on_sigterm(run_dir: Path, version_of) -> None:
-    """On SIGTERM (``ray job stop``, a scheduler's preemption): say where the run can resume from, and exit.
+@contextlib.contextmanager
+def exit_on_sigterm(run_dir: Path, version_of):
+    """Within the block, SIGTERM (``ray job stop``, a scheduler's preemption) prints where the run can
+    resume from and exits with 143; the previous handler is back afterwards.
 
     Checkpoints are written atomically and ledger lines whole, so stopping between any two
     bytecodes leaves a resumable run; ``version_of()`` gives the policy version for the message.
+    Only the main thread may set signal handlers: elsewhere (a caller's thread) nothing changes.
     """
     def stop(signum, frame):
         print(f"verimed: stopped by SIGTERM at version {version_of()}: {resume_hint(run_dir)}", file=sys.stderr,
               flush=True)
         os._exit(SIGTERM_EXIT_CODE)  # at once: Ray's job stop follows up with SIGKILL after a few seconds
 
-    signal.signal(signal.SIGTERM, stop)
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
