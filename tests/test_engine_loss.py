@@ -11,6 +11,7 @@ cluster tests (tests/test_node_faults.py) show the same with real nodes.
 from __future__ import annotations
 
 import asyncio
+import json
 
 import numpy as np
 import pytest
@@ -281,3 +282,47 @@ def test_an_engine_dying_between_its_sync_and_the_parity_check_is_lost_not_fatal
             task.cancel()
 
     asyncio.run(scenario())
+
+
+# ------------------------------------------------------------------ the controller loop (doubles, no Ray)
+
+
+def test_groups_lost_with_an_engine_run_again_counted_and_trained_exactly_once(tmp_path, tiny_model_path):
+    """The real controller loop over doubles: draws 2 and 5 die with their engine (Ray's actor error) the
+    first time; each runs again, is trained once, and ``counters/groups_rerun_after_failure`` says so."""
+    from test_controller import EngineDouble, controller
+
+    class DyingEngine(EngineDouble):
+        async def call(self, method, uid_prefix, *args, **kwargs):
+            draw = int(uid_prefix.split("/")[0])
+            if draw in (2, 5) and draw not in self.runs:
+                self.runs[draw] = 1
+                raise ray.exceptions.ActorDiedError()  # its node died under it
+            return await super().call(method, uid_prefix, *args, **kwargs)
+
+    engine = DyingEngine()
+    ctl = controller(tmp_path, tiny_model_path, ["async.max_staleness=1", "run.steps=5000",
+                                                        "stages=[{name: a, kind: rule, steps: 5000}]"], engine)
+
+    async def until_both_trained() -> list[dict]:
+        """Steps until draws 2 and 5 are trained (their re-runs wait out a back-off of seconds first)."""
+        producer = asyncio.create_task(ctl.produce())
+        metrics: list[dict] = []
+        try:
+            while len(metrics) < 5000:  # a bound, far above the ~100 steps that a 2 s back-off takes
+                metrics.append(await ctl.step())
+                if {"2/0/0", "5/0/0"} <= {uid for b in ctl.learners.batches for uid in b.uids}:
+                    break
+        finally:
+            producer.cancel()
+        return metrics
+
+    metrics = asyncio.run(until_both_trained())
+    assert metrics[-1]["counters/groups_rerun_after_failure"] == 2.0
+    assert metrics[-1]["counters/groups_failed"] == 2.0 and ctl.sync.needs_rejoin
+    assert engine.runs[2] == engine.runs[5] == 2
+    consumed = [uid for b in ctl.learners.batches for uid in b.uids]
+    assert len(consumed) == len(set(consumed))
+    assert {2, 5} <= {int(uid.split("/")[0]) for uid in consumed}
+    lines = [json.loads(line) for line in (tmp_path / "ledger.jsonl").read_text().splitlines()]
+    assert not any("failed" in line["dropped"] for line in lines)  # re-run, not dropped
