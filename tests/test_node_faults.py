@@ -167,8 +167,11 @@ def test_sigterm_says_where_to_resume_and_exits_143(tmp_path):
                           env={**os.environ, "PYTHONPATH": str(REPO)}, check=False)
     assert done.returncode == 143, done.stderr
     assert "not reached" not in done.stdout
-    assert (f"verimed: stopped by SIGTERM at version 7: it has no checkpoint yet (it restarts at step 0); "
+    assert (f"verimed: step 7: stopped by SIGTERM at version 7: it has no checkpoint yet (it restarts at step 0); "
             f"resume with `verimed train CONFIG --resume {tmp_path}`") in done.stderr
+    assert "step 7: stopped by SIGTERM at version 7" in (tmp_path / "logs" / "faults.log").read_text()
+    assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [
+        {"step": 8, "counters/job_stopped": 1.0}]
 
 
 # ------------------------------------------------------------------- integration: a loopback cluster
@@ -340,6 +343,8 @@ def test_learner_node_lost_stops_with_the_resume_command_and_resume_finishes_exa
     expected = f"learner rank 0 on {learner_ip} died ("
     assert expected in log and f"resume with `verimed train CONFIG --resume {job.run}`" in log, log[-3000:]
     assert expected in (job.run / "logs" / "faults.log").read_text()
+    lost_row = job.rows()[max(job.rows())]
+    assert (lost_row.get("counters/learner_lost"), lost_row.get("faults/learner_rank")) == (1.0, 0.0), lost_row
     resumed = Job(state, runs, "learner-lost", overrides, resume=True)
     rc, log = resumed.wait()
     assert rc == 0 and "resumed" in log, log[-3000:]
@@ -365,7 +370,9 @@ def test_ray_job_stop_then_resume_finishes_exactly_once(cluster, tmp_path):
         if job.proc.poll() is None:
             job.stop()
     assert "STOPPED" in job.status(), log[-3000:]
-    assert "verimed: stopped by SIGTERM at version" in log and f"--resume {job.run}`" in log, log[-3000:]
+    assert "stopped by SIGTERM at version" in log and f"--resume {job.run}`" in log, log[-3000:]
+    stopped_row = job.rows()[max(job.rows())]
+    assert stopped_row.get("counters/job_stopped") == 1.0, stopped_row
     stopped_at = latest_checkpoint(job.run)
     resumed = Job(state, runs, "stopped", overrides, resume=True)
     rc, log = resumed.wait()

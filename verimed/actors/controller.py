@@ -415,7 +415,7 @@ class Controller:
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
-        sink = MetricsSink(cfg, self.run_dir, [st.name for st in self.stages])
+        sink = self.sink = MetricsSink(cfg, self.run_dir, [st.name for st in self.stages])
         start = time.perf_counter()
         await self.start()
         if self.resume:
@@ -451,6 +451,8 @@ class Controller:
             return
         message = learner_lost_message(rank, self.actor_nodes.get(("learner", rank)), exc, self.version, self.run_dir)
         self.fault_log(self.version, message)
+        # The step that did not finish: a resumed run re-does it and its row.
+        self.sink.log(self.version + 1, {"counters/learner_lost": 1.0, "faults/learner_rank": float(rank)})
         raise LearnerLost(message) from exc
 
     # ------------------------------------------------------------ checkpoints

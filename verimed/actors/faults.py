@@ -4,11 +4,14 @@ Every loss and return of an actor is one line of ``faults.log`` (UTC time, learn
 actor on which node, Ray's error) and the same line on the driver's stderr; the matching
 counters are in ``metrics.jsonl`` / W&B (``counters/engines_lost``, ``counters/engines_recovered``,
 ``counters/groups_rerun_after_failure``). A run that cannot go on (its learner's node died, or
-``ray job stop`` / SIGTERM) stops with a message naming the newest checkpoint and how to resume.
+``ray job stop`` / SIGTERM) stops with a message naming the newest checkpoint and how to resume, and a
+last ``metrics.jsonl`` row at the step it did not finish (``counters/learner_lost``,
+``counters/job_stopped``; the first in W&B too).
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -80,8 +83,12 @@ def exit_on_sigterm(run_dir: Path, version_of):
     Only the main thread may set signal handlers: elsewhere (a caller's thread) nothing changes.
     """
     def stop(signum, frame):
-        print(f"verimed: stopped by SIGTERM at version {version_of()}: {resume_hint(run_dir)}", file=sys.stderr,
-              flush=True)
+        version = version_of()
+        FaultLog(run_dir)(version, f"stopped by SIGTERM at version {version}: {resume_hint(run_dir)}")
+        # The step that did not finish gets the counter (a resumed run re-does that step and its row).
+        # Straight to the file: W&B's client threads are not safe to enter from a signal handler.
+        with (Path(run_dir) / "metrics.jsonl").open("a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": version + 1, "counters/job_stopped": 1.0}) + "\n")
         os._exit(SIGTERM_EXIT_CODE)  # at once: Ray's job stop follows up with SIGKILL after a few seconds
 
     if threading.current_thread() is not threading.main_thread():
