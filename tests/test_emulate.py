@@ -285,6 +285,25 @@ def test_pause_holds_every_sequence_and_resume_continues(tokenizer):
     assert all(len(o.token_ids) >= 1 for o in outs)
 
 
+def test_a_broken_tick_fails_every_waiting_request_instead_of_hanging(tokenizer, monkeypatch):
+    import verimed.core.emulate.engine as engine_module
+
+    engine = EmulatedEngine(load_profile("cpu-smollm2"), tokenizer, time_scale=50.0)
+
+    def broken_rate(*args):
+        raise ZeroDivisionError("profile bug")
+
+    monkeypatch.setattr(engine_module, "decode_tokens_per_s_per_seq", broken_rate)
+
+    async def scenario():
+        return await asyncio.wait_for(engine.generate(tokenizer.encode("Chest pain."), 3, max_tokens=8,
+                                                      temperature=1.0, seed=0), timeout=30)
+
+    with pytest.raises(ZeroDivisionError, match="profile bug"):
+        asyncio.run(scenario())
+    assert engine._sequences == []
+
+
 def test_response_length_is_capped_and_stop_ends_with_eos(tokenizer):
     shipped = load_profile("cpu-smollm2")  # its fitted lengths may have std 0: set a spread by hand
     profile = msgspec.structs.replace(shipped, rollout=msgspec.structs.replace(

@@ -382,3 +382,49 @@ def test_emulated_simulator_handles_client_errors_as_the_llm_backend(mg):
                     make_backend(SimulatorConfig(backend="llm"), RoleClient(ValidModel(fail=RuntimeError), "s"))):
         with pytest.raises(RuntimeError, match="engine down"):
             run(PatientSimulator(mg, PERSONAS[0], backend, max_turns).respond(lines[0]))
+
+
+def test_engine_group_client_sends_a_responses_items_as_one_call_in_order():
+    pytest.importorskip("ray")  # imported, never started
+    from verimed.actors.rollout import EngineGroupClient, RolloutActor
+
+    class Router:
+        def __init__(self, fail=False):
+            self.calls, self.fail = [], fail
+
+        async def call(self, method, *args, affinity_key=None, **kwargs):
+            self.calls.append((method, affinity_key, args[0] if method == "chat" else len(args[0])))
+            await asyncio.sleep(0)
+            if self.fail:
+                raise ConnectionError("engine gone")
+            if method == "chat":
+                return args[0][0]["content"].upper()
+            return [m[0]["content"].upper() for m in args[0]]
+
+    def ask(client, text, key, **kw):
+        return client.chat([{"role": "user", "content": text}], max_tokens=5, affinity_key=key, **kw)
+
+    async def scenario(router):
+        client = EngineGroupClient(router)
+        answers = await asyncio.gather(*(ask(client, f"item {i}", "resp-a") for i in range(5)),
+                                       ask(client, "other", "resp-b"), ask(client, "hot", "resp-a", temperature=1.0),
+                                       client.chat([{"role": "user", "content": "free"}]), return_exceptions=True)
+        return client, answers
+
+    router = Router()
+    client, answers = run(scenario(router))
+    assert answers == [f"ITEM {i}" for i in range(5)] + ["OTHER", "HOT", "FREE"]  # each caller its own answer
+    assert sorted(f"{m} {k}" for m, k, _ in router.calls) == ["chat None", "chat resp-a", "chat resp-b",
+                                                               "chat_many resp-a"]
+    assert ("chat_many", "resp-a", 5) in router.calls and client.batches == 1  # 5 items, one round trip
+    _, answers = run(scenario(Router(fail=True)))
+    assert all(isinstance(a, ConnectionError) for a in answers)  # a failed batch fails each of its calls
+
+    class EngineDouble:
+        async def chat(self, messages, max_tokens, temperature, role=None):
+            await asyncio.sleep(0)
+            return f"{messages[0]['content']}:{role}"
+
+    actor = RolloutActor.__ray_actor_class__.__new__(RolloutActor.__ray_actor_class__)
+    actor.engine, actor.chat_client = EngineDouble(), None
+    assert run(actor.chat_many([[{"content": "a"}], [{"content": "b"}]], 7, 0.0, role="judge")) == ["a:judge", "b:judge"]

@@ -6,6 +6,7 @@ loaded one (:class:`EngineRouter`). The same actor answers ``chat`` for the
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import tempfile
 from pathlib import Path
@@ -66,6 +67,12 @@ class RolloutActor:
         if self.chat_client is None:
             return await self.engine.chat(messages, max_tokens, temperature, role)
         return await self.chat_client.chat(messages, max_tokens=max_tokens, temperature=temperature)
+
+    async def chat_many(self, conversations: list[list[dict[str, str]]], max_tokens: int = 256,
+                        temperature: float = 0.0, role: str | None = None) -> list[str]:
+        """Several chats in one call (``EngineGroupClient`` coalesces a response's judge items); they run
+        concurrently in the engine, as separate calls would."""
+        return list(await asyncio.gather(*(self.chat(m, max_tokens, temperature, role) for m in conversations)))
 
     async def score(self, token_ids: list[int]):
         return await self.engine.score(token_ids)
@@ -176,12 +183,57 @@ class EngineRouter:
 
 
 class EngineGroupClient:
-    """The ``policy`` / ``vllm`` LLMClient backend: chat over an engine group."""
+    """The ``policy`` / ``vllm`` LLMClient backend: chat over an engine group.
+
+    Calls that share an ``affinity_key`` (every rubric item of one response: the judge sends them
+    together, and the key pins them to one engine for its prefix cache) and their sampling settings
+    are coalesced: those issued in the same event-loop turn go out as ONE ``chat_many`` Ray call,
+    not one per item (a 64-GPU cluster makes thousands of judge calls per step; the per-call Ray
+    overhead, not the engines, bounded it). A failed batch fails each of its calls, which their
+    role then retries or counts one by one.
+    """
 
     def __init__(self, router: EngineRouter):
         self.router = router
+        self._pending: dict[tuple, list[tuple[list[dict], asyncio.Future]]] = {}
+        self._sending: set[asyncio.Task] = set()  # strong references: the loop keeps only weak ones
+        self.batches = 0  # chat_many calls sent (a batch of one goes as a plain chat)
 
     async def chat(self, messages, *, max_tokens=256, temperature=0.0, affinity_key=None, role=None) -> str:
         """``role``: the calling LLM role, for an emulated engine's per-role latency (``RoleClient`` sends it
         only when emulated)."""
-        return await self.router.call("chat", messages, max_tokens, temperature, role=role, affinity_key=affinity_key)
+        if affinity_key is None:
+            return await self.router.call("chat", messages, max_tokens, temperature, role=role)
+        key = (affinity_key, max_tokens, temperature, role)
+        future = asyncio.get_running_loop().create_future()
+        batch = self._pending.setdefault(key, [])
+        batch.append((messages, future))
+        if len(batch) == 1:  # the first call of this turn: flush after the calls already scheduled beside it
+            asyncio.get_running_loop().call_soon(self._flush, key)
+        return await future
+
+    def _flush(self, key: tuple) -> None:
+        batch = self._pending.pop(key)
+        affinity_key, max_tokens, temperature, role = key
+
+        async def send() -> None:
+            try:
+                if len(batch) == 1:
+                    texts = [await self.router.call("chat", batch[0][0], max_tokens, temperature, role=role,
+                                                    affinity_key=affinity_key)]
+                else:
+                    self.batches += 1
+                    texts = await self.router.call("chat_many", [m for m, _ in batch], max_tokens, temperature,
+                                                   role=role, affinity_key=affinity_key)
+            except BaseException as exc:  # every caller sees the failure (cancellation included)
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
+                return
+            for (_, future), text in zip(batch, texts):
+                if not future.done():
+                    future.set_result(text)
+
+        task = asyncio.get_running_loop().create_task(send())
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)

@@ -136,6 +136,15 @@ class EmulatedEngine:
         return await seq.done
 
     async def _tick_loop(self) -> None:
+        try:
+            await self._ticks()
+        except Exception as exc:  # a broken tick fails its requests (their callers see it) instead of leaving them waiting
+            for seq in self._sequences:
+                if not seq.done.done():
+                    seq.done.set_exception(exc)
+            self._sequences.clear()
+
+    async def _ticks(self) -> None:
         while self._sequences:
             await self._running.wait()
             async with self._tick_lock:  # held by pause(): no tick runs during a weight update

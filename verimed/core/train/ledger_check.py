@@ -113,10 +113,11 @@ def check_exactly_once(run_dir: Path) -> LedgerReport:
     for row in rows:  # drops of every line: a superseded line's drop still happened
         for reason, uids in (row.get("dropped") or {}).items():
             if reason in FINAL_DROPS:
-                dropped[reason] = dropped.get(reason, 0) + len(uids)
                 accounted.update(draw_of(u) for u in uids)
-            elif reason in RERUN_DROPS:
-                reruns[reason] = reruns.get(reason, 0) + len(uids)
+            if reason in FINAL_DROPS + RERUN_DROPS:
+                if uids:  # the controller writes every reason it checks, most with no uid
+                    counts = dropped if reason in FINAL_DROPS else reruns
+                    counts[reason] = counts.get(reason, 0) + len(uids)
             else:
                 problems.append(f"{ledger}: unknown drop reason {reason!r} (known: {', '.join(FINAL_DROPS + RERUN_DROPS)})")
 
