@@ -242,7 +242,11 @@ class Job:
         return self._ray_job("logs")
 
     def status(self) -> str:
-        return self._ray_job("status")
+        """FAILED, STOPPED or SUCCEEDED, as ``ray job status`` words them; else its whole output."""
+        text = self._ray_job("status")
+        words = {f"Job '{self.id}' failed": "FAILED", f"Job '{self.id}' was stopped": "STOPPED",
+                 f"Job '{self.id}' succeeded": "SUCCEEDED"}
+        return next((status for line, status in words.items() if line in text), text)
 
     def rows(self) -> dict[int, dict]:
         """metrics.jsonl, the last row of each step (a resumed run re-does the steps after its checkpoint)."""
@@ -342,7 +346,8 @@ def test_learner_node_lost_stops_with_the_resume_command_and_resume_finishes_exa
         if job.proc.poll() is None:
             job.stop()
         _revive(tmp)
-    assert rc != 0 and "FAILED" in job.status(), log[-3000:]  # `ray job submit` exits 1 for a failed job
+    assert rc != 0 and job.status() == "FAILED", log[-3000:]  # `ray job submit` exits 1 for a failed job
+    assert "exit code 3" in job._ray_job("status")  # LearnerLost's, not a crash's
     expected = f"learner rank 0 on {learner_ip} died ("
     assert expected in log and f"resume with `verimed train CONFIG --resume {job.run}`" in log, log[-3000:]
     assert expected in (job.run / "logs" / "faults.log").read_text()
@@ -372,7 +377,7 @@ def test_ray_job_stop_then_resume_finishes_exactly_once(cluster, tmp_path):
     finally:
         if job.proc.poll() is None:
             job.stop()
-    assert "STOPPED" in job.status(), log[-3000:]
+    assert job.status() == "STOPPED", log[-3000:]
     assert "stopped by SIGTERM at version" in log and f"--resume {job.run}`" in log, log[-3000:]
     stopped_row = job.rows()[max(job.rows())]
     assert stopped_row.get("counters/job_stopped") == 1.0, stopped_row
