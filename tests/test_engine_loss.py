@@ -254,7 +254,10 @@ def test_with_every_engine_lost_the_rebuild_fails_and_the_run_keeps_its_weights(
         for e in engines:
             e.state = "restarting"
         sync.needs_rejoin = True
-        assert await sync.sync(1) == {} and sync.failures == 1  # reported, not raised: the next sync tries again
+        out = await sync.sync(1)
+        assert set(out) == {"sync/seconds"} and sync.failures == 1  # reported, not raised: the next sync tries again
+        assert any("weight-sync group not rebuilt (RuntimeError: no rollout engine is alive" in line
+                   for line in lines), lines
         assert sync.membership.group() == [] and len([line for line in lines if " lost (" in line]) == 2
         for task in sync.watchers.values():
             task.cancel()
@@ -326,3 +329,30 @@ def test_groups_lost_with_an_engine_run_again_counted_and_trained_exactly_once(t
     assert {2, 5} <= {int(uid.split("/")[0]) for uid in consumed}
     lines = [json.loads(line) for line in (tmp_path / "ledger.jsonl").read_text().splitlines()]
     assert not any("failed" in line["dropped"] for line in lines)  # re-run, not dropped
+
+
+def test_a_member_dying_while_the_group_is_rebuilt_costs_one_sync_not_the_run(monkeypatch):
+    """The node dies between the probe and the join (seen on the loopback cluster): that sync is skipped
+    with its seconds reported (the step's timing reads them), the next rebuild leaves the engine out."""
+    sync, engines, _, lines = _coordinator(3, monkeypatch)
+
+    async def scenario():
+        await sync.init()
+        real_call = engines[2].call
+
+        async def dies_while_joining(name, *args, **kwargs):
+            if name == "init_sync":
+                engines[2].state = "restarting"
+                raise ray.exceptions.ActorDiedError()
+            return await real_call(name, *args, **kwargs)
+
+        engines[2].call = dies_while_joining
+        sync.needs_rejoin = True
+        out = await sync.sync(1)
+        assert set(out) == {"sync/seconds"} and sync.failures == 1 and sync.needs_rejoin
+        out = await sync.sync(2)  # the probe finds engine 2 gone
+        assert "sync/bytes" in out and sync.membership.group() == [0, 1] and sync.served[:2] == [2, 2]
+        for task in sync.watchers.values():
+            task.cancel()
+
+    asyncio.run(scenario())

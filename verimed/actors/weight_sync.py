@@ -136,13 +136,16 @@ class WeightSyncCoordinator:
     async def sync(self, version: int) -> dict[str, float]:
         """Broadcast ``version`` into every engine; failures keep the engines on their old weights."""
         if self.needs_rejoin:
+            t0 = time.perf_counter()
             try:
                 await self.rejoin()
             except Exception as exc:  # engines stay on their old weights; the next sync tries again
                 self.failures += 1
-                print(f"verimed: weight-sync group not rebuilt ({type(exc).__name__}: {str(exc)[:200]}); "
-                      f"version {version} not synced", file=sys.stderr)
-                return {}
+                # E.g. a member died while joining (its node went down mid-rebuild): the next
+                # rebuild's probe leaves it out.
+                self.report(f"weight-sync group not rebuilt ({describe_error(exc, limit=300)}); "
+                            f"version {version} not synced")
+                return {"sync/seconds": time.perf_counter() - t0}  # the step's timing reads it
         meta = msgspec.structs.replace(self.meta, version=version)
         t0 = time.perf_counter()
         members = self.membership.group()
