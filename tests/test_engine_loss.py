@@ -350,6 +350,7 @@ def test_a_member_dying_while_the_group_is_rebuilt_costs_one_sync_not_the_run(mo
         sync.needs_rejoin = True
         out = await sync.sync(1)
         assert set(out) == {"sync/seconds"} and sync.failures == 1 and sync.needs_rejoin
+        assert any("weight-sync group not rebuilt (ActorDiedError" in line for line in lines), lines
         out = await sync.sync(2)  # the probe finds engine 2 gone
         assert "sync/bytes" in out and sync.membership.group() == [0, 1] and sync.served[:2] == [2, 2]
         for task in sync.watchers.values():
