@@ -13,6 +13,7 @@ from verimed.actors.controller import Controller
 from verimed.actors.weight_sync import WeightSyncCoordinator
 from verimed.core.config import load_config
 from verimed.core.rollout.errors import ParityError
+from verimed.core.rollout.membership import EngineMembership
 from verimed.core.tasks.groups import Roles
 from verimed.core.types import Array, Sample, WeightVersion
 
@@ -69,6 +70,7 @@ class SyncDouble:
 
     def __init__(self, engine: EngineDouble):
         self.engine, self.failures, self.rejoins, self.needs_rejoin = engine, 0, 0, False
+        self.membership = EngineMembership(1)  # engines lost / recovered: none here
 
     async def sync(self, version: int) -> dict[str, float]:
         await asyncio.sleep(0.002)

@@ -224,31 +224,33 @@ def test_failed_sync_keeps_serving_the_previous_version(rig):
     assert np.abs(rig.engine_logprobs() - rig.learner.score(rig.ids)).max() <= 1e-3
 
 
-def test_rejoin_waits_while_an_engine_restarts_and_gives_up_on_a_dead_one():
-    """An engine Ray reports as restarting is polled until ready; a dead one (or a deadline) raises."""
+def test_the_rejoin_probe_answers_at_once_for_a_live_restarting_dead_or_silent_engine():
+    """A rebuild never waits for an engine: a live one answers, a restarting or dead one is Ray's error,
+    a silent one (its node vanished) is EngineSilent after the probe time (tests/test_engine_loss.py: the rest)."""
     import ray
 
-    from verimed.actors.weight_sync import _until_ready
+    from verimed.actors.weight_sync import EngineSilent, _probe
 
     class Engine:  # stands in for a Ray actor handle: engine.ready.remote() -> awaitable
-        def __init__(self, unavailable: int, dead: bool = False):
-            self.unavailable, self.dead, self.calls = unavailable, dead, 0
+        def __init__(self, error: BaseException | None = None, silent: bool = False):
+            self.error, self.silent, self.calls = error, silent, 0
             self.ready = self
 
         def remote(self):
             async def call():
                 self.calls += 1
-                if self.dead:
-                    raise ray.exceptions.ActorDiedError()
-                if self.unavailable:
-                    self.unavailable -= 1
-                    raise ray.exceptions.ActorUnavailableError("restarting", None)
+                if self.silent:
+                    await asyncio.Event().wait()
+                if self.error is not None:
+                    raise self.error
+                return 0
             return call()
 
-    restarting = Engine(unavailable=2)
-    asyncio.run(_until_ready(restarting, timeout_s=30))
-    assert restarting.calls == 3
-    with pytest.raises(ray.exceptions.ActorDiedError):
-        asyncio.run(_until_ready(Engine(0, dead=True), timeout_s=30))
-    with pytest.raises(ray.exceptions.ActorUnavailableError):
-        asyncio.run(_until_ready(Engine(unavailable=10), timeout_s=0))
+    assert asyncio.run(_probe(Engine(), timeout_s=5)) is None
+    restarting = Engine(ray.exceptions.ActorUnavailableError("restarting", None))
+    assert isinstance(asyncio.run(_probe(restarting, timeout_s=5)), ray.exceptions.ActorUnavailableError)
+    assert restarting.calls == 1  # one question, no polling: the watcher asks again later
+    assert isinstance(asyncio.run(_probe(Engine(ray.exceptions.ActorDiedError()), timeout_s=5)),
+                      ray.exceptions.ActorDiedError)
+    silent = asyncio.run(_probe(Engine(silent=True), timeout_s=0.05))
+    assert isinstance(silent, EngineSilent) and "within 0.05s" in str(silent)

@@ -30,6 +30,13 @@ import numpy as np
 import ray
 
 from verimed.actors.failures import failure_origin
+from verimed.actors.faults import (
+    FaultLog,
+    LearnerLost,
+    exit_on_sigterm,
+    learner_lost_message,
+    learner_rank_of,
+)
 from verimed.actors.learner import LearnerGroup
 from verimed.actors.logs import with_log_file
 from verimed.actors.rollout import EngineGroupClient, EngineRouter, RolloutActor
@@ -119,7 +126,9 @@ class Controller:
         self.tokenizer = load_tokenizer(model_path)
         self.counters = {k: 0 for k in ("groups_failed", "groups_dropped", "groups_wrong_stage", "duplicates_dropped",
                                         "stale_dropped", "stale_rerun", "gen_tokens", "dialogues_failed",
-                                        "prompts_too_long")}
+                                        "prompts_too_long", "groups_rerun_after_failure")}
+        self.fault_log = FaultLog(run_dir)  # runs/<name>/logs/faults.log: which actor failed, where, why
+        self.actor_nodes: dict[tuple[str, int], str] = {}  # (role, replica) -> node IP, from the placement check
         self.retry: deque[Draw] = deque()  # failed or stale draws, re-run first: no gaps in the ledger
         self.in_flight: dict[int, Draw] = {}  # started, not finished: checkpointed and re-run on resume
         self.rerun_after: dict[int, Draw] = {}  # stale slices of a dialogue still running: re-run when it ends
@@ -164,7 +173,8 @@ class Controller:
         self.router = EngineRouter(self.engines)
         self.roles = Roles(simulator=Remote(self.simulator), rubrics=Remote(self.rubric_generator),
                            judge=Remote(self.verifier), generate=self._generate, tokenizer=self.tokenizer)
-        self.sync = WeightSyncCoordinator(cfg, self.learners, self.engines, self.tokenizer, router=self.router)
+        self.sync = WeightSyncCoordinator(cfg, self.learners, self.engines, self.tokenizer, router=self.router,
+                                          report=lambda line: self.fault_log(self.version, line))
         await self.sync.init()
         await self._verify_placement()
 
@@ -271,7 +281,9 @@ class Controller:
                     ("verifier", 0): self.verifier}
         if self.reference is not None:
             handles |= {("reference", r): a for r, a in enumerate(self.reference.actors)}
-        await verify_placement(self.plan, self.placements, handles, self.run_dir / "placement.json")
+        locations = await verify_placement(self.plan, self.placements, handles, self.run_dir / "placement.json")
+        self.actor_nodes = {(loc.role, loc.replica): loc.node_ip for loc in locations}  # named in fault lines
+        self.sync.engine_nodes = {i: self.actor_nodes[("rollout", i)] for i in range(len(self.engines))}
 
     async def _generate(self, uid_prefix, prompt_ids, n, seed, rollout=None):
         """G samples on the least-loaded engine, with the sampling settings of the draw's stage (``rollout``)."""
@@ -350,6 +362,7 @@ class Controller:
         self.faults.record(kind, step=self.version + 1, draw=draw.draw, actor=actor, cause=cause)
         if kind == "actor_died":
             self.sync.needs_rejoin = True  # a restarted engine is on its initial weights, outside the group
+            self.counters["groups_rerun_after_failure"] += 1
         if self.retry_policy.gives_up(attempts):
             self.draw_attempts.pop(draw.draw, None)
             self.consecutive_failed_draws += 1
@@ -448,7 +461,7 @@ class Controller:
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
-        sink = MetricsSink(cfg, self.run_dir, [st.name for st in self.stages])
+        sink = self.sink = MetricsSink(cfg, self.run_dir, [st.name for st in self.stages])
         start = time.perf_counter()
         await self.start()
         if self.resume:
@@ -457,11 +470,15 @@ class Controller:
         producer = asyncio.create_task(self.produce())
         try:
             while self.version < cfg.run.steps:
-                metrics = await self.step()
-                sink.log(self.version, metrics)
-                every = cfg.run.checkpoint_every
-                if self.version == cfg.run.steps or (every and self.version % every == 0):
-                    await self.save_checkpoint()
+                try:
+                    metrics = await self.step()
+                    sink.log(self.version, metrics)
+                    every = cfg.run.checkpoint_every
+                    if self.version == cfg.run.steps or (every and self.version % every == 0):
+                        await self.save_checkpoint()
+                except ray.exceptions.RayActorError as exc:
+                    self._stop_if_learner_lost(exc)
+                    raise
             if tail := await self.eval_runner.drain():  # background evaluations still running
                 sink.log(self.version, tail)
         finally:
@@ -471,6 +488,18 @@ class Controller:
         await self.learners.save_hf(str(final), self.model_path)
         print(f"verimed: report {report}, final checkpoint {final}", file=sys.stderr)
         return self.run_dir
+
+    def _stop_if_learner_lost(self, exc: BaseException) -> None:
+        """A learner rank died (no restart: its optimizer state and process group are gone): LearnerLost,
+        naming the rank, its node and the checkpoint to resume from. Other actors' errors pass."""
+        rank = learner_rank_of(exc, self.learners.actors)
+        if rank is None:
+            return
+        message = learner_lost_message(rank, self.actor_nodes.get(("learner", rank)), exc, self.version, self.run_dir)
+        self.fault_log(self.version, message)
+        # The step that did not finish: a resumed run re-does it and its row.
+        self.sink.log(self.version + 1, {"counters/learner_lost": 1.0, "faults/learner_rank": float(rank)})
+        raise LearnerLost(message) from exc
 
     # ------------------------------------------------------------ checkpoints
 
@@ -613,6 +642,9 @@ class Controller:
             "throughput/train_tokens_per_s": float(batch.loss_mask.numpy().sum()) / step_s,
             "version": float(self.version), "ledger/consumed": float(len(self.ledger)),
             "counters/sync_failures": float(self.sync.failures), "counters/engine_restarts": float(self.sync.rejoins),
+            "counters/engines_lost": float(self.sync.membership.lost_total),
+            "counters/engines_recovered": float(self.sync.membership.recovered_total),
+            "engines/in_rotation": float(self.sync.membership.in_rotation()),
             **{f"counters/{k}": float(v) for k, v in self.counters.items()},
             **self.faults.step_metrics(), **self.router.metrics("generate"),
         })
@@ -646,4 +678,6 @@ class Controller:
 def run_training(cfg: Config, run_dir: Path, model_path: str, resume: bool = False, verbose: bool = False) -> Path:
     import uvloop
 
-    return uvloop.run(Controller(cfg, run_dir, model_path, resume, verbose).run())
+    controller = Controller(cfg, run_dir, model_path, resume, verbose)
+    with exit_on_sigterm(run_dir, lambda: controller.version):  # `ray job stop`: say where to resume from
+        return uvloop.run(controller.run())

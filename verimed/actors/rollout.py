@@ -160,7 +160,8 @@ class EngineRouter:
     router sent), which needs no extra round trip per request. Engines in ``skip``
     (set by :class:`verimed.actors.weight_sync.WeightSyncCoordinator`: they missed a
     sync and serve older weights than the others) get no requests until they catch
-    up, unless every engine is in it.
+    up, unless every engine is in it. ``on_actor_error(i, exc)``, when set, hears of
+    every Ray actor error of engine i (its node died, or it restarted) before the caller does.
     """
 
     def __init__(self, actors: list):
@@ -169,6 +170,7 @@ class EngineRouter:
         self.skip: frozenset[int] = frozenset()
         self.latency_s: dict[str, list[float | None]] = {}  # method -> per-engine EWMA latency (s)
         self.completed: dict[str, list[int]] = {}  # method -> per-engine requests answered
+        self.on_actor_error = None
 
     def pick(self, affinity_key: str | None = None, method: str = "generate") -> int:
         live = [i for i in range(len(self.actors)) if i not in self.skip] or list(range(len(self.actors)))
@@ -182,6 +184,10 @@ class EngineRouter:
         start = time.perf_counter()
         try:
             result = await getattr(self.actors[i], method).remote(*args, **kwargs)
+        except ray.exceptions.RayActorError as exc:
+            if self.on_actor_error is not None:
+                self.on_actor_error(i, exc)
+            raise
         finally:
             self.inflight[i] -= 1
         # Only answered requests are measured: a failure says nothing about the engine's speed.

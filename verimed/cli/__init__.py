@@ -6,7 +6,7 @@
     verimed plan CONFIG [--cluster-resources SPEC] [--simulate PROFILE [--steps N] [--time-scale X]]
     verimed export RUN_DIR OUT_DIR
     verimed ledger RUN_DIR          (exactly-once check: no sample trained twice, no draw lost)
-    verimed cluster up --nodes N --gpus-per-node G --cpus-per-node C | down | status
+    verimed cluster up --nodes N --gpus-per-node G --cpus-per-node C | down | status | kill-node | start-node
 
 Heavy modules (torch, ray, vllm) are imported only after the arguments are
 parsed, so ``--help`` and ``--print-config`` are instant. Argument parsing,

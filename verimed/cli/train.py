@@ -48,8 +48,13 @@ def train(args: argparse.Namespace) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     init_ray(cfg, args.verbose)
     from verimed.actors.controller import run_training
+    from verimed.actors.faults import LearnerLost
 
-    run_training(cfg, run_dir, model_path, resume=bool(args.resume), verbose=args.verbose)
+    try:
+        run_training(cfg, run_dir, model_path, resume=bool(args.resume), verbose=args.verbose)
+    except LearnerLost as exc:  # the message names the rank, its node and the checkpoint to resume from
+        print(f"verimed: error: {exc}", file=sys.stderr)
+        return 3
     print(run_dir.resolve())
     return 0
 

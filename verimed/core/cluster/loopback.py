@@ -2,6 +2,8 @@
 
     verimed cluster up --nodes 2 --gpus-per-node 8 --cpus-per-node 64
     ray job submit --address http://127.0.0.2:8265 --working-dir . -- verimed train CONFIG
+    verimed cluster kill-node --node 1      # node 1 dies like a machine (SIGKILL of all its processes)
+    verimed cluster start-node --node 1     # and joins again with its address and resources
     verimed cluster down
 
 Node k (0-based) is one ``ray start`` on its own address 127.0.0.(k + 2) with G logical
@@ -40,6 +42,7 @@ import msgspec
 
 from verimed.core.cluster.processes import (
     job_driver_sessions,
+    kill_sessions,
     session_members,
     stop_sessions,
 )
@@ -71,6 +74,9 @@ class LoopbackSpec(msgspec.Struct, frozen=True, kw_only=True):
     gpus_per_node: int
     cpus_per_node: int
     memory_per_node: int | None = None  # bytes of Ray's "memory" resource; None: Ray's default (free RAM)
+    # Logical GPUs of the head (node 0); None: gpus_per_node. 0 gives a CPU head, as on clusters whose head
+    # runs only the driver and the CPU clients: every GPU actor then lands on a worker node.
+    head_gpus: int | None = None
     object_store_bytes: int = DEFAULT_OBJECT_STORE_BYTES
     temp_dir: str = DEFAULT_TEMP_DIR
     port: int = DEFAULT_PORT  # the head's GCS port; every other port of the cluster is derived from it
@@ -82,6 +88,8 @@ class LoopbackSpec(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError(f"--nodes {self.nodes}: expected 1 to {MAX_NODES} (one 127.0.0.x address per node)")
         if self.gpus_per_node < 0:
             raise ValueError(f"--gpus-per-node {self.gpus_per_node}: expected 0 or more logical GPUs")
+        if self.head_gpus is not None and self.head_gpus < 0:
+            raise ValueError(f"--head-gpus {self.head_gpus}: expected 0 or more logical GPUs")
         if self.cpus_per_node < 1:
             raise ValueError(f"--cpus-per-node {self.cpus_per_node}: expected at least 1 logical CPU")
         if self.memory_per_node is not None and self.memory_per_node <= 0:
@@ -136,8 +144,9 @@ def start_command(spec: LoopbackSpec, k: int, ray_bin: str) -> list[str]:
     ports = node_ports(spec.port, k)
     low, high = worker_ports(spec.port, k)
     ip = node_ip(k)
+    gpus = spec.head_gpus if k == 0 and spec.head_gpus is not None else spec.gpus_per_node
     cmd = [ray_bin, "start", f"--node-ip-address={ip}", f"--num-cpus={spec.cpus_per_node}",
-           f"--num-gpus={spec.gpus_per_node}", f"--object-store-memory={spec.object_store_bytes}",
+           f"--num-gpus={gpus}", f"--object-store-memory={spec.object_store_bytes}",
            f"--temp-dir={spec.temp_dir}", "--disable-usage-stats",
            f"--node-manager-port={ports['node_manager']}", f"--object-manager-port={ports['object_manager']}",
            f"--metrics-export-port={ports['metrics_export']}",
@@ -261,9 +270,9 @@ def _tail(path: str, lines: int = 15) -> str:
         return "(no log)"
 
 
-def _start_node(spec: LoopbackSpec, k: int, ray_bin: str, env: dict[str, str], log_dir: Path):
+def _start_node(spec: LoopbackSpec, k: int, ray_bin: str, env: dict[str, str], log_dir: Path, append: bool = False):
     log = log_dir / f"node-{k}.log"
-    with open(log, "wb") as out:
+    with open(log, "ab" if append else "wb") as out:  # a rejoining node keeps its first life's log
         # A session of its own: `down` finds every process of this node by its session id.
         proc = subprocess.Popen(start_command(spec, k, ray_bin), env=env, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
@@ -380,3 +389,63 @@ def status(temp_dir: str) -> str:
         ray_view = "ALIVE" if n.ip in alive else "not alive"
         lines.append(f"  node {n.index:<3} {n.ip:<12} {ray_view:<10} {procs} processes  log {n.log}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- losing a node
+
+
+def _worker_node(temp_dir: str, k: int) -> tuple[ClusterState, NodeState]:
+    """The state and node k of the cluster under ``temp_dir``; LoopbackError unless k is a worker node of it."""
+    state = read_state(temp_dir)
+    if state is None:
+        raise LoopbackError(f"no loopback cluster state file at {state_path(temp_dir)} (pass the --temp-dir "
+                            "given to `verimed cluster up`)")
+    if not 0 <= k < len(state.nodes):
+        raise LoopbackError(f"--node {k}: this cluster has nodes 0..{len(state.nodes) - 1}")
+    if k == 0:
+        raise LoopbackError("--node 0 is the head (GCS, dashboard, job drivers): the cluster ends with it; "
+                            "pick a worker node 1.., or stop the cluster with `verimed cluster down`")
+    return state, state.nodes[k]
+
+
+def kill_node(temp_dir: str, k: int) -> tuple[NodeState, int]:
+    """Worker node k dies like a machine: SIGKILL, at once, of every process of its session (raylet, agents,
+    the actors' worker processes). Returns (the node, how many processes were killed)."""
+    _, node = _worker_node(temp_dir, k)
+    members = session_members(node.session)
+    if not members:
+        raise LoopbackError(f"node {k} ({node.ip}) has no live processes: it is already down "
+                            f"(`verimed cluster start-node --node {k} --temp-dir {temp_dir}` brings it back)")
+    return node, kill_sessions([node.session])
+
+
+def start_node(temp_dir: str, k: int, ray_bin: str, *, timeout_s: float = 300.0,
+               base_env: dict[str, str] | None = None) -> ClusterState:
+    """Worker node k, lost, joins again with its address, ports and resources; the state file records its new
+    session. Waits until the head no longer lists the old node as alive (a rejoin under the same address
+    before that would race Ray's own failure detection), then until the new one is."""
+    state, node = _worker_node(temp_dir, k)
+    if session_members(node.session):
+        raise LoopbackError(f"node {k} ({node.ip}) is running ({len(session_members(node.session))} processes): "
+                            f"`verimed cluster kill-node --node {k}` first")
+    if not Path(ray_bin).is_file():
+        raise LoopbackError(f"{ray_bin}: no `ray` executable (pip install 'ray[default]' in this environment)")
+    deadline = time.monotonic() + timeout_s
+    while node.ip in _alive_ips(state.dashboard_url):
+        if time.monotonic() > deadline:
+            raise LoopbackError(f"the head still lists node {k} ({node.ip}) as alive after {timeout_s:g}s")
+        time.sleep(1.0)
+    env = node_env(dict(os.environ if base_env is None else base_env), ray_bin)
+    proc, new = _start_node(state.spec, k, ray_bin, env, Path(node.log).parent, append=True)
+    nodes = tuple(new if n.index == k else n for n in state.nodes)
+    _write_state(msgspec.structs.replace(state, nodes=nodes))  # from here on `down` stops it too
+    _wait_started([(proc, new)], deadline - time.monotonic())
+    _wait_alive(state.spec, deadline)
+    return read_state(temp_dir)
+
+
+def _alive_ips(url: str) -> set[str]:
+    try:
+        return {n["node_ip"] for n in alive_nodes(url)}
+    except (OSError, urllib.error.URLError, KeyError, ValueError) as exc:
+        raise LoopbackError(f"the head's dashboard {url} does not answer ({exc}): is the cluster up?") from None

@@ -66,6 +66,21 @@ def _signal_all(pids: list[int], sig: int) -> None:
             pass
 
 
+def kill_sessions(sessions: list[int]) -> int:
+    """SIGKILL every process of ``sessions`` at once, as a machine that loses power (nothing shuts down
+    cleanly, nobody is told); return how many there were. ProcessError if one survives 10 s."""
+    members = [p for s in sessions for p in session_members(s)]
+    _signal_all(members, signal.SIGKILL)
+    deadline = time.monotonic() + 10.0
+    while time.monotonic() < deadline and any(session_members(s) for s in sessions):
+        _signal_all([p for s in sessions for p in session_members(s)], signal.SIGKILL)  # forked meanwhile
+        time.sleep(0.1)
+    still = [p for s in sessions for p in session_members(s)]
+    if still:
+        raise ProcessError(f"processes {still} of sessions {sessions} survived SIGKILL")
+    return len(members)
+
+
 def stop_sessions(sessions: list[int], grace_s: float = 15.0) -> int:
     """SIGTERM every process of ``sessions``, SIGKILL what is left after ``grace_s``; return how many there were.
 
