@@ -111,11 +111,11 @@ def test_fault_lines_name_the_actor_its_node_the_cause_and_how_to_resume(tmp_pat
     import ray
 
     from verimed.actors.faults import (
-        FaultLog,
         describe_error,
         learner_lost_message,
         learner_rank_of,
     )
+    from verimed.core.train.faults import FaultCounters
 
     class Handle:  # a Ray actor handle's id, as learner_rank_of reads it
         def __init__(self, hex_id):
@@ -138,9 +138,9 @@ def test_fault_lines_name_the_actor_its_node_the_cause_and_how_to_resume(tmp_pat
     (tmp_path / "checkpoints" / "step-000004").mkdir(parents=True)
     assert (f"the newest checkpoint is {tmp_path / 'checkpoints' / 'step-000004'}; resume with"
             in learner_lost_message(0, None, died, 4, tmp_path))
-    log = FaultLog(tmp_path)
-    log(4, "engine rollout-2 on 127.0.0.4 lost (ActorDiedError: ...)")
-    log(5, "engine rollout-2 recovered: synced to version 9, routed again")
+    log = FaultCounters(tmp_path / "logs" / "faults.log")
+    log.note(4, "engine rollout-2 on 127.0.0.4 lost (ActorDiedError: ...)")
+    log.note(5, "engine rollout-2 recovered: synced to version 9, routed again")
     lines = (tmp_path / "logs" / "faults.log").read_text().splitlines()
     assert [re.sub(r"^\S+ ", "", line) for line in lines] == [
         "step 4: engine rollout-2 on 127.0.0.4 lost (ActorDiedError: ...)",

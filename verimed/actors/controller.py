@@ -31,7 +31,6 @@ import ray
 
 from verimed.actors.failures import failure_origin
 from verimed.actors.faults import (
-    FaultLog,
     LearnerLost,
     exit_on_sigterm,
     learner_lost_message,
@@ -127,7 +126,6 @@ class Controller:
         self.counters = {k: 0 for k in ("groups_failed", "groups_dropped", "groups_wrong_stage", "duplicates_dropped",
                                         "stale_dropped", "stale_rerun", "gen_tokens", "dialogues_failed",
                                         "prompts_too_long", "groups_rerun_after_failure")}
-        self.fault_log = FaultLog(run_dir)  # runs/<name>/logs/faults.log: which actor failed, where, why
         self.actor_nodes: dict[tuple[str, int], str] = {}  # (role, replica) -> node IP, from the placement check
         self.retry: deque[Draw] = deque()  # failed or stale draws, re-run first: no gaps in the ledger
         self.in_flight: dict[int, Draw] = {}  # started, not finished: checkpointed and re-run on resume
@@ -174,7 +172,7 @@ class Controller:
         self.roles = Roles(simulator=Remote(self.simulator), rubrics=Remote(self.rubric_generator),
                            judge=Remote(self.verifier), generate=self._generate, tokenizer=self.tokenizer)
         self.sync = WeightSyncCoordinator(cfg, self.learners, self.engines, self.tokenizer, router=self.router,
-                                          report=lambda line: self.fault_log(self.version, line))
+                                          report=lambda line: self.faults.note(self.version, line))
         await self.sync.init()
         await self._verify_placement()
 
@@ -496,7 +494,7 @@ class Controller:
         if rank is None:
             return
         message = learner_lost_message(rank, self.actor_nodes.get(("learner", rank)), exc, self.version, self.run_dir)
-        self.fault_log(self.version, message)
+        self.faults.note(self.version, message)
         # The step that did not finish: a resumed run re-does it and its row.
         self.sink.log(self.version + 1, {"counters/learner_lost": 1.0, "faults/learner_rank": float(rank)})
         raise LearnerLost(message) from exc

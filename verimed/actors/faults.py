@@ -14,12 +14,11 @@ import contextlib
 import json
 import os
 import signal
-import sys
 import threading
-import time
 from pathlib import Path
 
 from verimed.core.train.checkpoint import latest_checkpoint
+from verimed.core.train.faults import FaultCounters
 
 FAULT_LOG = "faults.log"
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM
@@ -27,20 +26,6 @@ SIGTERM_EXIT_CODE = 128 + signal.SIGTERM  # what a shell reports for a process e
 
 class LearnerLost(RuntimeError):
     """A learner rank's actor died (its node is gone): the run cannot go on; the message says how to resume."""
-
-
-class FaultLog:
-    """``log(step, line)``: one line on stderr and in ``run_dir/logs/faults.log``."""
-
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / "logs" / FAULT_LOG
-
-    def __call__(self, step: int, line: str) -> None:
-        print(f"verimed: step {step}: {line}", file=sys.stderr, flush=True)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(f"{stamp} step {step}: {line}\n")
 
 
 def describe_error(exc: BaseException, limit: int = 400) -> str:
@@ -84,7 +69,8 @@ def exit_on_sigterm(run_dir: Path, version_of):
     """
     def stop(signum, frame):
         version = version_of()
-        FaultLog(run_dir)(version, f"stopped by SIGTERM at version {version}: {resume_hint(run_dir)}")
+        FaultCounters(Path(run_dir) / "logs" / FAULT_LOG).note(
+            version, f"stopped by SIGTERM at version {version}: {resume_hint(run_dir)}")
         # The step that did not finish gets the counter (a resumed run re-does that step and its row).
         # Straight to the file: W&B's client threads are not safe to enter from a signal handler.
         with (Path(run_dir) / "metrics.jsonl").open("a", encoding="utf-8") as f:

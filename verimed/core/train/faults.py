@@ -17,6 +17,7 @@ event: per-step counts ``faults/<kind>`` (the step it happened at) and cumulativ
 """
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -99,11 +100,20 @@ class FaultCounters:
         self.total[kind] += 1
         self.since_step[kind] += 1
         self.events.append(event)
+        self._append(format_event(event))
+        return event
+
+    def note(self, step: int, line: str) -> None:
+        """A free-form line (an engine lost or back, a group rebuilt) on stderr and in logs/faults.log, in
+        the ``<UTC time> step <s>: <what>`` shape of every line there; the counters are the caller's."""
+        print(f"verimed: step {step}: {line}", file=sys.stderr, flush=True)
+        self._append(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} step {step}: {line}")
+
+    def _append(self, line: str) -> None:
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             with self.log_path.open("a", encoding="utf-8") as f:
-                f.write(format_event(event) + "\n")
-        return event
+                f.write(line + "\n")
 
     def step_metrics(self) -> dict[str, float]:
         out = {f"faults/{k}": float(n) for k, n in self.since_step.items()}
