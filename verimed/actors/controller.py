@@ -568,6 +568,12 @@ class Controller:
             if taken.batch is not None:
                 # Oldest first; a batch in schedule order makes runs reproducible (the order varies with timing).
                 return [entry.item[1] for entry in sorted(taken.batch, key=lambda e: e.order)]
+            if self.sync.membership.returned and not self.sync.membership.in_rotation():
+                # Every engine was lost and one is back on its initial weights: what it generates is
+                # stale, and the step's own sync needs a batch first. The learner is idle (this loop
+                # waits for that batch): bring the returned engines to this version now.
+                await self.sync.sync(self.version)
+                continue
             self.delivered.clear()
             try:
                 await asyncio.wait_for(self.delivered.wait(), timeout=5.0)
