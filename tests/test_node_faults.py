@@ -327,6 +327,18 @@ def test_engine_node_lost_the_run_goes_on_and_the_engines_rejoin_up_to_date(clus
     assert report.ok, report.summary()
 
 
+def _resume_to_the_end_exactly_once(state, runs: Path, name: str, overrides: list[str], steps: int,
+                                    expected_in_log: str) -> None:
+    """``verimed train --resume`` of a stopped job: it says ``expected_in_log``, reaches the last step,
+    and the run's ledger is exactly-once."""
+    resumed = Job(state, runs, name, overrides, resume=True)
+    rc, log = resumed.wait()
+    assert rc == 0 and expected_in_log in log, log[-3000:]
+    assert sorted(resumed.rows()) == list(range(1, steps + 1))
+    report = check_exactly_once(resumed.run)
+    assert report.ok, report.summary()
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_learner_node_lost_stops_with_the_resume_command_and_resume_finishes_exactly_once(cluster, tmp_path):
@@ -353,12 +365,7 @@ def test_learner_node_lost_stops_with_the_resume_command_and_resume_finishes_exa
     assert expected in (job.run / "logs" / "faults.log").read_text()
     lost_row = job.rows()[max(job.rows())]
     assert (lost_row.get("counters/learner_lost"), lost_row.get("faults/learner_rank")) == (1.0, 0.0), lost_row
-    resumed = Job(state, runs, "learner-lost", overrides, resume=True)
-    rc, log = resumed.wait()
-    assert rc == 0 and "resumed" in log, log[-3000:]
-    assert sorted(resumed.rows()) == list(range(1, steps + 1))
-    report = check_exactly_once(job.run)
-    assert report.ok, report.summary()
+    _resume_to_the_end_exactly_once(state, runs, "learner-lost", overrides, steps, "resumed")
 
 
 @pytest.mark.integration
@@ -381,10 +388,4 @@ def test_ray_job_stop_then_resume_finishes_exactly_once(cluster, tmp_path):
     assert "stopped by SIGTERM at version" in log and f"--resume {job.run}`" in log, log[-3000:]
     stopped_row = job.rows()[max(job.rows())]
     assert stopped_row.get("counters/job_stopped") == 1.0, stopped_row
-    stopped_at = latest_checkpoint(job.run)
-    resumed = Job(state, runs, "stopped", overrides, resume=True)
-    rc, log = resumed.wait()
-    assert rc == 0 and f"resumed {stopped_at}" in log, log[-3000:]
-    assert sorted(resumed.rows()) == list(range(1, steps + 1))
-    report = check_exactly_once(job.run)
-    assert report.ok, report.summary()
+    _resume_to_the_end_exactly_once(state, runs, "stopped", overrides, steps, f"resumed {latest_checkpoint(job.run)}")
