@@ -64,6 +64,9 @@ RESOURCE_EVERY_S = 1.0
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engines", type=int, default=64, help="emulated rollout engines (placement.rollout.replicas)")
+    p.add_argument("--learners", type=int, default=8,
+                   help="emulated learner ranks (placement.learner.replicas): with one, 64 engines outrun it and "
+                        "finished groups wait in the buffer instead of generating")
     p.add_argument("--prompts-per-step", type=int, default=512, help="B groups per learner step")
     p.add_argument("--group-size", type=int, default=16, help="G samples per group")
     p.add_argument("--max-staleness", type=int, default=7, help="S: (S+1)·B groups may be admitted at once")
@@ -79,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-dir", type=Path, default=None, help="default: runs/scale/<UTC time>")
     p.add_argument("--override", nargs="*", default=[], help="more dotted config overrides")
     args = p.parse_args(argv)
-    for name in ("engines", "prompts_per_step", "group_size", "steps", "max_tokens"):
+    for name in ("engines", "learners", "prompts_per_step", "group_size", "steps", "max_tokens"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.max_staleness < 0:
@@ -100,9 +103,9 @@ def overrides(args: argparse.Namespace, run_dir: Path) -> list[str]:
         f"rollout.prompts_per_step={args.prompts_per_step}", f"rollout.group_size={args.group_size}",
         f"rollout.max_tokens={args.max_tokens}", f"async.max_staleness={args.max_staleness}",
         f"stages=[{{name: {args.stage_kind}, kind: {args.stage_kind}, steps: {args.steps}, data: {data}}}]",
-        # Logical GPUs, one per engine and one learner rank; no CPU reservations (2 real cores here).
+        # Logical GPUs, one per engine and per learner rank; no CPU reservations (2 real cores here).
         f"placement.rollout.replicas={args.engines}", "placement.rollout.gpus_per_replica=1",
-        "placement.rollout.cpus_per_replica=0", "placement.learner.replicas=1",
+        "placement.rollout.cpus_per_replica=0", f"placement.learner.replicas={args.learners}",
         "placement.learner.gpus_per_replica=1", "placement.learner.cpus_per_replica=0",
         "stage_eval.healthbench=0", "stage_eval.consultations=0", "metrics.wandb=disabled",
         "metrics.console=false", "grpo.dynamic_sampling=false",

@@ -100,7 +100,33 @@ def test_stage_eval_runs_examples_concurrently_within_its_bound():
     out = asyncio.run(evaluate(roles, cfg, pools, 0, 3, concurrency=4))
     # 4 requests in flight at once (never more): concurrent, within its bound (no wall-clock check:
     # a loaded CI machine must not fail it).
-    assert out["eval/healthbench"] == 1.0 and roles.max_in_flight == 4
+    assert out == {"eval/items_failed": 0.0, "eval/healthbench": 1.0} and roles.max_in_flight == 4
+
+
+class FlakyJudgeRoles(SlowRoles):
+    """The judge raises for the responses to the examples named in ``down``, like a server past its retries."""
+
+    def __init__(self, down: set[str]):
+        super().__init__(0.0)
+        self.down = down
+
+    async def grade(self, messages, response, items):
+        if messages[-1].content in self.down:
+            raise ConnectionError("judge server unreachable")
+        return await super().grade(messages, response, items)
+
+
+def test_a_failed_evaluation_item_is_counted_and_the_others_scored(capsys):
+    cfg = load_config(None, [])
+    examples, _ = load_healthbench()
+    pools = SimpleNamespace(eval_healthbench=examples[:3], eval_cases=[])
+    out = asyncio.run(evaluate(FlakyJudgeRoles({examples[1].messages[-1].content}), cfg, pools, 0, 3))
+    assert out == {"eval/items_failed": 1.0, "eval/healthbench": 1.0}
+    assert f"healthbench {examples[1].prompt_id}: ConnectionError" in capsys.readouterr().err
+    # every item failed: no score to report, the evaluation itself fails (eval/failed)
+    every = {ex.messages[-1].content for ex in examples[:3]}
+    with pytest.raises(RuntimeError, match="every one of the 3 evaluation items failed"):
+        asyncio.run(evaluate(FlakyJudgeRoles(every), cfg, pools, 0, 3))
 
 
 def test_background_runner_reports_when_ready_and_blocking_runner_waits():

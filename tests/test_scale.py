@@ -27,7 +27,7 @@ FIGURES = ("cpu_ms_per_sample", "lag_p50_ms", "lag_p99_ms", "lag_max_ms", "rss_r
 
 def test_scale_bench_small(tmp_path):
     out = subprocess.run(
-        [sys.executable, "bench/scale.py", "--engines", str(ENGINES), "--prompts-per-step", str(B), "--group-size", str(G),
+        [sys.executable, "bench/scale.py", "--engines", str(ENGINES), "--learners", "1", "--prompts-per-step", str(B), "--group-size", str(G),
          "--max-staleness", str(S), "--steps", str(STEPS), "--warmup", str(WARMUP), "--time-scale", "100",
          "--output-dir", str(tmp_path)],
         cwd=REPO, capture_output=True, text=True, timeout=900, check=False,

@@ -36,7 +36,12 @@ EVAL_DRAW_BASE = 10**9
 async def evaluate(roles: Roles, stage_cfg: Any, pools: DataPools, stage_index: int, max_slices: int,
                    concurrency: int = 8) -> dict[str, float]:
     """Held-out scores with the current policy: HealthBench (own rubrics, one sample each,
-    clipped HealthBench score) and simulator consultations (mean rubric score of the slices)."""
+    clipped HealthBench score) and simulator consultations (mean rubric score of the slices).
+
+    An item whose generation, simulator, rubric or judge call raised (a server down past its
+    retries) is left out of the means and counted in ``eval/items_failed``, its cause on stderr:
+    one unreachable reply must not void the other items' scores. When every item failed the
+    evaluation raises (``StageEvalRunner`` reports ``eval/failed``)."""
     base = EVAL_DRAW_BASE + stage_index * 100_000
     room = stage_cfg.model.max_model_len - stage_cfg.rollout.max_tokens
     slots = asyncio.Semaphore(concurrency)
@@ -55,14 +60,32 @@ async def evaluate(roles: Roles, stage_cfg: Any, pools: DataPools, stage_index: 
                                             continuation="best", n=1)
             return consultation_score(results)
 
-    hb = await asyncio.gather(*(healthbench(i, ex) for i, ex in enumerate(pools.eval_healthbench)))
-    consult = await asyncio.gather(*(consultation(i, case) for i, case in enumerate(pools.eval_cases)))
+    failures: list[str] = []
+
+    async def guarded(what: str, item: Awaitable[float | None]) -> float | None:
+        try:
+            return await item
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            failures.append(f"{what}: {type(exc).__name__}: {str(exc)[:200]}")
+            print(f"verimed: evaluation item failed ({failures[-1]})", file=sys.stderr)
+            return None
+
+    hb = await asyncio.gather(*(guarded(f"healthbench {ex.prompt_id}", healthbench(i, ex))
+                                for i, ex in enumerate(pools.eval_healthbench)))
+    consult = await asyncio.gather(*(guarded(f"consultation {case.case_id}", consultation(i, case))
+                                     for i, case in enumerate(pools.eval_cases)))
+    n_items = len(pools.eval_healthbench) + len(pools.eval_cases)
+    if n_items and len(failures) == n_items:
+        raise RuntimeError(f"every one of the {n_items} evaluation items failed; first: {failures[0]}")
     hb_scores = [s for s in hb if s is not None]
-    out = {}
+    consult_scores = [s for s in consult if s is not None]
+    out = {"eval/items_failed": float(len(failures))}
     if hb_scores:
         out["eval/healthbench"] = float(np.mean(hb_scores))
-    if consult:
-        out["eval/consultation"] = float(np.mean(consult))
+    if consult_scores:
+        out["eval/consultation"] = float(np.mean(consult_scores))
     return out
 
 

@@ -9,6 +9,7 @@ them (:mod:`verimed.core.tasks.groups`). Multi-turn draws go through
 """
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any, Callable
 
@@ -51,6 +52,13 @@ async def rule_group(roles: Roles, cfg: Config, prompt: Prompt, draw: int, corre
     """
     samples = await roles.generate(group_uid(draw), prompt_ids(roles.tokenizer, prompt.messages),
                                    cfg.rollout.group_size, cfg.run.seed + draw * 1000, rollout=cfg.rollout)
+    # Checking G replies is regex work (~0.2 ms a reply): in a worker thread, so that a burst of
+    # groups finishing together is not one long turn of the controller's event loop (bench/scale.py).
+    return await asyncio.to_thread(_rule_scored, cfg, prompt, samples, correct, format_weight)
+
+
+def _rule_scored(cfg: Config, prompt: Prompt, samples: list, correct: Callable[[str], bool],
+                 format_weight: float) -> GroupResult:
     accuracy = np.asarray([1.0 if correct(s.text) else 0.0 for s in samples])
     scores = accuracy + format_weight * np.asarray([format_reward(s.text) for s in samples])
     return scored_group(cfg, prompt, samples, scores, reported_scores=accuracy)
