@@ -120,7 +120,7 @@ def test_train_with_every_llm_role_on_the_server_under_faults(proxy, tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "llm" / "metrics.jsonl").read_text().splitlines()]
-    unavailable = [r["step"] for r in rows if any(k.endswith("/unavailable") for k in r)]
+    unavailable = [r["step"] for r in rows if any(k.endswith("/unavailable") and v for k, v in r.items())]
     last = [r for r in rows if all(f"llm/{role}/calls" in r for role in ("judge", "simulator", "rubric_generator"))][-1]
     roles = ("judge", "simulator", "rubric_generator")
     retries = sum(last[f"llm/{r}/retries"] for r in roles)
