@@ -78,7 +78,7 @@ from verimed.core.train.reference import reference_model_path
 # attempts with nothing succeeding in between: a service that stays down, or a broken config.
 MAX_CONSECUTIVE_FAILED_DRAWS = 16
 # The producer yields to the event loop after starting this many groups in a row.
-START_BURST = 16
+START_BURST = 4
 
 
 class PromptTooLong(ValueError):
@@ -313,7 +313,8 @@ class Controller:
                 started += 1
                 if started % START_BURST == 0:
                     # Each new group builds its prompt and sends a Ray call in the loop's next turn:
-                    # 512 at once blocked the loop for a quarter second (bench/scale.py).
+                    # 512 at once blocked the loop for a quarter second, 16 still ~60 ms on a loaded box
+                    # (a Ray actor call costs milliseconds to submit there: bench/scale.py).
                     await asyncio.sleep(0)
             self.wake.clear()  # no await since the last can_start: no wake-up is lost
             await self.wake.wait()

@@ -6,6 +6,7 @@ all ranks; rank 0 also hosts the weight-sync group (DESIGN §5).
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 
@@ -171,6 +172,10 @@ class LearnerGroup:
         if self.setups:
             await _gather(self.setups)
             self.setups = []
+        # A TrainBatch goes into the object store once, serialised in a worker thread: passed as is,
+        # each rank's .remote() pickled it again in the event loop (8 ranks x ~50 MB at B·G = 8192
+        # held the controller's loop for most of a second and doubled its RSS: bench/scale.py).
+        args = tuple([await asyncio.to_thread(ray.put, a) if isinstance(a, TrainBatch) else a for a in args])
         return await _gather([getattr(a, method).remote(*args) for a in self.actors])
 
     async def train_step(self, batch: TrainBatch, grpo_cfg: GRPOConfig | None = None) -> dict[str, float]:
@@ -198,6 +203,4 @@ class LearnerGroup:
 
 
 async def _gather(refs):
-    import asyncio
-
     return await asyncio.gather(*refs)

@@ -62,7 +62,21 @@ def vignette(case: Case, max_findings: int = 8) -> str:
     return "\n".join(p for p in parts if not p.endswith(": "))
 
 
+# id(case) -> (case, its diagnosis prompt): a case is drawn again and again, and its vignette costs
+# ~0.3 ms of regex work (bench/scale.py). The case is kept beside its prompt, so a reused id of a
+# freed case never hits (Case holds dicts: it cannot be a hash key itself).
+_DIAGNOSIS_PROMPTS: dict[int, tuple[Case, tuple[Turn, ...]]] = {}
+_DIAGNOSIS_PROMPTS_MAX = 4096
+
+
 def diagnosis_prompt(case: Case) -> list[Turn]:
     """System + user turn asking for the most likely diagnosis of the case vignette."""
+    hit = _DIAGNOSIS_PROMPTS.get(id(case))
+    if hit is not None and hit[0] is case:
+        return list(hit[1])
     text = f"{vignette(case)}\n\nWhat is the most likely diagnosis? {FINAL_ANSWER_INSTRUCTION.format(what='diagnosis')}"
-    return [Turn(role="system", content=DIAGNOSIS_SYSTEM_PROMPT), Turn(role="user", content=text)]
+    turns = (Turn(role="system", content=DIAGNOSIS_SYSTEM_PROMPT), Turn(role="user", content=text))
+    if len(_DIAGNOSIS_PROMPTS) >= _DIAGNOSIS_PROMPTS_MAX:
+        _DIAGNOSIS_PROMPTS.clear()
+    _DIAGNOSIS_PROMPTS[id(case)] = (case, turns)
+    return list(turns)
