@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from verimed.core.config import ConfigError, JudgeConfig, load_config
-from verimed.core.rollout.routing import ewma, expected_costs, pick_engine
+from verimed.core.rollout.routing import ewma, expected_costs, pick_engine, requests_at_once
 from verimed.core.rubrics.judge import JudgeUnavailable, LLMJudge, make_judge
 from verimed.core.train.faults import FAULT_KINDS, FaultCounters, RetryPolicy, one_line
 from verimed.core.types import RubricItem, Turn
@@ -98,7 +98,26 @@ def test_a_five_times_slower_engine_gets_proportionally_fewer_requests():
         expected_costs([0, 0], [1.0])
 
 
-def _closed_loop_rate(latency: list[float], slots: int, horizon: float, measured: bool) -> float:
+def test_a_batching_engine_takes_requests_beside_those_in_flight():
+    # capacity c: an engine runs c requests at once, so its cost grows by L/c per request in flight;
+    # capacity 1 is the queue above, (n+1)*L
+    assert expected_costs([0, 8, 16], [1.0, 1.0, 1.0], capacity=16) == [1.0, 1.5, 2.0]
+    assert expected_costs([3], [2.0], capacity=1) == [8.0]
+    latency, inflight = [1.0, 1.0, 1.0, 5.0], [0, 0, 0, 0]
+    for _ in range(16):
+        inflight[pick_engine(inflight, latency, capacity=16)] += 1
+    # the slow engine would be chosen only once the fast ones held 64 each (1 + 64/16 = 5)
+    assert inflight == [6, 5, 5, 0]
+    for _ in range(3 * 64 - 16):
+        inflight[pick_engine(inflight, latency, capacity=16)] += 1
+    assert inflight == [64, 64, 64, 0]
+    assert pick_engine(inflight, latency, capacity=16) == 3  # cost 5.0 everywhere: the one with fewer in flight
+    assert requests_at_once(32, 2) == 16 and requests_at_once(32, 64) == 1  # max_num_seqs // G, at least 1
+    with pytest.raises(ValueError, match="capacity must be >= 1"):
+        expected_costs([0], [1.0], capacity=0)
+
+
+def _closed_loop_rate(latency: list[float], slots: int, horizon: float, measured: bool, capacity: int = 1) -> float:
     """Completions per unit time of ``slots`` requests kept in flight (a new one as each completes,
     as admission control does), engine i answering in ``latency[i]`` whatever its load (decode that
     is latency-bound, as on the H100 profiles). Event-driven: no clock, no sleeping."""
@@ -107,14 +126,14 @@ def _closed_loop_rate(latency: list[float], slots: int, horizon: float, measured
     known = latency if measured else [None] * len(latency)  # unmeasured everywhere = least-loaded
     inflight, events, done = [0] * len(latency), [], 0
     for _ in range(slots):
-        i = pick_engine(inflight, known)
+        i = pick_engine(inflight, known, capacity=capacity)
         inflight[i] += 1
         heapq.heappush(events, (latency[i], i))
     while events[0][0] <= horizon:
         t, i = heapq.heappop(events)
         inflight[i] -= 1
         done += 1
-        j = pick_engine(inflight, known)
+        j = pick_engine(inflight, known, capacity=capacity)
         inflight[j] += 1
         heapq.heappush(events, (t + latency[j], j))
     return done / horizon
@@ -129,6 +148,9 @@ def test_in_a_slot_limited_loop_the_slowed_engine_costs_under_ten_percent_only_w
     # by expected completion it holds 1 slot of 16: (15 + 1/5) / 16 = 0.95 (issue #17 target: 0.90)
     # (tolerance: requests cut at the horizon, at most 16 of the 16000 counted)
     assert least_loaded == pytest.approx(0.8, abs=1e-3) and routed == pytest.approx(0.95, abs=1e-3)
+    # engines that batch 16 requests (max_num_seqs 32, G 2): the slow one is never worth a slot
+    batched = _closed_loop_rate([1.0, 1.0, 1.0, 5.0], slots=16, horizon=1000.0, measured=True, capacity=16) / without
+    assert batched == pytest.approx(1.0, abs=1e-3)
 
 
 def test_the_router_measures_latency_per_method_and_routes_away_from_the_slow_engine(monkeypatch):
@@ -157,6 +179,13 @@ def test_the_router_measures_latency_per_method_and_routes_away_from_the_slow_en
     m = router.metrics("generate")
     assert m["router/engine_0/requests"] == 5 and m["router/engine_1/requests"] == 1
     assert m["router/engine_1/latency_s"] == 5.0
+    # REPROBE_AFTER_S later, with nothing in flight there, the slow engine's old measurement is
+    # forgotten: it gets one probe (and is avoided again while that probe is in flight)
+    clock[0] += rollout.REPROBE_AFTER_S + 1
+    assert asyncio.run(router.call("generate")) == 1.0  # both forgotten: engine 0 measured afresh
+    assert router.pick() == 1
+    router.inflight[1] += 1
+    assert router.pick() == 0
 
 
 # ------------------------------------------------------------------ slow engine (emulated)

@@ -57,6 +57,7 @@ from verimed.core.rl.staleness import (
     staleness_stats,
 )
 from verimed.core.rollout.llm import RoleClient, llm_roles
+from verimed.core.rollout.routing import requests_at_once
 from verimed.core.tasks.dialogue import dialogue_slices
 from verimed.core.tasks.groups import GroupResult, Roles, group_uid
 from verimed.core.tasks.pools import DataPools
@@ -168,7 +169,9 @@ class Controller:
                                             [options("reference", r) for r in range(cfg.placement.reference.replicas)])
             await self.reference.ready()
         await asyncio.gather(*[e.ready.remote() for e in self.engines])
-        self.router = EngineRouter(self.engines)
+        group_size = max(s.rollout.group_size for s in self.stage_cfgs)
+        self.router = EngineRouter(self.engines, capacity={
+            "generate": requests_at_once(cfg.rollout.max_num_seqs, group_size)})
         self.roles = Roles(simulator=Remote(self.simulator), rubrics=Remote(self.rubric_generator),
                            judge=Remote(self.verifier), generate=self._generate, tokenizer=self.tokenizer)
         self.sync = WeightSyncCoordinator(cfg, self.learners, self.engines, self.tokenizer, router=self.router,

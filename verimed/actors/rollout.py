@@ -150,13 +150,20 @@ def _kill_stale_engine(pidfile: Path) -> None:
             pass
 
 
+# A latency measured longer ago than this, on an engine with nothing in flight, is forgotten: the
+# engine is probed again (one request) instead of being avoided forever for one slow spell.
+REPROBE_AFTER_S = 30.0
+
+
 class EngineRouter:
     """Routing by expected completion over rollout actors; sticky by prompt prefix when asked.
 
-    Each request goes to the engine of least ``(in flight + 1) x EWMA latency``
+    Each request goes to the engine of least ``EWMA latency x (1 + in flight / capacity)``
     (:mod:`verimed.core.rollout.routing`: why, and the formula), the latency kept per
     method (a ``generate`` of G samples and a judge ``chat`` differ by orders of
-    magnitude). In-flight counts and latencies are tracked locally (requests this
+    magnitude); ``capacity[method]``: requests of that method an engine serves at once
+    (``rollout.max_num_seqs // group_size`` for ``generate``; 1, a queue, when not given).
+    In-flight counts and latencies are tracked locally (requests this
     router sent), which needs no extra round trip per request. Engines in ``skip``
     (set by :class:`verimed.actors.weight_sync.WeightSyncCoordinator`: they missed a
     sync and serve older weights than the others) get no requests until they catch
@@ -164,11 +171,13 @@ class EngineRouter:
     every Ray actor error of engine i (its node died, or it restarted) before the caller does.
     """
 
-    def __init__(self, actors: list):
+    def __init__(self, actors: list, capacity: dict[str, int] | None = None):
         self.actors = actors
+        self.capacity = dict(capacity or {})
         self.inflight = [0] * len(actors)
         self.skip: frozenset[int] = frozenset()
         self.latency_s: dict[str, list[float | None]] = {}  # method -> per-engine EWMA latency (s)
+        self.measured_at: dict[str, list[float]] = {}  # method -> per-engine time of the last answer
         self.completed: dict[str, list[int]] = {}  # method -> per-engine requests answered
         self.on_actor_error = None
 
@@ -176,7 +185,12 @@ class EngineRouter:
         live = [i for i in range(len(self.actors)) if i not in self.skip] or list(range(len(self.actors)))
         if affinity_key is not None:
             return live[int(hashlib.sha1(affinity_key.encode()).hexdigest(), 16) % len(live)]
-        return pick_engine(self.inflight, self.latency_s.get(method, [None] * len(self.actors)), self.skip)
+        latency = self.latency_s.get(method, [None] * len(self.actors))
+        if method in self.measured_at:
+            old = time.perf_counter() - REPROBE_AFTER_S
+            latency = [None if x is not None and n == 0 and at < old else x
+                       for x, n, at in zip(latency, self.inflight, self.measured_at[method])]
+        return pick_engine(self.inflight, latency, self.skip, self.capacity.get(method, 1))
 
     async def call(self, method: str, *args, affinity_key: str | None = None, **kwargs):
         i = self.pick(affinity_key, method)
@@ -192,7 +206,9 @@ class EngineRouter:
             self.inflight[i] -= 1
         # Only answered requests are measured: a failure says nothing about the engine's speed.
         latency = self.latency_s.setdefault(method, [None] * len(self.actors))
-        latency[i] = ewma(latency[i], time.perf_counter() - start)
+        now = time.perf_counter()
+        latency[i] = ewma(latency[i], now - start)
+        self.measured_at.setdefault(method, [0.0] * len(self.actors))[i] = now
         self.completed.setdefault(method, [0] * len(self.actors))[i] += 1
         return result
 

@@ -6,15 +6,23 @@ its admission slots yield a fifth of the groups and the groups on it come back
 old (the staleness bound drops and re-runs them). Routing by expected completion
 instead weighs each engine's queue by how long its requests have been taking:
 
-    cost_i = (inflight_i + 1) * L_i          L_i: EWMA of engine i's observed request latency
+    cost_i = L_i * (1 + inflight_i / c)     L_i: EWMA of engine i's observed request latency
     pick   = argmin over live engines of cost_i   (ties: fewest in flight, unmeasured, lowest index)
 
-("peak EWMA" load balancing). Two engines with latencies L and f·L then settle at
-in-flight counts n and about (n + 1)/f - 1: a slow engine gets proportionally less
-work, and a fast one is never starved while requests queue on a slow one. An engine
-with no measurement yet takes the mean of the measured ones and wins ties, so it is
-probed without being flooded (all equal before any completes: plain least-loaded,
-the old behaviour); a hung engine's in-flight count still prices it out.
+``c`` is how many requests an engine serves at once. An engine that serves one at a
+time (c = 1) queues the rest: cost (inflight + 1) * L, "peak EWMA" load balancing.
+A continuous-batching engine (vLLM: ``max_num_seqs`` sequences, G per generate
+request, so c = max_num_seqs // G) runs a new request beside those in flight, in
+about L_i while it has room: its cost grows only by the share of its batch in use.
+With c = 1, an engine five times slower still got a request whenever the fast ones
+held four each; every such group held an admission slot five times longer and came
+back past the staleness bound (bench/faults.py: 0.70 of the rate without it). With
+the engines' real c it is used only when the fast ones are (c-)full.
+
+An engine with no measurement yet takes the mean of the measured ones and wins ties,
+so it is probed without being flooded (all equal before any completes: plain
+least-loaded). The caller forgets a measurement that is old (``EngineRouter``): an
+engine that was slow once is probed again rather than avoided forever.
 """
 from __future__ import annotations
 
@@ -32,20 +40,30 @@ def ewma(previous: float | None, sample: float, alpha: float = LATENCY_EWMA_ALPH
     return sample if previous is None else previous + alpha * (sample - previous)
 
 
-def expected_costs(inflight: Sequence[int], latency_s: Sequence[float | None]) -> list[float]:
-    """cost_i = (inflight_i + 1) * L_i, unmeasured L_i = mean of the measured ones (1.0 when none is)."""
+def expected_costs(inflight: Sequence[int], latency_s: Sequence[float | None], capacity: int = 1) -> list[float]:
+    """cost_i = L_i * (1 + inflight_i / capacity), unmeasured L_i = mean of the measured ones (1.0 when none is)."""
     if len(inflight) != len(latency_s):
         raise ValueError(f"inflight ({len(inflight)}) and latency_s ({len(latency_s)}) must have one entry per engine")
+    if capacity < 1:
+        raise ValueError(f"capacity must be >= 1 request, got {capacity}")
     measured = [x for x in latency_s if x is not None]
     default = sum(measured) / len(measured) if measured else 1.0
-    return [(n + 1) * (default if x is None else x) for n, x in zip(inflight, latency_s)]
+    return [(1 + n / capacity) * (default if x is None else x) for n, x in zip(inflight, latency_s)]
 
 
-def pick_engine(inflight: Sequence[int], latency_s: Sequence[float | None], skip: Collection[int] = ()) -> int:
-    """The engine of least expected completion among those not in ``skip`` (all of them when every one is)."""
+def pick_engine(inflight: Sequence[int], latency_s: Sequence[float | None], skip: Collection[int] = (),
+                capacity: int = 1) -> int:
+    """The engine of least expected completion among those not in ``skip`` (all of them when every one is);
+    ``capacity``: requests an engine serves at once (c above)."""
     if not inflight:
         raise ValueError("pick_engine: no engines")
     live = [i for i in range(len(inflight)) if i not in skip] or list(range(len(inflight)))
-    costs = expected_costs(inflight, latency_s)
+    costs = expected_costs(inflight, latency_s, capacity)
     # Ties: fewer in flight, then an unmeasured engine (so it gets measured), then the lower index.
     return min(live, key=lambda i: (costs[i], inflight[i], latency_s[i] is not None, i))
+
+
+def requests_at_once(max_num_seqs: int, samples_per_request: int) -> int:
+    """c for ``generate``: an engine batching ``max_num_seqs`` sequences runs max_num_seqs // G
+    requests of G samples at once (at least one)."""
+    return max(1, max_num_seqs // max(1, samples_per_request))
