@@ -21,8 +21,9 @@ the engines' real c it is used only when the fast ones are (c-)full.
 
 An engine with no measurement yet takes the mean of the measured ones and wins ties,
 so it is probed without being flooded (all equal before any completes: plain
-least-loaded). The caller forgets a measurement that is old (``EngineRouter``): an
-engine that was slow once is probed again rather than avoided forever.
+least-loaded). A hung engine answers nothing, so its in-flight count grows and prices
+it out once it holds more than the others. The caller forgets a measurement that is old
+(``EngineRouter``): an engine that was slow once is probed again rather than avoided forever.
 """
 from __future__ import annotations
 
