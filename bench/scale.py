@@ -79,6 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", choices=("none", "cprofile"), default="none",
                    help="cprofile: profile the driver's event loop from the end of warm-up (adds CPU: the "
                         "CPU figure of a profiled run is not the one to report)")
+    p.add_argument("--loop-nice", type=int, default=0,
+                   help="nice value of the driver's event-loop thread (and the worker threads it starts), set "
+                        "after Ray is up: on a box whose few cores also run every engine, a negative value "
+                        "stands in for the core of its own a cluster's driver has (Linux: per thread; < 0 needs root)")
     p.add_argument("--output-dir", type=Path, default=None, help="default: runs/scale/<UTC time>")
     p.add_argument("--override", nargs="*", default=[], help="more dotted config overrides")
     args = p.parse_args(argv)
@@ -328,6 +332,11 @@ def main(argv: list[str] | None = None) -> int:
         profiler = cProfile.Profile()
     start_ray(cfg, temp_dir)
     import ray
+
+    if args.loop_nice:
+        # After ray.init: Ray's own processes and the driver's Ray threads keep their priority; the
+        # engines and learners Ray starts later fork from the raylet, not from this thread.
+        os.setpriority(os.PRIO_PROCESS, 0, args.loop_nice)
 
     wall0 = time.perf_counter()
     try:
