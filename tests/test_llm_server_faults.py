@@ -111,8 +111,8 @@ def test_train_with_every_llm_role_on_the_server_under_faults(proxy, tmp_path):
            "metrics.console=false", f"run.output_dir={tmp_path}", "run.name=llm",
            "judge.backend=llm", "simulator.backend=llm", "rubrics.generator=llm", "rubrics.on_failure=case",
            # The tiny model never writes a valid rubric (each case falls back after its re-asks), and at the
-           # default 1024 tokens a rubric reply outlasts llm.timeout_s on 2 shared cores: nine timeouts
-           # in a row exhausted the client's retries and the run crawled past the test's limit in CI.
+           # default 1024 tokens a rubric reply outlasts llm.timeout_s on 2 shared cores: calls ran out of
+           # their 9 attempts (mostly timeouts) and the run crawled past the test's limit in CI.
            "rubrics.max_tokens=128", "judge.max_retries=1",
            "llm.type=openai", f"llm.base_url={proxy.base_url}", "llm.model=tiny", "llm.max_tokens=64",
            f"llm.timeout_s={TIMEOUT_S}", "llm.max_retries=8", "llm.backoff_base_s=0.05",
