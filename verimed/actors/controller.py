@@ -351,19 +351,27 @@ class Controller:
             self.draw_attempts.pop(draw.draw, None)
             self._deliver(draw, result)
 
+    def _record_failure(self, draw: Draw, exc: Exception) -> tuple[str, str, str]:
+        """``faults/<kind>`` at this step and a line in logs/faults.log naming the actor and cause; a dead
+        actor also marks the weight-sync group for a rejoin (a restarted engine is on its initial
+        weights, outside the group). Returns (kind, actor, cause)."""
+        kind, actor, cause = failure_origin(exc)
+        self.faults.record(kind, step=self.version + 1, draw=draw.draw, actor=actor, cause=cause)
+        if kind == "actor_died":
+            self.sync.needs_rejoin = True
+        return kind, actor, cause
+
     async def _group_failed(self, draw: Draw, exc: Exception) -> None:
         """A group's generate / judge path raised: count it (``faults/<kind>`` at this step, the actor
         and cause in logs/faults.log), then play the draw again after ``retry_policy``'s backoff, or,
         after ``retry_policy.max_attempts`` failures, drop it as "failed" in the ledger. Never skipped
         silently: a judge outage or a restarting actor costs time, not data."""
-        kind, actor, cause = failure_origin(exc)
+        kind, actor, cause = self._record_failure(draw, exc)
         self.counters["groups_failed"] += 1
         self.last_failure = f"{actor}: {cause}"
         attempts = self.draw_attempts.get(draw.draw, 0) + 1
         self.draw_attempts[draw.draw] = attempts
-        self.faults.record(kind, step=self.version + 1, draw=draw.draw, actor=actor, cause=cause)
         if kind == "actor_died":
-            self.sync.needs_rejoin = True  # a restarted engine is on its initial weights, outside the group
             self.counters["groups_rerun_after_failure"] += 1
         if self.retry_policy.gives_up(attempts):
             self.draw_attempts.pop(draw.draw, None)
@@ -414,10 +422,7 @@ class Controller:
                 self.counters["prompts_too_long" if too_long else "dialogues_failed"] += 1
                 self._record_drop("prompt_too_long" if too_long else "failed", draw)
                 if not too_long:
-                    kind, actor, cause = failure_origin(exc)
-                    self.faults.record(kind, step=self.version + 1, draw=draw.draw, actor=actor, cause=cause)
-                if isinstance(exc, ray.exceptions.RayActorError):
-                    self.sync.needs_rejoin = True
+                    self._record_failure(draw, exc)
                 print(f"verimed: dialogue {draw.draw} failed ({type(exc).__name__}: {str(exc)[:200]})", file=sys.stderr)
         if holds_slot[0]:
             self.admission.dropped(1)  # an admitted slice that never produced a group
