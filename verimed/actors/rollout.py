@@ -182,8 +182,8 @@ class EngineRouter:
         self.on_actor_error = None
 
     def pick(self, affinity_key: str | None = None, method: str = "generate") -> int:
-        live = [i for i in range(len(self.actors)) if i not in self.skip] or list(range(len(self.actors)))
         if affinity_key is not None:
+            live = [i for i in range(len(self.actors)) if i not in self.skip] or list(range(len(self.actors)))
             return live[int(hashlib.sha1(affinity_key.encode()).hexdigest(), 16) % len(live)]
         latency = self.latency_s.get(method, [None] * len(self.actors))
         if method in self.measured_at:
