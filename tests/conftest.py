@@ -1,5 +1,6 @@
 """Shared test set-up: CPU defaults, Ray loopback settings, the tiny model."""
 import os
+import time
 
 import pytest
 
@@ -24,3 +25,63 @@ def tiny_model_path() -> str:
     from verimed.core.models import resolve_model_path
 
     return resolve_model_path("smollm2")
+
+
+# --- Disk watch: CI machines have small disks and runs write GB-sized checkpoints; a suite that
+# fills the disk fails far from the cause. Samples the temp filesystem's used bytes twice a second
+# and prints, at the end, the peak over the session and the tests that grew it most.
+_DISK = {"base": 0, "session_peak": 0, "test_peak": 0, "tests": []}
+
+
+def _disk_used() -> int:
+    import shutil
+    import tempfile
+
+    return shutil.disk_usage(tempfile.gettempdir()).used
+
+
+def _sample_disk() -> None:
+    used = _disk_used()
+    _DISK["session_peak"] = max(_DISK["session_peak"], used)
+    _DISK["test_peak"] = max(_DISK["test_peak"], used)
+
+
+def pytest_sessionstart(session):
+    import threading
+
+    _DISK["base"] = _DISK["session_peak"] = _disk_used()
+
+    def sample_forever():
+        while True:
+            _sample_disk()
+            time.sleep(0.5)
+
+    threading.Thread(target=sample_forever, name="disk-watch", daemon=True).start()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    before = _DISK["test_peak"] = _disk_used()
+    yield
+    _sample_disk()
+    _DISK["tests"].append((item.nodeid, _DISK["test_peak"] - before, _disk_used() - before, before - _DISK["base"]))
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if not _DISK["tests"]:
+        return
+    table = config.rootpath / ".pytest_cache" / "disk-usage.tsv"  # every test, in run order
+    table.parent.mkdir(exist_ok=True)
+    table.write_text("nodeid\tpeak\tleft\tbefore_over_start\n" + "".join(
+        "\t".join(map(str, row)) + "\n" for row in _DISK["tests"]))
+    gib = 2**30
+    tr = terminalreporter
+    tr.section("disk (temp filesystem)")
+    tr.line(f"peak {(_DISK['session_peak'] - _DISK['base']) / gib:+.2f} GiB over the session start, "
+            f"end {(_disk_used() - _DISK['base']) / gib:+.2f} GiB")
+    for nodeid, peak, kept, _ in sorted(_DISK["tests"], key=lambda r: -r[1])[:8]:
+        if peak > 0.05 * gib:
+            tr.line(f"  peak {peak / gib:+.2f} GiB  left {kept / gib:+.2f} GiB  {nodeid}")
+    for nodeid, peak, kept, _ in sorted(_DISK["tests"], key=lambda r: -r[2])[:5]:
+        if kept > 0.05 * gib:
+            tr.line(f"  left behind {kept / gib:+.2f} GiB  {nodeid}")
