@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,7 @@ def test_node_8gpu_config_runs_through_ray_job_submit_on_a_loopback_node(tmp_pat
         assert job.returncode == 0, logs[-4000:]
     finally:
         main(["cluster", "down", "--temp-dir", tmp])
+        shutil.rmtree(tmp, ignore_errors=True)
     run = runs / "node-8gpu"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))

@@ -100,15 +100,15 @@ def test_eval_healthbench_with_an_openai_grader_under_faults(proxy, tmp_path):
     assert stats["client_calls"] == stats["calls"] and stats["client_prompt_tokens"] > 0
 
 
-def test_train_with_every_llm_role_on_the_server_under_faults(proxy, tmp_path):
+def test_train_with_every_llm_role_on_the_server_under_faults(proxy, runs_tmp):
     # configs/default.yaml with one rubric stage of single-turn consultations: the simulated
     # patient opens, the llm generator writes the rubric, the llm judge grades every reply.
     base = (REPO / "configs/default.yaml").read_text().split("\nstages:")[0]
-    config = tmp_path / "llm.yaml"
+    config = runs_tmp / "llm.yaml"
     config.write_text(base + "\nstages:\n  - {name: consult1, kind: rubric, steps: 2, data: {cases: 1.0}}\n")
     cmd = [sys.executable, "-m", "verimed.cli", "train", str(config), "run.steps=2",
            "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_tokens=16", "metrics.wandb=offline",
-           "metrics.console=false", f"run.output_dir={tmp_path}", "run.name=llm",
+           "metrics.console=false", f"run.output_dir={runs_tmp}", "run.name=llm",
            "judge.backend=llm", "simulator.backend=llm", "rubrics.generator=llm", "rubrics.on_failure=case",
            # The tiny model never writes a valid rubric (each case falls back after its re-asks), and at the
            # default 1024 tokens a rubric reply outlasts llm.timeout_s on 2 shared cores: calls ran out of
@@ -119,7 +119,7 @@ def test_train_with_every_llm_role_on_the_server_under_faults(proxy, tmp_path):
            "stage_eval.healthbench=1", "stage_eval.consultations=1", "stage_eval.max_slices=2"]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "llm" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (runs_tmp / "llm" / "metrics.jsonl").read_text().splitlines()]
     unavailable = [r["step"] for r in rows if any(k.endswith("/unavailable") and v for k, v in r.items())]
     last = [r for r in rows if all(f"llm/{role}/calls" in r for role in ("judge", "simulator", "rubric_generator"))][-1]
     roles = ("judge", "simulator", "rubric_generator")

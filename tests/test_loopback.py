@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -305,3 +306,4 @@ def test_two_loopback_nodes_run_a_submitted_job_and_go_down_without_a_trace(tmp_
     assert all(lb.session_members(s) == [] for s in sessions)
     assert _processes_mentioning(tmp) == []
     assert not lb.state_path(tmp).exists()
+    shutil.rmtree(tmp, ignore_errors=True)  # the nodes' Ray logs

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -198,6 +199,7 @@ def cluster():
         yield tmp, lb.read_state(tmp)
     finally:
         main(["cluster", "down", "--temp-dir", tmp])
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _revive(tmp: str) -> None:

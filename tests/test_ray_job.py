@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,7 +35,7 @@ def _wait_http(url: str, timeout_s: float) -> None:
     raise TimeoutError(f"{url} did not answer within {timeout_s}s")
 
 
-def test_ray_job_submit_joins_existing_cluster(tmp_path):
+def test_ray_job_submit_joins_existing_cluster(runs_tmp):
     ray_bin = Path(sys.executable).parent / "ray"
     gcs, dash = free_port(), free_port()
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled")
@@ -49,7 +50,7 @@ def test_ray_job_submit_joins_existing_cluster(tmp_path):
     )
     try:
         _wait_http(f"http://127.0.0.1:{dash}/api/version", 120)
-        out_dir = tmp_path / "runs"
+        out_dir = runs_tmp / "runs"
         job = subprocess.run(
             [str(ray_bin), "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".", "--",
              sys.executable, "-m", "verimed.cli", "train", "configs/default.yaml", "run.steps=2",
@@ -69,3 +70,4 @@ def test_ray_job_submit_joins_existing_cluster(tmp_path):
         head.wait(timeout=60)
         # `ray start --block` stops its own node on SIGTERM; sweep anything left under our temp dir.
         subprocess.run(["pkill", "-f", ray_tmp], check=False)
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -67,20 +67,20 @@ def _consumed(run_dir: Path) -> list[str]:
     return load_controller_state(latest_checkpoint(run_dir)).ledger.consumed
 
 
-def test_sync_kill_and_resume_matches_uninterrupted_run(tmp_path):
+def test_sync_kill_and_resume_matches_uninterrupted_run(runs_tmp):
     sync = ["async.max_staleness=0"]
-    _train(tmp_path, "whole", sync)
-    whole, whole_consumed = _per_step(tmp_path / "whole" / "metrics.jsonl"), _consumed(tmp_path / "whole")
-    shutil.rmtree(tmp_path / "whole")  # ~2 GB of weights; CI disks can be small
-    _train(tmp_path, "cut", sync, kill_after_steps=1)
-    assert latest_checkpoint(tmp_path / "cut") is not None
-    _train(tmp_path, "cut", sync, resume=True)
-    cut = _per_step(tmp_path / "cut" / "metrics.jsonl")
+    _train(runs_tmp, "whole", sync)
+    whole, whole_consumed = _per_step(runs_tmp / "whole" / "metrics.jsonl"), _consumed(runs_tmp / "whole")
+    shutil.rmtree(runs_tmp / "whole")  # ~2 GB of weights; CI disks can be small
+    _train(runs_tmp, "cut", sync, kill_after_steps=1)
+    assert latest_checkpoint(runs_tmp / "cut") is not None
+    _train(runs_tmp, "cut", sync, resume=True)
+    cut = _per_step(runs_tmp / "cut" / "metrics.jsonl")
     assert sorted(whole) == sorted(cut) == [1, 2, 3]
     for step in whole:
         assert cut[step]["loss/policy"] == pytest.approx(whole[step]["loss/policy"], rel=1e-6, abs=1e-9), step
         assert cut[step]["reward/mean"] == pytest.approx(whole[step]["reward/mean"], abs=1e-9), step
-    assert _consumed(tmp_path / "cut") == whole_consumed
+    assert _consumed(runs_tmp / "cut") == whole_consumed
 
 
 def _ledger_log(run_dir: Path) -> list[dict]:
@@ -105,10 +105,10 @@ def _check_exactly_once(run_dir: Path, steps: int, groups_per_step: int, group_s
     assert report.ok, report.summary()
 
 
-def test_async_kill_and_resume_consumes_without_duplicates_or_gaps(tmp_path):
-    _train(tmp_path, "cut", ["async.max_staleness=1"], kill_after_steps=1)
-    _train(tmp_path, "cut", ["async.max_staleness=1"], resume=True)
-    _check_exactly_once(tmp_path / "cut", steps=3, groups_per_step=2, group_size=2)
+def test_async_kill_and_resume_consumes_without_duplicates_or_gaps(runs_tmp):
+    _train(runs_tmp, "cut", ["async.max_staleness=1"], kill_after_steps=1)
+    _train(runs_tmp, "cut", ["async.max_staleness=1"], resume=True)
+    _check_exactly_once(runs_tmp / "cut", steps=3, groups_per_step=2, group_size=2)
 
 
 STAGED = ["stages=[{name: rule, kind: rule, steps: 1, data: {cases: 1.0}},"
@@ -118,11 +118,11 @@ STAGED = ["stages=[{name: rule, kind: rule, steps: 1, data: {cases: 1.0}},"
           "async.max_staleness=1"]
 
 
-def test_staged_kill_inside_the_multiturn_stage_and_resume_exactly_once(tmp_path):
+def test_staged_kill_inside_the_multiturn_stage_and_resume_exactly_once(runs_tmp):
     """The default recipe's stages (rule -> rubric -> multi-turn) killed after the first dialogue step:
     buffered slices and their re-played twins never meet in one batch, nothing is trained twice."""
-    _train(tmp_path, "staged", STAGED, kill_after_steps=3)
-    state = load_controller_state(latest_checkpoint(tmp_path / "staged"))
+    _train(runs_tmp, "staged", STAGED, kill_after_steps=3)
+    state = load_controller_state(latest_checkpoint(runs_tmp / "staged"))
     assert state.version >= 3 and state.schedule.step >= 3  # killed inside the multi-turn stage
-    _train(tmp_path, "staged", STAGED, resume=True)
-    _check_exactly_once(tmp_path / "staged", steps=5, groups_per_step=2, group_size=2)
+    _train(runs_tmp, "staged", STAGED, resume=True)
+    _check_exactly_once(runs_tmp / "staged", steps=5, groups_per_step=2, group_size=2)

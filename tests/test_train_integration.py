@@ -21,15 +21,15 @@ TINY = ["run.steps=3", "rollout.prompts_per_step=2", "rollout.group_size=2", "ro
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def test_train_cli_end_to_end(tmp_path):
+def test_train_cli_end_to_end(runs_tmp):
     """`verimed train` finishes, prints the run dir, versions advance, every sync keeps parity."""
     out = subprocess.run(
         [sys.executable, "-m", "verimed.cli", "train", "configs/default.yaml", *TINY,
-         f"run.output_dir={tmp_path}", "run.name=e2e"],
+         f"run.output_dir={runs_tmp}", "run.name=e2e"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    run_dir = tmp_path / "e2e"
+    run_dir = runs_tmp / "e2e"
     assert out.stdout.strip().splitlines()[-1] == str(run_dir.resolve())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -51,7 +51,7 @@ def test_train_cli_end_to_end(tmp_path):
     assert (max(deltas) > 0) == learned, (learned, max(deltas))
 
 
-def test_engine_killed_mid_run_recovers_and_consumes_exactly_once(tmp_path):
+def test_engine_killed_mid_run_recovers_and_consumes_exactly_once(runs_tmp):
     """Kill the rollout engine after step 1: the actor restarts, its draw is re-run, weights
     resync into the new engine, and every consumed sample uid is unique."""
     import ray
@@ -61,10 +61,10 @@ def test_engine_killed_mid_run_recovers_and_consumes_exactly_once(tmp_path):
     from verimed.core.config import load_config
     from verimed.core.models import resolve_model_path
 
-    cfg = load_config(REPO / "configs/default.yaml", TINY + ["run.steps=4", f"run.output_dir={tmp_path}"])
+    cfg = load_config(REPO / "configs/default.yaml", TINY + ["run.steps=4", f"run.output_dir={runs_tmp}"])
     init_ray(cfg)
     try:
-        controller = Controller(cfg, tmp_path / "kill", resolve_model_path("smollm2"))
+        controller = Controller(cfg, runs_tmp / "kill", resolve_model_path("smollm2"))
 
         async def scenario():
             async def killer():
@@ -79,13 +79,13 @@ def test_engine_killed_mid_run_recovers_and_consumes_exactly_once(tmp_path):
         asyncio.run(scenario())
     finally:
         ray.shutdown()
-    rows = [json.loads(line) for line in (tmp_path / "kill" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (runs_tmp / "kill" / "metrics.jsonl").read_text().splitlines()]
     assert [r["version"] for r in rows] == [1.0, 2.0, 3.0, 4.0]
     assert controller.sync.rejoins >= 1  # the weight-sync group was rebuilt around the new engine
     assert controller.reference is None  # kl_coef is 0 in every stage: no reference actor exists
     consumed = controller.ledger.to_state().consumed
     assert len(consumed) == len(set(consumed)) == 4 * 2 * 2
-    report = check_exactly_once(tmp_path / "kill")  # the killed engine's draw was re-run, none lost
+    report = check_exactly_once(runs_tmp / "kill")  # the killed engine's draw was re-run, none lost
     assert report.ok, report.summary()
     # After the restart the new engine serves the learner's weights again.
     assert rows[-1]["sync/parity_max_abs"] <= 1e-3
