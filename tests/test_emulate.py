@@ -197,7 +197,7 @@ def test_architecture_of_a_small_tied_qwen_and_a_biased_llama():
 
 # ---------------------------------------------------------------- pseudo log-probs, engine
 
-from verimed.core.emulate.engine import EmulatedEngine, EmulationError  # noqa: E402
+from verimed.core.emulate.engine import CLOCK_EPS, EmulatedEngine, EmulationError, stamp_versions  # noqa: E402
 from verimed.core.emulate.learner import (EmulatedCheckpointError, EmulatedLearner, EmulatedReference,  # noqa: E402
                                           emulated_loss_metrics)
 from verimed.core.emulate.pseudo import packed_logprobs, pair_logprobs, sequence_logprobs  # noqa: E402
@@ -260,6 +260,43 @@ def test_engine_versions_are_exact_across_a_mid_generation_update(tokenizer):
     assert [o.token_ids for o in again] == [o.token_ids for o in outs]
 
 
+def test_clock_stamping_equals_stamping_every_sequence_every_tick():
+    """The engine's O(1) tick (one clock, a version log, stamps at the end) against the plain model it
+    replaces: every tick, every sequence of the batch gains the tick's tokens, stamped with the tick's
+    version. Random arrivals, tick sizes (fractional, some tiny) and version changes."""
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        clock, log_clocks, log_versions, version = 0.0, [0.0], [0], 0
+        plain: dict[int, list] = {}  # id -> [progress, versions, target]
+        starts: dict[int, tuple[float, int]] = {}
+        finished_plain, finished_clock = {}, {}
+        for tick in range(int(rng.integers(1, 60))):
+            if rng.random() < 0.2:
+                version += 1
+            for _ in range(int(rng.integers(0, 3))):  # arrivals join at this tick's start
+                k = len(starts)
+                target = int(rng.integers(1, 40))
+                starts[k], plain[k] = (clock, target), [0.0, [], target]
+            if not plain:
+                continue
+            if version != log_versions[-1]:
+                log_clocks.append(clock)
+                log_versions.append(version)
+            inc = float(rng.choice([rng.uniform(0.01, 0.5), rng.uniform(0.5, 7.0), 1.0]))
+            clock += inc
+            for k, (progress, stamps, target) in list(plain.items()):
+                progress = min(float(target), progress + inc + 1e-9)
+                stamps.extend([version] * (int(progress) - len(stamps)))
+                plain[k][0] = progress
+                if len(stamps) >= target:
+                    finished_plain[k] = stamps
+                    del plain[k]
+            for k, (start, target) in starts.items():  # the engine's end test: end clock <= clock + eps
+                if k not in finished_clock and start + target <= clock + CLOCK_EPS:
+                    finished_clock[k] = stamp_versions(start, target, log_clocks, log_versions)
+            assert finished_clock == finished_plain, (trial, tick)
+
+
 async def _no_join(host, port, rank, world, member):
     return None
 
@@ -273,9 +310,9 @@ def test_pause_holds_every_sequence_and_resume_continues(tokenizer):
         while engine.ticks < 1:
             await asyncio.sleep(0.001)
         await engine.pause()
-        ticks, progress = engine.ticks, [len(s.versions) for s in engine._sequences]
+        ticks, clock = engine.ticks, engine._clock
         await asyncio.sleep(0.2)  # many ticks' worth of wall time
-        held = (engine.ticks == ticks and [len(s.versions) for s in engine._sequences] == progress and not task.done())
+        held = engine.ticks == ticks and engine._clock == clock and engine.batch_size == 2 and not task.done()
         engine.resume()
         outs = await task
         return held, outs
@@ -301,7 +338,7 @@ def test_a_broken_tick_fails_every_waiting_request_instead_of_hanging(tokenizer,
 
     with pytest.raises(ZeroDivisionError, match="profile bug"):
         asyncio.run(scenario())
-    assert engine._sequences == []
+    assert engine.batch_size == 0
 
 
 def test_response_length_is_capped_and_stop_ends_with_eos(tokenizer):
@@ -591,6 +628,10 @@ def test_learner_metrics_have_the_real_loss_keys():
         assert {"train/grad_norm", "train/lr", "train/minibatches", "train/version", "loss/mb1/clip_frac"} <= set(out)
         assert learner.version == 1 and out["train/version"] == 1.0 and out["train/minibatches"] == 2.0
         assert out["loss/tokens"] == batch.loss_mask.numpy().sum()
+        # Rank 1 of 2 waits its time and steps its version but leaves the loss metrics to rank 0 (read alone).
+        other = EmulatedLearner(cfg, load_profile("cpu-smollm2"), rank=1, world_size=2)
+        side = other.train_step(batch)
+        assert other.version == 1 and side["train/version"] == 1.0 and not any(k.startswith("loss/") for k in side)
 
 
 def test_learner_behaviour_weights_by_hand():
