@@ -10,6 +10,7 @@ the learner, and check log-prob parity after every sync (DESIGN §5).
 from __future__ import annotations
 
 import asyncio
+import shutil
 import threading
 
 import numpy as np
@@ -186,10 +187,12 @@ class _Rig:
 @pytest.fixture(scope="module")
 def rig(tiny_model_path, tmp_path_factory):
     pytest.importorskip("vllm")
-    r = _Rig(tiny_model_path, str(tmp_path_factory.mktemp("export")))
+    export = tmp_path_factory.mktemp("export")
+    r = _Rig(tiny_model_path, str(export))
     yield r
     r.engine.shutdown()
     r.loop.close()
+    shutil.rmtree(export, ignore_errors=True)  # 0.5 GiB that pytest would keep to the session's end
 
 
 @pytest.mark.integration
