@@ -14,8 +14,8 @@ batch at a tick starting at C0, with T tokens to go, has decoded min(T, C − C0
 heap). Versions are logged as (C at a tick start, version) when they change, and a finished
 sequence's token j (decoded in the tick where C crossed C0 + j + 1) takes the version of the last
 entry before that crossing (:func:`stamp_versions`). Updating every sequence every tick instead cost
-~4 ms a tick at 1024 sequences: 64 engines ticking 100 times a second wanted more CPU than a
-2-core box has.
+~3 ms of CPU a tick at 4096 sequences (bench/emulated_engine.py), CPU the controller shares when
+many emulated engines run on one box.
 
 Token ids are spans of the prompt (``tokens.span_tokens``: why in its docstring); log-probs are
 ``pseudo.pair_logprobs`` of (version, previous token, token), which the emulated learner's ``score``
