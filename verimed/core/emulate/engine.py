@@ -70,8 +70,9 @@ CLOCK_EPS = 1e-9
 class _Sequence:
     __slots__ = ("start", "target", "done")
 
-    def __init__(self, start: float, target: int, done: asyncio.Future):
-        self.start, self.target, self.done = start, target, done  # start: the engine clock when it joined
+    def __init__(self, target: int, done: asyncio.Future):
+        self.target, self.done = target, done
+        self.start = 0.0  # the engine clock at the tick start where it joined the batch (set then)
 
 
 def stamp_versions(start: float, target: int, log_clocks: list[float], log_versions: list[int]) -> list[int]:
@@ -178,7 +179,7 @@ class EmulatedEngine:
 
     async def _decode(self, num_tokens: int) -> list[int]:
         """Join the running batch until ``num_tokens`` are decoded; returns their versions."""
-        seq = _Sequence(0.0, num_tokens, asyncio.get_running_loop().create_future())
+        seq = _Sequence(num_tokens, asyncio.get_running_loop().create_future())
         self._joining.append(seq)  # joins the batch at the next tick's start, as a real engine's next step
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.create_task(self._tick_loop())
