@@ -83,6 +83,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="nice value of the driver's event-loop thread (and the worker threads it starts), set "
                         "after Ray is up: on a box whose few cores also run every engine, a negative value "
                         "stands in for the core of its own a cluster's driver has (Linux: per thread; < 0 needs root)")
+    p.add_argument("--driver-cpus", default="",
+                   help="CPU ids (comma list) for this driver process alone; Ray's node, the engines and the learners "
+                        "get the others (Linux affinity, inherited by every process Ray starts). On a box whose few "
+                        "cores also run every engine, this stands in for the head node a cluster's driver runs on; "
+                        "empty: every process shares every core")
     p.add_argument("--output-dir", type=Path, default=None, help="default: runs/scale/<UTC time>")
     p.add_argument("--override", nargs="*", default=[], help="more dotted config overrides")
     args = p.parse_args(argv)
@@ -91,10 +96,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.max_staleness < 0:
         raise SystemExit(f"--max-staleness must be >= 0, got {args.max_staleness}")
+    args.driver_cpus = parse_cpus(args.driver_cpus)
     if not 1 <= args.warmup < args.steps:
         # at least one: the first step holds the actors' start-up and a batch with nothing to overlap
         raise SystemExit(f"--warmup must be in [1, --steps), got {args.warmup} with --steps {args.steps}")
     return args
+
+
+def parse_cpus(text: str) -> set[int]:
+    """``"0"`` / ``"0,1"`` -> CPU ids this process may run on, leaving at least one for the rest; ``""`` -> none."""
+    if not text.strip():
+        return set()
+    try:
+        cpus = {int(x) for x in text.split(",")}
+    except ValueError:
+        raise SystemExit(f"--driver-cpus: expected comma-separated CPU ids like 0 or 0,1, got {text!r}") from None
+    allowed = os.sched_getaffinity(0)
+    if not cpus <= allowed or not allowed - cpus:
+        raise SystemExit(f"--driver-cpus {text}: must be a subset of this process's CPUs {sorted(allowed)} "
+                         "that leaves at least one for Ray's node")
+    return cpus
+
+
+def pin_driver(driver_cpus: set[int], rest_cpus: set[int]) -> dict[str, list[int]]:
+    """After ``ray.init`` under the rest's affinity: every thread of this process onto ``driver_cpus``.
+
+    ``sched_setaffinity`` with a thread id moves that thread alone, so each of /proc/self/task is
+    moved (Ray's core-worker threads started by ``ray.init`` too); threads started later inherit the
+    main thread's set.
+    """
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), driver_cpus)
+        except ProcessLookupError:  # a thread that ended meanwhile
+            pass
+    return {"driver": sorted(driver_cpus), "rest": sorted(rest_cpus)}
 
 
 def overrides(args: argparse.Namespace, run_dir: Path) -> list[str]:
@@ -330,8 +366,14 @@ def main(argv: list[str] | None = None) -> int:
         import cProfile
 
         profiler = cProfile.Profile()
+    rest_cpus = os.sched_getaffinity(0) - args.driver_cpus
+    if args.driver_cpus:
+        # Before ray.init: GCS, raylet and every worker the raylet forks inherit the rest's CPUs.
+        os.sched_setaffinity(0, rest_cpus)
     start_ray(cfg, temp_dir)
     import ray
+
+    pinned = pin_driver(args.driver_cpus, rest_cpus) if args.driver_cpus else {}
 
     if args.loop_nice:
         # After ray.init: Ray's own processes and the driver's Ray threads keep their priority; the
@@ -345,9 +387,9 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
     summary = {"command": "python bench/scale.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
                "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": cpu_model(),
-               "cores": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 1024**3, 1),
+               "cores": os.cpu_count(), "cpu_affinity": pinned, "memory_gib": round(psutil.virtual_memory().total / 1024**3, 1),
                "load_before": load_before, "load_after": os.getloadavg(), "wall_s_total": time.perf_counter() - wall0,
-               "samples_per_step": args.prompts_per_step * args.group_size, **vars(args) | {"output_dir": str(out_dir)},
+               "samples_per_step": args.prompts_per_step * args.group_size, **vars(args) | {"output_dir": str(out_dir), "driver_cpus": sorted(args.driver_cpus)},
                **summarise(probe, args), **engines, **ledger_summary(run_dir, args.steps, args.prompts_per_step * args.group_size)}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     (out_dir / "series.json").write_text(json.dumps({"lags": probe.lags, "busy_lags": probe.busy_lags,
