@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import gc
 import json
 import logging
 import os
@@ -59,6 +60,7 @@ from machine_info import cpu_model
 ROOT = Path(__file__).resolve().parents[1]
 LAG_TIMER_S = 0.010
 RESOURCE_EVERY_S = 1.0
+GC_PAUSE_KEPT_S = 0.001
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -168,6 +170,22 @@ class Probe:
         self.peak_in_flight = self.peak_pending = 0
         self.peak_in_flight_after_warmup = 0
         self.warm_t: float | None = None
+        # (t, generation, s) of every full collection and every other one of >= 1 ms, any thread (the
+        # ~100k short young-generation ones of a run would swell the RSS this probe measures)
+        self.gc_pauses: list[tuple[float, int, float]] = []
+        self._gc_start = 0.0
+        gc.callbacks.append(self._gc_event)
+
+    def _gc_event(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+            return
+        pause = time.perf_counter() - self._gc_start
+        if info["generation"] == 2 or pause >= GC_PAUSE_KEPT_S:
+            self.gc_pauses.append((self.now(), info["generation"], pause))
+
+    def close(self) -> None:
+        gc.callbacks.remove(self._gc_event)
 
     def now(self) -> float:
         return time.perf_counter() - self.t0
@@ -254,6 +272,7 @@ async def run_probed(cfg, run_dir: Path, model_path: str, warmup: int, profiler)
             profiler.disable()
         for t in tasks:
             t.cancel()
+        probe.close()
     mem = await asyncio.gather(*[e.memory.remote() for e in ctl.engines])
     engines = {"engine_rss_bytes_sum": sum(m["rss_bytes"] for m in mem), "engine_rss_bytes_max": max(m["rss_bytes"] for m in mem)}
     return probe, engines
@@ -285,6 +304,7 @@ def summarise(probe: Probe, args: argparse.Namespace) -> dict:
         "peak_in_flight": float(probe.peak_in_flight), "peak_pending": float(probe.peak_pending),
         "peak_in_flight_after_warmup": float(probe.peak_in_flight_after_warmup),
         "admission_window": float((args.max_staleness + 1) * args.prompts_per_step),
+        **gc_summary([(g, d) for t, g, d in probe.gc_pauses if warm["t"] <= t <= end["t"]]),
         "step_s_mean": sum(s["step_s"] for s in measured) / len(measured),
         "train_wait_s_mean": sum(s["train_wait_s"] for s in measured) / len(measured),
     }
@@ -298,6 +318,15 @@ def summarise(probe: Probe, args: argparse.Namespace) -> dict:
                    rss_max_deviation=flat["max_deviation"], rss_flat=flat["flat"])
     out["verdicts"] = stats.verdicts(out)
     return out
+
+
+def gc_summary(pauses: list[tuple[int, float]]) -> dict[str, float]:
+    """Garbage-collector pauses after warm-up (every full collection, the others of >= 1 ms): a full,
+    generation-2 collection walks every tracked object of the heap, and with thousands of groups
+    buffered it stalls whichever thread triggered it, often the event loop."""
+    full = [d for g, d in pauses if g == 2]
+    return {"gc_full_count": float(len(full)), "gc_full_max_ms": 1e3 * max(full, default=0.0),
+            "gc_pauses_1ms_count": float(len(pauses)), "gc_pauses_total_s": sum(d for _, d in pauses)}
 
 
 def ledger_summary(run_dir: Path, steps: int, samples_per_step: int) -> dict:
@@ -323,6 +352,8 @@ def format_table(s: dict) -> str:
             ("  of it the loop thread's own CPU, p50 / p99 / max", f"{s['busy_lag_p50_ms']:.1f} / {s['busy_lag_p99_ms']:.1f} / {s['busy_lag_max_ms']:.1f} ms"),
             ("driver RSS, step peaks after warm-up, min..max", (f"{s.get('rss_min_bytes', 0) / mib:.0f}..{s.get('rss_max_bytes', 0) / mib:.0f} MiB "
                                                    f"(max dev {s['rss_max_deviation']:.1%} of {s['rss_reference_bytes'] / mib:.0f} MiB)")),
+            ("GC: full collections, longest / pauses >= 1 ms, their total", (f"{s['gc_full_count']:.0f}, "
+             f"{s['gc_full_max_ms']:.0f} ms / {s['gc_pauses_1ms_count']:.0f}, {s['gc_pauses_total_s']:.1f} s")),
             ("object store in use, max", f"{s['object_store_max_bytes'] / mib:.1f} MiB"),
             ("weight-sync fan-out p50 / max", f"{s['sync_p50_s']:.3f} / {s['sync_max_s']:.3f} s"),
             ("peak in flight (after warm-up) / pending / window", (f"{s['peak_in_flight']:.0f} "
@@ -392,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
                "samples_per_step": args.prompts_per_step * args.group_size, **vars(args) | {"output_dir": str(out_dir), "driver_cpus": sorted(args.driver_cpus)},
                **summarise(probe, args), **engines, **ledger_summary(run_dir, args.steps, args.prompts_per_step * args.group_size)}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    (out_dir / "series.json").write_text(json.dumps({"lags": probe.lags, "busy_lags": probe.busy_lags,
+    (out_dir / "series.json").write_text(json.dumps({"lags": probe.lags, "busy_lags": probe.busy_lags, "gc_pauses": probe.gc_pauses,
                                                       "resources": probe.resources, "steps": probe.steps}))
     if profiler is not None:
         profiler.dump_stats(out_dir / "driver.prof")
