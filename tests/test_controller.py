@@ -194,3 +194,28 @@ def test_the_controller_stops_on_an_injected_parity_failure(tmp_path, tiny_model
     with pytest.raises(ParityError, match="gap 2.000e-01"):
         asyncio.run(run_steps(ctl, 2))
     assert ctl.version == 0  # the failed version never went live
+
+
+def test_the_start_up_heap_is_frozen_for_the_run_and_unfrozen_after_it(tmp_path, tiny_model_path):
+    """Full collections skip what existed at start (the tokenizer, config, imports) while the run
+    lasts; afterwards a process running several controllers can free the earlier ones again."""
+    import gc
+
+    engine = EngineDouble(seconds=0.001)
+    ctl = controller(tmp_path, tiny_model_path, ["async.max_staleness=0", "run.steps=2", RULE_STAGES], engine)
+
+    async def nothing(*args, **kwargs):
+        return None
+
+    ctl.start = ctl.save_checkpoint = ctl.learners.save_hf = nothing  # the doubles are in place already
+    frozen_at_steps, step = [], ctl.step
+
+    async def step_and_look():
+        frozen_at_steps.append(gc.get_freeze_count())
+        return await step()
+
+    ctl.step = step_and_look
+    assert gc.get_freeze_count() == 0
+    asyncio.run(ctl.run())
+    assert len(frozen_at_steps) == 2 and min(frozen_at_steps) > 10_000  # the tokenizer alone is thousands
+    assert gc.get_freeze_count() == 0

@@ -210,3 +210,41 @@ def test_prompt_ids_with_an_unhashable_tokenizer_still_encodes():
     tok = SimpleNamespace(apply_chat_template=apply_chat_template)  # unhashable: no cache, same ids
     messages = [Turn(role="user", content="q")]
     assert prompt_ids(tok, messages) == prompt_ids(tok, messages) == [1, 2, 3] and len(calls) == 2
+
+
+def test_a_groups_samples_share_one_prompt_on_the_wire_and_after_it():
+    """A reply of G samples pickles its prompt once, and the receiver's samples share one copy:
+    thousands of buffered groups would otherwise hold G copies of every prompt."""
+    import pickle
+
+    from verimed.core.rollout.engines import EngineOutput, group_samples
+
+    prompt, g = list(range(1000, 3000)), 16
+    outs = [EngineOutput([5, 6, i], [-0.5, -0.25, -1.0], [0, 0, 1], f"reply {i}", "stop") for i in range(g)]
+    samples = group_samples("7/0", prompt, outs)
+    assert [s.uid for s in samples] == [f"7/0/{i}" for i in range(g)]
+    assert samples[3].response_ids.numpy().tolist() == [5, 6, 3] and samples[3].text == "reply 3"
+    assert samples[3].response_logprobs.numpy().dtype == np.float32
+    wire = pickle.dumps(samples, protocol=5)
+    assert len(wire) < 2 * 4 * len(prompt)  # one prompt of 8000 bytes, not 16
+    received = pickle.loads(wire)
+    assert all(s.prompt_ids is received[0].prompt_ids for s in received)
+    assert received[0].prompt_ids.numpy().tolist() == prompt
+
+
+def test_no_message_is_tracked_by_the_garbage_collector():
+    """Messages are plain data (no reference cycles): untracked, the thousands of groups the controller
+    holds add nothing to the objects each full collection walks."""
+    import gc
+
+    import msgspec
+
+    import verimed.core.types as types
+    from verimed.core.tasks.groups import GroupResult
+
+    messages = [c for c in vars(types).values() if isinstance(c, type) and issubclass(c, msgspec.Struct)]
+    assert len(messages) >= 10
+    assert [c.__name__ for c in [*messages, GroupResult] if c.__struct_config__.gc] == []
+    sample = Sample(uid="0/0/0", prompt_ids=Array.of(np.arange(3, dtype=np.int32)), response_ids=Array.of(np.arange(2, dtype=np.int32)),
+                    response_logprobs=Array.of(np.zeros(2, np.float32)), response_versions=Array.of(np.zeros(2, np.int32)), text="x")
+    assert not gc.is_tracked(sample) and not gc.is_tracked(sample.prompt_ids)

@@ -20,6 +20,7 @@ top to bottom in :meth:`Controller.step`:
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import sys
 import time
@@ -474,6 +475,12 @@ class Controller:
         if self.resume:
             await self.restore()
         print(f"verimed: actors ready in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+        # The start-up heap (torch, transformers, Ray, the data pools: ~250k tracked objects) lives as
+        # long as the run: frozen, it is left out of every later full collection, each of which would
+        # walk it again while the event loop waits (bench/scale.py: GC pauses). Unfrozen at the end,
+        # so a process running several controllers (the tests) can still free the earlier ones.
+        gc.collect()
+        gc.freeze()
         producer = asyncio.create_task(self.produce())
         try:
             while self.version < cfg.run.steps:
@@ -490,6 +497,7 @@ class Controller:
                 sink.log(self.version, tail)
         finally:
             producer.cancel()
+            gc.unfreeze()
             report = sink.close()
         final = self.run_dir / "final"
         await self.learners.save_hf(str(final), self.model_path)

@@ -17,7 +17,7 @@ import ray
 
 from verimed.actors.logs import redirect_output
 from verimed.core.config import Config
-from verimed.core.rollout.engines import engine_settings
+from verimed.core.rollout.engines import engine_settings, group_samples
 from verimed.core.rollout.routing import ewma, pick_engine
 from verimed.core.types import Sample, WeightVersion
 
@@ -60,7 +60,7 @@ class RolloutActor:
         outs = await self.engine.generate(prompt_ids, n, max_tokens=max_tokens or r.max_tokens,
                                           temperature=r.temperature if temperature is None else temperature,
                                           top_p=top_p or r.top_p, seed=seed)
-        return [o.to_sample(f"{uid_prefix}/{i}", prompt_ids) for i, o in enumerate(outs)]
+        return group_samples(uid_prefix, prompt_ids, outs)
 
     async def chat(self, messages: list[dict[str, str]], max_tokens: int = 256, temperature: float = 0.0,
                    role: str | None = None) -> str:

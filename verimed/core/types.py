@@ -6,6 +6,11 @@ plus dtype and shape — never as Python lists, so msgspec encodes it as one
 binary blob and Ray moves it without pickling tensors.
 
 Round-trip: ``msgspec.msgpack.decode(msgspec.msgpack.encode(x), type=T) == x``.
+
+Every message is ``gc=False``: plain data that never takes part in a reference cycle, so the
+garbage collector need not track it. The controller holds thousands of groups (~90 tracked
+objects each when tracked) and every full collection walked all of them, stalling its event loop
+(``bench/scale.py``: GC pauses).
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import msgspec
 import numpy as np
 
 
-class Array(msgspec.Struct, frozen=True):
+class Array(msgspec.Struct, frozen=True, gc=False):
     """A numpy array as bytes. ``Array.of(np_array)`` / ``arr.numpy()``."""
 
     dtype: str
@@ -38,7 +43,7 @@ class Array(msgspec.Struct, frozen=True):
 # ---------------------------------------------------------------- clinical data
 
 
-class Case(msgspec.Struct, frozen=True):
+class Case(msgspec.Struct, frozen=True, gc=False):
     """One de-identified clinical case (OSCE record).
 
     Produced by ``core.data.cases``; consumed by the patient simulator, the
@@ -65,7 +70,7 @@ class Case(msgspec.Struct, frozen=True):
     extra: dict[str, str] = {}
 
 
-class Persona(msgspec.Struct, frozen=True):
+class Persona(msgspec.Struct, frozen=True, gc=False):
     """A simulated patient's personality and social traits (paper §2.1).
 
     Produced by the simulator's persona sampler; part of every episode record.
@@ -78,7 +83,7 @@ class Persona(msgspec.Struct, frozen=True):
     anxiety: Literal["low", "medium", "high"]
 
 
-class Turn(msgspec.Struct, frozen=True):
+class Turn(msgspec.Struct, frozen=True, gc=False):
     """One message of a conversation.
 
     ``role`` uses chat-template names: the doctor (policy) is ``assistant``,
@@ -92,7 +97,7 @@ class Turn(msgspec.Struct, frozen=True):
     token_ids: Array | None = None
 
 
-class RubricItem(msgspec.Struct, frozen=True):
+class RubricItem(msgspec.Struct, frozen=True, gc=False):
     """One rubric criterion (HealthBench interchange format).
 
     ``points`` in [-10, 10]; negative = undesirable behaviour that subtracts
@@ -106,7 +111,7 @@ class RubricItem(msgspec.Struct, frozen=True):
     dimension: str | None = None
 
 
-class Judgement(msgspec.Struct, frozen=True):
+class Judgement(msgspec.Struct, frozen=True, gc=False):
     """The verifier's verdict on one rubric item for one response.
 
     ``met`` is None when the item could not be graded after all retries
@@ -125,7 +130,7 @@ class Judgement(msgspec.Struct, frozen=True):
 # ---------------------------------------------------------------- RL samples
 
 
-class Prompt(msgspec.Struct, frozen=True):
+class Prompt(msgspec.Struct, frozen=True, gc=False):
     """A unit of work drawn by the controller from a dataset cursor.
 
     ``index`` is the dataset cursor position (part of every sample uid);
@@ -141,7 +146,7 @@ class Prompt(msgspec.Struct, frozen=True):
     case_id: str | None = None
 
 
-class Sample(msgspec.Struct, frozen=True):
+class Sample(msgspec.Struct, frozen=True, gc=False):
     """One generated response, produced by a rollout engine.
 
     uid = "<prompt index>/<group>/<sample>". ``response_logprobs`` are the
@@ -160,7 +165,7 @@ class Sample(msgspec.Struct, frozen=True):
     judgements: list[Judgement] = []
 
 
-class Group(msgspec.Struct, frozen=True):
+class Group(msgspec.Struct, frozen=True, gc=False):
     """G samples of one prompt with their rewards; produced by the controller
     after judging, consumed by the batcher."""
 
@@ -170,7 +175,7 @@ class Group(msgspec.Struct, frozen=True):
     rubric_scores: list[float]
 
 
-class TrainBatch(msgspec.Struct, frozen=True):
+class TrainBatch(msgspec.Struct, frozen=True, gc=False):
     """Packed sequences for one learner step; produced by the controller's
     batcher, consumed by learners (and the reference actor).
 
@@ -197,7 +202,7 @@ class TrainBatch(msgspec.Struct, frozen=True):
     temperature: float = 1.0
 
 
-class WeightVersion(msgspec.Struct, frozen=True):
+class WeightVersion(msgspec.Struct, frozen=True, gc=False):
     """Announces a weight sync from learner rank 0 to the rollout engines."""
 
     version: int

@@ -33,16 +33,21 @@ class EngineOutput:
         self.token_ids, self.logprobs, self.versions = token_ids, logprobs, versions
         self.text, self.finish_reason = text, finish_reason
 
-    def to_sample(self, uid: str, prompt_ids: list[int]) -> Sample:
-        return Sample(
-            uid=uid,
-            prompt_ids=Array.of(np.asarray(prompt_ids, dtype=np.int32)),
-            response_ids=Array.of(np.asarray(self.token_ids, dtype=np.int32)),
-            response_logprobs=Array.of(np.asarray(self.logprobs, dtype=np.float32)),
-            response_versions=Array.of(np.asarray(self.versions, dtype=np.int32)),
-            text=self.text,
-            finish_reason=self.finish_reason,
-        )
+
+def group_samples(uid_prefix: str, prompt_ids: list[int], outputs: list[EngineOutput]) -> list[Sample]:
+    """The samples ``<uid_prefix>/<i>`` of one prompt's outputs.
+
+    They share one prompt Array: a pickled reply (Ray's) holds it once and the receiver's G samples
+    share one copy (16 copies of a 1k-token prompt would be 64 KB a group, on the wire and in the
+    controller's buffer of thousands of groups).
+    """
+    prompt = Array.of(np.asarray(prompt_ids, dtype=np.int32))
+    return [Sample(uid=f"{uid_prefix}/{i}", prompt_ids=prompt,
+                   response_ids=Array.of(np.asarray(o.token_ids, dtype=np.int32)),
+                   response_logprobs=Array.of(np.asarray(o.logprobs, dtype=np.float32)),
+                   response_versions=Array.of(np.asarray(o.versions, dtype=np.int32)),
+                   text=o.text, finish_reason=o.finish_reason)
+            for i, o in enumerate(outputs)]
 
 
 def max_num_batched_tokens(device: str, max_model_len: int, max_num_seqs: int) -> int | None:

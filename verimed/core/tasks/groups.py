@@ -41,7 +41,7 @@ class Roles(msgspec.Struct):
     tokenizer: Any
 
 
-class GroupResult(msgspec.Struct):
+class GroupResult(msgspec.Struct, gc=False):
     group: Group
     advantages: np.ndarray
     kept: bool  # False when dynamic sampling drops it (all rewards equal)
