@@ -31,7 +31,14 @@ Measured (formulas in ``bench/scale_stats.py``), after the first ``--warmup`` st
 - weight-sync fan-out = the ``sync/seconds`` metric of each step (learner broadcast and every
   engine's ``update_weights``, concurrently); the parity check after it is not included;
 - peak groups in flight (``admission.in_flight``, sampled by the timer), and peak pending
-  (in flight + buffered, the quantity admission bounds by (S + 1)·B).
+  (in flight + buffered, the quantity admission bounds by (S + 1)·B); after warm-up, at every timer
+  tick, the median generating and the min / median pending;
+- garbage-collector pauses after warm-up: every full collection, and the others of >= 1 ms.
+
+``--driver-cpus 0`` gives this process a CPU of its own and Ray's node (engines, learners, GCS,
+raylet) the others: the shape of a cluster, whose driver runs on a head node the engines do not
+share. Without it every process shares every core, and on a 2-core box the wall-clock lag is
+mostly the OS running the ~75 other busy processes (the loop's own-CPU part says how much).
 
 Writes ``summary.json`` and ``series.json`` under ``--output-dir``; prints a table.
 """
@@ -48,6 +55,7 @@ import shlex
 import sys
 import tempfile
 import time
+from array import array
 from pathlib import Path
 
 import psutil
@@ -169,6 +177,9 @@ class Probe:
         self.steps: list[dict[str, float]] = []
         self.peak_in_flight = self.peak_pending = 0
         self.peak_in_flight_after_warmup = 0
+        # At every timer tick after warm-up: groups generating and groups admitted but not trained
+        # (compact arrays: a Python tuple per tick would add to the RSS this probe measures).
+        self.occupancy_t, self.occupancy_in_flight, self.occupancy_pending = array("d"), array("i"), array("i")
         self.warm_t: float | None = None
         # (t, generation, s) of every full collection and every other one of >= 1 ms, any thread (the
         # ~100k short young-generation ones of a run would swell the RSS this probe measures)
@@ -200,6 +211,11 @@ class Probe:
             self.lags.append((self.now(), lag))
             self.busy_lags.append((self.now(), min(lag, time.thread_time() - cpu0)))
             self.admission_changed()  # also buffered -> consumed, which calls no hook
+            if self.warm_t is not None:
+                adm = self.ctl.admission
+                self.occupancy_t.append(self.now())
+                self.occupancy_in_flight.append(adm.in_flight)
+                self.occupancy_pending.append(adm.pending)
 
     async def resource_loop(self) -> None:
         import ray
@@ -303,6 +319,7 @@ def summarise(probe: Probe, args: argparse.Namespace) -> dict:
         "syncs_measured": len(syncs),
         "peak_in_flight": float(probe.peak_in_flight), "peak_pending": float(probe.peak_pending),
         "peak_in_flight_after_warmup": float(probe.peak_in_flight_after_warmup),
+        **occupancy_summary(probe, warm["t"], end["t"]),
         "admission_window": float((args.max_staleness + 1) * args.prompts_per_step),
         **gc_summary([(g, d) for t, g, d in probe.gc_pauses if warm["t"] <= t <= end["t"]]),
         "step_s_mean": sum(s["step_s"] for s in measured) / len(measured),
@@ -318,6 +335,16 @@ def summarise(probe: Probe, args: argparse.Namespace) -> dict:
                    rss_max_deviation=flat["max_deviation"], rss_flat=flat["flat"])
     out["verdicts"] = stats.verdicts(out)
     return out
+
+
+def occupancy_summary(probe: Probe, t0: float, t1: float) -> dict[str, float]:
+    """Timer-tick samples between warm-up's end and the last step's: groups generating (in flight)
+    and admitted but not yet trained (pending = in flight + finished, waiting in the buffer)."""
+    keep = [i for i, t in enumerate(probe.occupancy_t) if t0 <= t <= t1]
+    in_flight = [probe.occupancy_in_flight[i] for i in keep] or [0]
+    pending = [probe.occupancy_pending[i] for i in keep] or [0]
+    return {"in_flight_p50_after_warmup": stats.percentile(in_flight, 50),
+            "pending_min_after_warmup": float(min(pending)), "pending_p50_after_warmup": stats.percentile(pending, 50)}
 
 
 def gc_summary(pauses: list[tuple[int, float]]) -> dict[str, float]:
@@ -358,6 +385,8 @@ def format_table(s: dict) -> str:
             ("weight-sync fan-out p50 / max", f"{s['sync_p50_s']:.3f} / {s['sync_max_s']:.3f} s"),
             ("peak in flight (after warm-up) / pending / window", (f"{s['peak_in_flight']:.0f} "
              f"({s['peak_in_flight_after_warmup']:.0f}) / {s['peak_pending']:.0f} / {s['admission_window']:.0f}")),
+            ("after warm-up: generating p50 / admitted, not trained: min, p50", (f"{s['in_flight_p50_after_warmup']:.0f} / "
+             f"{s['pending_min_after_warmup']:.0f}, {s['pending_p50_after_warmup']:.0f}")),
             ("samples measured, samples/s", f"{s['samples_measured']}, {s['samples_per_s']:.0f}"),
             ("step s (mean), train wait s (mean)", f"{s['step_s_mean']:.2f}, {s['train_wait_s_mean']:.2f}"),
             *[(k, "PASS" if v else "FAIL") for k, v in s["verdicts"].items()]]
