@@ -219,3 +219,43 @@ def test_the_start_up_heap_is_frozen_for_the_run_and_unfrozen_after_it(tmp_path,
     asyncio.run(ctl.run())
     assert len(frozen_at_steps) == 2 and min(frozen_at_steps) > 10_000  # the tokenizer alone is thousands
     assert gc.get_freeze_count() == 0
+
+
+MMAP_PROBE = """
+import ctypes, sys
+import numpy as np
+from verimed.actors.controller import fix_malloc_mmap_threshold
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                 "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+if sys.argv[1] == "fixed":
+    assert fix_malloc_mmap_threshold()
+freed = np.ones(16 << 20, np.uint8)
+del freed  # glibc's default: the threshold rises to 16 MiB here
+before = libc.mallinfo2().hblkhd
+kept = np.ones(8 << 20, np.uint8)
+print((libc.mallinfo2().hblkhd - before) >> 20)
+"""
+
+
+@pytest.mark.parametrize("mode, mmapped_mib", [("default", 0), ("fixed", 8)])
+def test_large_blocks_stay_mmapped_once_the_threshold_is_fixed(mode, mmapped_mib):
+    """With glibc's moving threshold an 8 MiB array after a freed 16 MiB one comes from the heap (and
+    stays in the process after it is freed); with the fixed threshold it is mmapped and unmapped."""
+    import ctypes
+    import os
+    import subprocess
+    import sys
+
+    try:
+        ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        pytest.skip("not glibc >= 2.33")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}  # glibc's own defaults
+    out = subprocess.run([sys.executable, "-c", MMAP_PROBE, mode], capture_output=True, text=True, timeout=120,
+                         check=True, env=env)
+    assert int(out.stdout.strip()) == mmapped_mib

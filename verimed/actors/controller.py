@@ -20,6 +20,7 @@ top to bottom in :meth:`Controller.step`:
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import json
 import sys
@@ -81,6 +82,23 @@ from verimed.core.train.reference import reference_model_path
 MAX_CONSECUTIVE_FAILED_DRAWS = 16
 # The producer yields to the event loop after starting this many groups in a row.
 START_BURST = 4
+# glibc's mallopt parameter number, and the size from which the driver's allocations are mmapped.
+M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES = -3, 1 << 20
+
+
+def fix_malloc_mmap_threshold(threshold_bytes: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """glibc: every allocation of >= ``threshold_bytes`` is mmapped, and unmapped when freed.
+
+    By default glibc raises its mmap threshold (up to 32 MiB) each time such a block is freed; the
+    step's packing and serialising arrays (tens of MiB, in worker threads) then come from the
+    threads' heaps and stay in the process: the driver's RSS rose ~400 MiB over the first measured
+    steps at 64 engines (bench/scale.py, bench/RESULTS.md). A fixed threshold keeps it level.
+    Process-wide; returns False where the C library has no ``mallopt`` (not glibc).
+    """
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold_bytes))
+    except (OSError, AttributeError):
+        return False
 
 
 class PromptTooLong(ValueError):
@@ -481,6 +499,7 @@ class Controller:
         # so a process running several controllers (the tests) can still free the earlier ones.
         gc.collect()
         gc.freeze()
+        fix_malloc_mmap_threshold()
         producer = asyncio.create_task(self.produce())
         try:
             while self.version < cfg.run.steps:
