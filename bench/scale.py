@@ -85,6 +85,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=64, help="rollout.max_tokens (tokens per reply, at most)")
     p.add_argument("--emulate", default="h100-qwen2.5-7b", help="device profile of engines and learner")
     p.add_argument("--time-scale", type=float, default=100.0, help="emulation.time_scale: modelled waits / X")
+    p.add_argument("--engine-slowdown", type=float, default=1.0,
+                   help="every engine's compute x this (emulation.engine_slowdown on all of them): > 1 makes "
+                        "generation, not the learner, the bottleneck, so the window's groups generate at once "
+                        "instead of waiting, finished, for the learner")
     p.add_argument("--stage-kind", choices=("rule", "rubric"), default="rule")
     p.add_argument("--profile", choices=("none", "cprofile"), default="none",
                    help="cprofile: profile the driver's event loop from the end of warm-up (adds CPU: the "
@@ -104,6 +108,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("engines", "learners", "prompts_per_step", "group_size", "steps", "max_tokens"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.engine_slowdown <= 0:
+        raise SystemExit(f"--engine-slowdown must be > 0, got {args.engine_slowdown}")
     if args.max_staleness < 0:
         raise SystemExit(f"--max-staleness must be >= 0, got {args.max_staleness}")
     args.driver_cpus = parse_cpus(args.driver_cpus)
@@ -160,6 +166,8 @@ def overrides(args: argparse.Namespace, run_dir: Path) -> list[str]:
         "stage_eval.healthbench=0", "stage_eval.consultations=0", "metrics.wandb=disabled",
         "metrics.console=false", "grpo.dynamic_sampling=false",
         "model.max_model_len=4096",  # emulated: no KV cache; no vignette is skipped as too long
+        *([f"emulation.engine_slowdown={{{', '.join(f'{i}: {args.engine_slowdown}' for i in range(args.engines))}}}"]
+          if args.engine_slowdown != 1.0 else []),
         *args.override,
     ]
 

@@ -109,7 +109,10 @@ def test_the_bench_summary_leaves_warmup_out(monkeypatch):
         steps=steps, lags=[(5.0, 0.9), (11.0, 0.002), (13.0, 0.004), (15.0, 2.0)],  # start-up and final checkpoint lags left out
         busy_lags=[(5.0, 0.9), (11.0, 0.001), (13.0, 0.004), (15.0, 2.0)],
         resources=[(5.0, 50, 0), (10.0, 100, 7), (12.0, 105, 9), (14.0, 104, 3), (15.0, 900, 1)],  # 15: after the end
-        peak_in_flight=64, peak_pending=64, peak_in_flight_after_warmup=60)
+        peak_in_flight=64, peak_pending=64, peak_in_flight_after_warmup=60,
+        # (t, generation, s): the full collections at 5 and 15 are outside the measured window
+        gc_pauses=[(5.0, 2, 0.9), (11.0, 2, 0.3), (11.5, 0, 0.002), (13.0, 1, 0.004), (15.0, 2, 2.0)],
+        occupancy_t=[10.5, 12.0, 13.0, 15.0], occupancy_in_flight=[40, 50, 60, 0], occupancy_pending=[64, 60, 62, 0])
     args = SimpleNamespace(warmup=1, max_staleness=1, prompts_per_step=32)
     s = bench.summarise(probe, args)
     assert s["samples_measured"] == 2000 and s["cpu_ms_per_sample"] == pytest.approx(0.5)
@@ -121,3 +124,22 @@ def test_the_bench_summary_leaves_warmup_out(monkeypatch):
     assert s["object_store_max_bytes"] == 9
     assert s["syncs_measured"] == 1 and s["sync_max_s"] == pytest.approx(0.2)  # the NaN (skipped) sync left out
     assert s["admission_window"] == 64 and s["verdicts"]["cpu <= 1 ms/sample"]
+    assert s["gc_full_count"] == 1 and s["gc_full_max_ms"] == pytest.approx(300) and s["gc_pauses_1ms_count"] == 3
+    assert s["gc_pauses_total_s"] == pytest.approx(0.306)
+    assert s["in_flight_p50_after_warmup"] == 50 and s["pending_min_after_warmup"] == 60
+
+
+def test_engine_slowdown_reaches_every_engine_and_is_absent_by_default():
+    sys.path.insert(0, str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location("bench_scale", ROOT / "bench" / "scale.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from verimed.core.config import load_config
+
+    def slowdown(*argv):
+        args = bench.parse_args(["--engines", "3", *argv])
+        return load_config(None, bench.overrides(args, Path("/tmp/unused/run"))).emulation.engine_slowdown
+
+    assert slowdown() == {} and slowdown("--engine-slowdown", "40") == {0: 40.0, 1: 40.0, 2: 40.0}
+    with pytest.raises(SystemExit, match="engine-slowdown"):
+        slowdown("--engine-slowdown", "0")
