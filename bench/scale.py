@@ -191,6 +191,7 @@ class Probe:
         self.warm_t: float | None = None
         # (t, generation, s) of every full collection and every other one of >= 1 ms, any thread (the
         # ~100k short young-generation ones of a run would swell the RSS this probe measures)
+        self.tracked_at_end: dict[str, int] = {}
         self.gc_pauses: list[tuple[float, int, float]] = []
         self._gc_start = 0.0
         gc.callbacks.append(self._gc_event)
@@ -263,6 +264,18 @@ class Probe:
             self.warm_t = self.now()
             if self.profiler is not None:
                 self.profiler.enable()
+        if self.ctl.version == self.ctl.cfg.run.steps:  # after the last measured sample: what a full collection walks
+            self.tracked_at_end = tracked_census()
+
+
+def tracked_census(top: int = 8) -> dict[str, int]:
+    """Objects the garbage collector tracks (the frozen ones not included), the ``top`` types by count."""
+    counts: dict[str, int] = {}
+    for obj in gc.get_objects():
+        name = type(obj).__qualname__
+        counts[name] = counts.get(name, 0) + 1
+    ranked = sorted(counts.items(), key=lambda kv: -kv[1])
+    return {"total": sum(counts.values()), **dict(ranked[:top])}
 
 
 def make_controller_class():
@@ -330,6 +343,7 @@ def summarise(probe: Probe, args: argparse.Namespace) -> dict:
         **occupancy_summary(probe, warm["t"], end["t"]),
         "admission_window": float((args.max_staleness + 1) * args.prompts_per_step),
         **gc_summary([(g, d) for t, g, d in probe.gc_pauses if warm["t"] <= t <= end["t"]]),
+        "gc_tracked_at_end": probe.tracked_at_end,
         "step_s_mean": sum(s["step_s"] for s in measured) / len(measured),
         "train_wait_s_mean": sum(s["train_wait_s"] for s in measured) / len(measured),
     }

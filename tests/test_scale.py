@@ -48,6 +48,7 @@ def test_scale_bench_small(tmp_path):
     assert summary["steps_measured"] == STEPS - WARMUP and summary["samples_measured"] == (STEPS - WARMUP) * B * G
     assert summary["lag_samples"] > 0
     assert 0 <= summary["pending_min_after_warmup"] <= (S + 1) * B and summary["in_flight_p50_after_warmup"] <= (S + 1) * B
+    assert summary["gc_tracked_at_end"]["total"] > 0  # the census after the last step
     if pin:
         assert summary["cpu_affinity"] == {"driver": cpus[:1], "rest": cpus[1:]}
 

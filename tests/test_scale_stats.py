@@ -112,7 +112,8 @@ def test_the_bench_summary_leaves_warmup_out(monkeypatch):
         peak_in_flight=64, peak_pending=64, peak_in_flight_after_warmup=60,
         # (t, generation, s): the full collections at 5 and 15 are outside the measured window
         gc_pauses=[(5.0, 2, 0.9), (11.0, 2, 0.3), (11.5, 0, 0.002), (13.0, 1, 0.004), (15.0, 2, 2.0)],
-        occupancy_t=[10.5, 12.0, 13.0, 15.0], occupancy_in_flight=[40, 50, 60, 0], occupancy_pending=[64, 60, 62, 0])
+        occupancy_t=[10.5, 12.0, 13.0, 15.0], occupancy_in_flight=[40, 50, 60, 0], occupancy_pending=[64, 60, 62, 0],
+        tracked_at_end={"total": 9})
     args = SimpleNamespace(warmup=1, max_staleness=1, prompts_per_step=32)
     s = bench.summarise(probe, args)
     assert s["samples_measured"] == 2000 and s["cpu_ms_per_sample"] == pytest.approx(0.5)
