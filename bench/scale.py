@@ -25,9 +25,11 @@ Measured (formulas in ``bench/scale_stats.py``), after the first ``--warmup`` st
 - event-loop lag p50 / p99: a timer task sleeps 10 ms and records how late it woke; and the part
   of each lag the loop thread spent on CPU (``time.thread_time`` over the interval, capped at the
   lag): on a shared 2-core box the rest is the OS running other processes, not the controller;
-- driver RSS and Ray object-store bytes in use, sampled every second and at every step end; RSS
-  flat = the peak RSS of every measured step within ±10% of the first measured step's peak (RSS is
-  a sawtooth within a step: the batch is packed, sent, freed);
+- driver RSS and Ray object-store bytes in use, sampled every second; RSS flat = the peak RSS of
+  every measured step within ±10% of the first measured step's peak. A step's peak is the kernel's
+  high-water mark (VmHWM, reset at every step end): RSS is a sawtooth within a step (the batch is
+  packed, sent, freed), and a 1 s sample catches its tooth only sometimes (fallback where
+  /proc/self/clear_refs is not writable);
 - weight-sync fan-out = the ``sync/seconds`` metric of each step (learner broadcast and every
   engine's ``update_weights``, concurrently); the parity check after it is not included;
 - peak groups in flight (``admission.in_flight``, sampled by the timer), and peak pending
@@ -257,6 +259,7 @@ class Probe:
                            "consumed": float(len(self.ctl.ledger)), "sync_s": metrics.get("sync/seconds", float("nan")),
                            "step_s": metrics["time/step_s"], "train_wait_s": metrics["time/train_wait_s"],
                            "in_flight": float(self.ctl.admission.in_flight), "buffered": float(len(self.ctl.buffer))})
+        self.steps[-1]["rss_peak"] = step_peak_rss()
         # RSS at every step end too (a short run may have no periodic sample after warm-up)
         last_store = self.resources[-1][2] if self.resources else 0
         self.resources.append((self.now(), self.process.memory_info().rss, last_store))
@@ -266,6 +269,20 @@ class Probe:
                 self.profiler.enable()
         if self.ctl.version == self.ctl.cfg.run.steps:  # after the last measured sample: what a full collection walks
             self.tracked_at_end = tracked_census()
+
+
+def step_peak_rss() -> float | None:
+    """This process's peak RSS in bytes since the last call (Linux: VmHWM, then reset through
+    /proc/self/clear_refs), so a step's short-lived batch arrays count however briefly they lived;
+    None where that is not available (the 1 s samples are used then)."""
+    try:
+        with open("/proc/self/status") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except (OSError, StopIteration):
+        return None
+    return float(kib * 1024)
 
 
 def tracked_census(top: int = 8) -> dict[str, int]:
@@ -347,9 +364,13 @@ def summarise(probe: Probe, args: argparse.Namespace) -> dict:
         "step_s_mean": sum(s["step_s"] for s in measured) / len(measured),
         "train_wait_s_mean": sum(s["train_wait_s"] for s in measured) / len(measured),
     }
-    ends = [st["t"] for st in probe.steps[args.warmup - 1:]]
-    peaks = stats.step_peaks([t for t, _, _ in window], [r for _, r, _ in window], ends)
-    out.update(rss_step_peaks_bytes=peaks, rss_samples_min_bytes=float(min(rss, default=0)),
+    exact = [st.get("rss_peak") for st in measured]
+    if exact and None not in exact:  # the kernel's high-water mark of each step: no transient missed
+        peaks, method = [float(x) for x in exact], "VmHWM, reset at every step end"
+    else:  # the 1 s samples: a transient between two samples is missed
+        ends = [st["t"] for st in probe.steps[args.warmup - 1:]]
+        peaks, method = stats.step_peaks([t for t, _, _ in window], [r for _, r, _ in window], ends), "1 s samples"
+    out.update(rss_step_peaks_bytes=peaks, rss_peak_method=method, rss_samples_min_bytes=float(min(rss, default=0)),
                rss_samples_max_bytes=float(max(rss, default=0)))
     if peaks:
         flat = stats.flatness(peaks)

@@ -128,6 +128,13 @@ def test_the_bench_summary_leaves_warmup_out(monkeypatch):
     assert s["gc_full_count"] == 1 and s["gc_full_max_ms"] == pytest.approx(300) and s["gc_pauses_1ms_count"] == 3
     assert s["gc_pauses_total_s"] == pytest.approx(0.306)
     assert s["in_flight_p50_after_warmup"] == 50 and s["pending_min_after_warmup"] == 60
+    assert s["rss_peak_method"] == "1 s samples"
+    # With each step's kernel high-water mark the step peaks are those, transients included.
+    for step, peak in zip(steps, [500, 120, 130]):
+        step["rss_peak"] = peak
+    s = bench.summarise(probe, args)
+    assert s["rss_step_peaks_bytes"] == [120, 130] and s["rss_peak_method"].startswith("VmHWM")
+    assert s["rss_max_deviation"] == pytest.approx(10 / 120) and s["rss_flat"] == 1.0
 
 
 def test_engine_slowdown_reaches_every_engine_and_is_absent_by_default():
