@@ -91,8 +91,8 @@ def fix_malloc_mmap_threshold(threshold_bytes: int = MMAP_THRESHOLD_BYTES) -> bo
 
     By default glibc raises its mmap threshold (up to 32 MiB) each time such a block is freed; the
     step's packing and serialising arrays (tens of MiB, in worker threads) then come from the
-    threads' heaps and stay in the process: the driver's RSS rose ~400 MiB over the first measured
-    steps at 64 engines (bench/scale.py, bench/RESULTS.md). A fixed threshold keeps it level.
+    threads' heaps and stay in the process: at 64 engines the driver's step peaks were 1429–2018 MiB,
+    with the fixed threshold 1027–1149 MiB (bench/scale.py; bench/RESULTS.md, tenth session).
     Process-wide; returns False where the C library has no ``mallopt`` (not glibc).
     """
     try:
