@@ -51,6 +51,13 @@ def test_scale_bench_small(tmp_path):
     assert summary["gc_tracked_at_end"]["total"] > 0  # the census after the last step
     if pin:
         assert summary["cpu_affinity"] == {"driver": cpus[:1], "rest": cpus[1:]}
+    series = json.loads((tmp_path / "series.json").read_text())
+    assert [s["step"] for s in series["steps"]] == [1.0, 2.0, 3.0] and series["resources"]
+    # Exactly once: the bench's own count and the shared checker over the run's files.
+    assert summary["ledger_ok"] and summary["ledger_consumed"] == STEPS * B * G
+    report = check_exactly_once(tmp_path / "run")
+    assert report.ok, report.problems
+    assert report.consumed == STEPS * B * G
 
 
 @pytest.mark.parametrize("bad", ["x", "0,", "99999", ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))])
@@ -59,10 +66,3 @@ def test_driver_cpus_refuses_what_it_cannot_pin_and_says_why(bad):
     out = subprocess.run([sys.executable, "bench/scale.py", "--driver-cpus", bad, "--output-dir", "/nonexistent"],
                          cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode != 0 and "--driver-cpus" in out.stderr, out.stderr[-500:]
-    series = json.loads((tmp_path / "series.json").read_text())
-    assert [s["step"] for s in series["steps"]] == [1.0, 2.0, 3.0] and series["resources"]
-    # Exactly once: the bench's own count and the shared checker over the run's files.
-    assert summary["ledger_ok"] and summary["ledger_consumed"] == STEPS * B * G
-    report = check_exactly_once(tmp_path / "run")
-    assert report.ok, report.problems
-    assert report.consumed == STEPS * B * G
