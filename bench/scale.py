@@ -191,9 +191,9 @@ class Probe:
         # (compact arrays: a Python tuple per tick would add to the RSS this probe measures).
         self.occupancy_t, self.occupancy_in_flight, self.occupancy_pending = array("d"), array("i"), array("i")
         self.warm_t: float | None = None
+        self.tracked_at_end: dict[str, int] = {}  # GC-tracked objects by type after the last step
         # (t, generation, s) of every full collection and every other one of >= 1 ms, any thread (the
         # ~100k short young-generation ones of a run would swell the RSS this probe measures)
-        self.tracked_at_end: dict[str, int] = {}
         self.gc_pauses: list[tuple[float, int, float]] = []
         self._gc_start = 0.0
         gc.callbacks.append(self._gc_event)
