@@ -152,6 +152,28 @@ def test_packed_forward_matches_separate_sequences(tiny_path):
             offset += len(s)
 
 
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_gpu_attention_path_keeps_packed_sequences_apart(tiny_path, impl):
+    """The GPU path (no segment attention: transformers' own mask from restarting position ids)
+    scores each packed sequence as if it ran alone, even when the model's config asks for a KV
+    cache — with a cache transformers skips its packed-sequence detection (seen: a sequence
+    then attends to the ones before it in the row, log-prob error ~2 on the tiny model)."""
+    from verimed.core.train.learner import packed_logprobs
+
+    learner = Learner(load_config(None, OVERRIDES), tiny_path)
+    learner.model.segment_attention = False  # what FusedPolicy does on a CUDA device
+    learner.model.lm.set_attn_implementation(impl)
+    learner.model.lm.config.use_cache = True
+    rng = np.random.default_rng(3)
+    seqs = [rng.integers(0, 400, n) for n in (11, 6, 9)]
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        packed, packed_ent = packed_logprobs(learner.model, seqs, 1.0, cpu)
+        alone = [packed_logprobs(learner.model, [s], 1.0, cpu) for s in seqs]
+    torch.testing.assert_close(packed, torch.cat([lp for lp, _ in alone]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed_ent, torch.cat([ent for _, ent in alone]), rtol=1e-5, atol=1e-5)
+
+
 def test_segment_attention_matches_block_diagonal_sdpa(tiny_path):
     """Per-sequence attention (CPU default) = transformers' sdpa with the block-diagonal mask: values and gradients."""
     from verimed.core.train.learner import packed_logprobs

@@ -42,7 +42,10 @@ class FusedPolicy(torch.nn.Module):
         # input_ids, position_ids [1, R]; no attention mask: restarting position ids
         # make transformers build the block-diagonal causal mask (flash / sdpa on
         # GPU), and segment attention takes the segments of segment_masks().
-        hidden = self.lm.model(input_ids=input_ids, position_ids=position_ids,
+        # use_cache=False always: transformers looks for packed sequences only when
+        # there is no KV cache, and a cache (a config with use_cache on) would let
+        # every sequence of the row attend to the ones before it.
+        hidden = self.lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
                                **{SEGMENTS_KWARG: segments}).last_hidden_state  # [1, R, H]
         flat = hidden[0, rows]  # [N, H]: positions that predict a target
         weight = self.lm.lm_head.weight
