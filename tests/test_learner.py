@@ -197,6 +197,31 @@ def test_segment_attention_matches_block_diagonal_sdpa(tiny_path):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+def check_random_init(state: dict[str, torch.Tensor], std: float) -> None:
+    """Matrices ~ N(0, std²) (sample std within 5 standard errors), norm scales exactly 1."""
+    for name, t in state.items():
+        if t.dim() >= 2:
+            n = t.numel()
+            assert abs(float(t.float().std()) - std) <= 5 * std / (2 * n) ** 0.5 + 1e-12, name
+            assert abs(float(t.float().mean())) <= 5 * std / n**0.5, name
+        else:
+            assert torch.equal(t, torch.ones_like(t)), name
+
+
+def test_random_init_needs_only_the_config(tiny_path, tmp_path):
+    """``random_init``: built from config.json alone (no weights on disk), HF-style random weights, trains."""
+    shutil.copy(f"{tiny_path}/config.json", tmp_path / "config.json")
+    learner = Learner(load_config(None, OVERRIDES), str(tmp_path), random_init=True)
+    lm = learner.model.lm
+    assert lm.lm_head.weight is lm.model.embed_tokens.weight  # still tied, drawn once
+    state = {k: v.detach().clone() for k, v in lm.named_parameters()}
+    check_random_init(state, lm.config.initializer_range)
+    trained = Learner(load_config(None, OVERRIDES), tiny_path)  # the checkpoint's weights differ
+    assert not torch.equal(trained.model.lm.model.layers[0].mlp.up_proj.weight, lm.model.layers[0].mlp.up_proj.weight)
+    metrics = learner.train_step(make_batch(1)[0])
+    assert np.isfinite(metrics["loss/policy"]) and metrics["train/grad_norm"] > 0
+
+
 def test_unsharded_learner_keeps_parameters_in_one_buffer(tiny_path):
     """One CPU rank: parameters are views of one buffer in named order (zero-copy weight sync), still tied, still trained."""
     learner = Learner(load_config(None, OVERRIDES), tiny_path)
@@ -240,8 +265,16 @@ def _rank_main(rank: int, world: int, port: int, model_path: str, out_dir: str) 
     rng_after_load = torch.rand(3)
     r2 = resumed.train_step(batch2)
     after2_resumed = full_state(resumed)
+    # A random-init learner under FSDP2: every rank draws its own shards; no checkpoint is read.
+    loads_before = len(full_loads)
+    random = Learner(cfg, model_path, rank, world, random_init=True)
+    random_state = full_state(random)
+    lm = random.model.lm
+    assert lm.lm_head.weight is lm.model.embed_tokens.weight, "FSDP2 random init untied the LM head"
+    random_m = random.train_step(batch1)
+    assert len(full_loads) == loads_before
     if rank == 0:
-        torch.save({"m1": m1, "m2": m2, "r2": r2, "after1": after1, "after2": after2, "after2_resumed": after2_resumed,
+        torch.save({"random_state": random_state, "random_m": random_m, "m1": m1, "m2": m2, "r2": r2, "after1": after1, "after2": after2, "after2_resumed": after2_resumed,
                     "version": resumed.version, "lr": resumed.scheduler.get_last_lr(),
                     "rng_restored": torch.equal(rng_after_save, rng_after_load)}, f"{out_dir}/rank0.pt")
     torch.save(len(full_loads), f"{out_dir}/rank{rank}_full_loads.pt")
@@ -277,6 +310,15 @@ def test_two_rank_fsdp2_matches_unsharded_step(two_rank, tiny_path):
     assert res["m1"]["loss/tokens"] == m1["loss/tokens"]  # metrics reduced over both ranks
     assert abs(res["m1"]["train/grad_norm"] - m1["train/grad_norm"]) <= 1e-5 * m1["train/grad_norm"]
     assert rel_diff(res["after1"], after) <= REL_TOL
+
+
+def test_two_rank_random_init(two_rank, tiny_path):
+    """FSDP2 random init: the gathered full weights are HF-style random, not the checkpoint's, and train."""
+    _, res = two_rank
+    check_random_init({k.removeprefix("lm."): v for k, v in res["random_state"].items()}, 0.02)
+    ckpt_state = full_state(Learner(load_config(None, OVERRIDES), tiny_path))
+    assert rel_diff(res["random_state"], ckpt_state) > 0.5
+    assert np.isfinite(res["random_m"]["loss/policy"]) and res["random_m"]["train/grad_norm"] > 0
 
 
 def test_only_rank_zero_reads_the_full_model(two_rank):

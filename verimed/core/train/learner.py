@@ -61,10 +61,44 @@ def flatten_parameters(module: torch.nn.Module) -> torch.Tensor:
     return flat
 
 
+def materialise(module: torch.nn.Module, device: torch.device) -> None:
+    """Give a meta-built ``module`` (or this rank's shards of it) real, uninitialised storage on ``device``.
+
+    ``to_empty`` leaves every buffer uninitialised too, so the computed ones (the
+    rotary ``inv_freq``, built for real on CPU by ``empty_causal_lm``) are put back.
+    """
+    buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
+    module.to_empty(device=device)
+    with torch.no_grad():
+        for name, b in module.named_buffers():
+            b.copy_(buffers[name])
+    if hasattr(module, "tie_weights"):
+        module.tie_weights()  # to_empty gives a plain model's tied weights storage of their own (seen)
+
+
+@torch.no_grad()
+def init_random_weights(module: torch.nn.Module, std: float) -> None:
+    """Random weights the way HF initialises a decoder: matrices ~ N(0, std²), biases 0, norm scales 1.
+
+    Works on plain tensors and on FSDP2's sharded DTensors (each rank draws its
+    own shard). Tied weights are one parameter, drawn once.
+    """
+    for name, p in module.named_parameters():
+        if p.dim() >= 2:
+            p.normal_(0.0, std)
+        elif name.endswith("bias"):
+            p.zero_()
+        else:
+            p.fill_(1.0)  # RMSNorm / LayerNorm scales
+
+
 class Learner:
     """One learner rank: model (FSDP2), optimizer, schedule, policy version."""
 
-    def __init__(self, cfg: Config, model_path: str, rank: int = 0, world_size: int = 1):
+    def __init__(self, cfg: Config, model_path: str, rank: int = 0, world_size: int = 1, random_init: bool = False):
+        """``random_init``: the architecture of ``model_path``'s config.json with random weights
+        (:func:`init_random_weights`) and no checkpoint read — benchmarks of large models
+        (``bench/gpu_learner.py``), like vLLM's dummy load format."""
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         torch.manual_seed(cfg.run.seed)
@@ -73,14 +107,24 @@ class Learner:
         sharded = dist.is_initialized() and not (self.world_size == 1 and self.device.type == "cpu")
         # Sharded: build on the meta device and materialise only this rank's shard (torchtitan's
         # way); the full model is read once, on rank 0's CPU, never onto every GPU.
-        model = empty_causal_lm(model_path, dtype) if sharded else load_causal_lm(model_path, dtype).to(self.device)
+        if sharded or random_init:
+            model = empty_causal_lm(model_path, dtype)
+        else:
+            model = load_causal_lm(model_path, dtype).to(self.device)
+        if random_init and not sharded:
+            materialise(model, self.device)
+            init_random_weights(model, getattr(model.config, "initializer_range", 0.02))
         model.config.use_cache = False
         self.hf_config = model.config
         if cfg.trainer.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = self._shard(FusedPolicy(model, self.device), sharded)
         if sharded:
-            self._load_shards(model_path, dtype)
+            materialise(self.model, self.device)
+            if random_init:
+                init_random_weights(self.model, getattr(model.config, "initializer_range", 0.02))
+            else:
+                self._load_shards(model_path, dtype)
         t = cfg.trainer
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
@@ -103,19 +147,13 @@ class Learner:
         return model
 
     def _load_shards(self, model_path: str, dtype: str) -> None:
-        """Materialise this rank's shards of the meta-built model and fill them from the checkpoint.
+        """Fill this rank's (materialised) shards from the checkpoint.
 
         Rank 0 reads the full state dict on CPU; ``broadcast_from_rank0`` sends it
-        tensor by tensor and every rank keeps only its own shard. ``to_empty``
-        leaves every buffer uninitialised, so the computed ones are put back.
+        tensor by tensor and every rank keeps only its own shard.
         """
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        buffers = {name: b.detach().clone() for name, b in self.model.named_buffers()}
-        self.model.to_empty(device=self.device)
-        with torch.no_grad():
-            for name, b in self.model.named_buffers():
-                b.copy_(buffers[name])
         full = {}
         if self.rank == 0:
             full = {f"lm.{k}": v for k, v in load_causal_lm(model_path, dtype).state_dict().items()}
