@@ -28,7 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.append(str(ROOT))  # last: PYTHONPATH (another checkout to time) and the install come first
 
 
-def grpo_batch(groups: int, group_size: int, prompt: int, response: int, vocab: int, seed: int = 0):
+def grpo_batch(groups: int, group_size: int, prompt: int, response: int, vocab: int, seed: int = 0,
+               behaviour_logprobs: tuple[float, float] = (-9.0, -3.0)):
+    """``behaviour_logprobs``: the range the engine's log-probs are drawn from (uniform)."""
     from verimed.core.rl.batch import build_train_batch
     from verimed.core.types import Array, Group, Prompt, Sample, Turn
 
@@ -38,7 +40,7 @@ def grpo_batch(groups: int, group_size: int, prompt: int, response: int, vocab: 
         prompt_ids = rng.integers(0, vocab, prompt).astype(np.int32)
         samples = [Sample(uid=f"{g}/{i}", prompt_ids=Array.of(prompt_ids),
                           response_ids=Array.of(rng.integers(0, vocab, response).astype(np.int32)),
-                          response_logprobs=Array.of((-rng.uniform(3, 9, response)).astype(np.float32)),
+                          response_logprobs=Array.of(rng.uniform(*behaviour_logprobs, response).astype(np.float32)),
                           response_versions=Array.of(np.zeros(response, np.int32)), text="")
                    for i in range(group_size)]
         rewards = rng.uniform(0, 1, group_size).tolist()
