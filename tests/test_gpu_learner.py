@@ -33,7 +33,7 @@ def test_gpu_check_script_runs_on_cpu(tmp_path):
     log = (tmp_path / "gpu_check.log").read_text()
     assert proc.returncode == 0, log[-4000:]
     assert [line.split(":")[0] for line in log.splitlines() if " exit " in line] == \
-        ["== correctness", "== learner", "== kernels", "== done"]
+        ["== correctness", "== learner", "== kernels 48,32,300", "== done"]
 
     data = json.loads((tmp_path / "learner.json").read_text())
     assert [(r["head"], r["attention"]) for r in data["rows"]] == [("triton", "sdpa"), ("torch", "sdpa")]
@@ -94,3 +94,17 @@ def test_step_flops_by_hand():
     assert gpu_learner.step_flops(batch, shape, False) == 3 * (2 * 144 * 10 + 2 * 4 * 50 + 2 * 10 * 4 * 6)
     # shared prompt: 6 response tokens + the 2-token prompt once
     assert gpu_learner.step_flops(batch, shape, True) == 3 * (2 * 144 * 8 + 2 * 4 * 50 + 2 * 10 * 4 * 6)
+
+
+def test_a_failing_configuration_keeps_the_others(tmp_path):
+    """The Triton head on CPU without the interpreter fails at run time: that row is reported FAILED,
+    the torch row and the packing check still run, the exit status says so. A malformed spec is refused."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "VERIMED_KERNELS")}
+    cmd = [sys.executable, "bench/gpu_learner.py", "--tiny", "--steps", "1", "--results", "-", "--configs"]
+    proc = subprocess.run(cmd + ["torch:sdpa", "triton:sdpa"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "FAILED configuration triton:sdpa: ValueError" in proc.stdout and "| torch | sdpa |" in proc.stdout
+    assert "Packing (sdpa)" in proc.stdout and "GPU LEARNER CHECKS FAILED" in proc.stdout
+    bad = subprocess.run(cmd + ["torch-sdpa"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "expected HEAD:ATTENTION" in bad.stderr
