@@ -265,8 +265,8 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         learner = Learner(cfg, str(write_model_config(Path(tmp), shape)), 0, 1, random_init=True)
         sharded = hasattr(learner.model, "reshard")  # what fully_shard adds
-        sharding = ("FSDP2 world size 1, bf16 compute / fp32 master weights and reduction" if sharded
-                    else f"unsharded, {cfg.model.dtype}")
+        precision = "bf16 compute / fp32 master weights and reduction" if cuda else "fp32"
+        sharding = f"FSDP2 world size 1, {precision}" if sharded else f"unsharded, {cfg.model.dtype}"
         print(f"built in {time.perf_counter() - start:.1f} s: {sharding}", flush=True)
     n_params = sum(p.numel() for p in learner.model.parameters())
     v = shape["vocab_size"]
