@@ -3,7 +3,7 @@
 #
 #   bash bench/gpu_wheels.sh                   # here, once: msgspec + Liger-Kernel wheels into .whl/
 #   device run, carry [".whl"], timeout_s 600:  bash bench/gpu_check.sh
-#   then here: cat <files_at>/tables.md >> bench/RESULTS.md
+#   then here: cat <files_at>/tables.md >> bench/RESULTS.md   (run by hand, without $OUT, it appends itself)
 #
 # 1. versions and GPU; the carried wheels installed into /tmp/site.
 # 2. correctness of the Triton kernels vs float64 / torch references (fp32 rel err <= 1e-5,
@@ -77,4 +77,8 @@ for shape in "${SHAPES[@]}"; do
   adv=0  # the advantage kernel once, with the first shape
 done
 echo "== done: exit $status; tables in $TABLES" | tee -a "$LOG"
+if [ -z "${OUT:-}" ] && [ -s "$TABLES" ]; then  # run by hand on a GPU host: the tables go to RESULTS.md too
+  { echo; echo "<!-- bench/gpu_check.sh, $(date -u +%F) -->"; cat "$TABLES"; } >> bench/RESULTS.md
+  echo "appended $TABLES to bench/RESULTS.md" | tee -a "$LOG"
+fi
 exit "$status"
