@@ -39,10 +39,16 @@ def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if query.shape[0] != 1:
         raise ValueError(f"segment attention takes one packed row, got batch {query.shape[0]}")
     segments: Sequence[tuple[int, int, Any]] = kwargs.get(SEGMENTS_KWARG) or [(0, query.shape[2], None)]
-    gqa = query.shape[1] != key.shape[1]
-    outs = [F.scaled_dot_product_attention(query[:, :, b:e], key[:, :, b:e], value[:, :, b:e], attn_mask=mask,
-                                           is_causal=mask is None, scale=scaling, enable_gqa=gqa)
-            for b, e, mask in segments]
+    group = query.shape[1] // key.shape[1]
+    outs = []
+    for b, e, mask in segments:
+        q, k, v = query[:, :, b:e], key[:, :, b:e], value[:, :, b:e]
+        if mask is not None and group > 1:
+            # SDPA's enable_gqa with a mask falls back to the math kernel on CUDA (all n² scores per
+            # head in memory); shared K/V heads repeated keep the memory-efficient kernel.
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling,
+                                                   enable_gqa=k.shape[1] != q.shape[1]))
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
 
 
