@@ -60,6 +60,7 @@ import time
 from array import array
 from pathlib import Path
 
+import numpy as np
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ helpers
@@ -258,6 +259,8 @@ class Probe:
         self.steps.append({"step": float(self.ctl.version), "t": self.now(), "cpu_s": cpu.user + cpu.system,
                            "consumed": float(len(self.ctl.ledger)), "sync_s": metrics.get("sync/seconds", float("nan")),
                            "step_s": metrics["time/step_s"], "train_wait_s": metrics["time/train_wait_s"],
+                           # .get: older commits (a baseline) have no pack time
+                           "pack_s": metrics.get("time/pack_s", float("nan")), "train_s": metrics["time/train_s"],
                            "in_flight": float(self.ctl.admission.in_flight), "buffered": float(len(self.ctl.buffer))})
         self.steps[-1]["rss_peak"] = step_peak_rss()
         # RSS at every step end too (a short run may have no periodic sample after warm-up)
@@ -363,6 +366,8 @@ def summarise(probe: Probe, args: argparse.Namespace) -> dict:
         "gc_tracked_at_end": probe.tracked_at_end,
         "step_s_mean": sum(s["step_s"] for s in measured) / len(measured),
         "train_wait_s_mean": sum(s["train_wait_s"] for s in measured) / len(measured),
+        # NaN: a skipped sync, or a commit without the figure (a baseline)
+        **{f"{k}_mean": float(np.nanmean([s.get(k, np.nan) for s in measured])) for k in ("pack_s", "train_s", "sync_s")},
     }
     exact = [st.get("rss_peak") for st in measured]
     if exact and None not in exact:  # the kernel's high-water mark of each step: no transient missed
@@ -431,7 +436,8 @@ def format_table(s: dict) -> str:
             ("after warm-up: generating p50 / admitted, not trained: min, p50", (f"{s['in_flight_p50_after_warmup']:.0f} / "
              f"{s['pending_min_after_warmup']:.0f}, {s['pending_p50_after_warmup']:.0f}")),
             ("samples measured, samples/s", f"{s['samples_measured']}, {s['samples_per_s']:.0f}"),
-            ("step s (mean), train wait s (mean)", f"{s['step_s_mean']:.2f}, {s['train_wait_s_mean']:.2f}"),
+            ("step s (mean): wait for a batch, pack, train, sync", (f"{s['step_s_mean']:.2f}: {s['train_wait_s_mean']:.2f}, "
+             f"{s['pack_s_mean']:.2f}, {s['train_s_mean']:.2f}, {s['sync_s_mean']:.2f}")),
             *[(k, "PASS" if v else "FAIL") for k, v in s["verdicts"].items()]]
     return "\n".join(["| figure | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows]]) + "\n"
 

@@ -102,8 +102,10 @@ def test_the_bench_summary_leaves_warmup_out(monkeypatch):
     spec.loader.exec_module(bench)
     steps = [  # warm-up step 1 is slow and CPU-hungry; steps 2-3 cost 0.5 s CPU per 1000 samples
         {"step": 1.0, "t": 10.0, "cpu_s": 50.0, "consumed": 1000.0, "sync_s": 9.0, "step_s": 10.0, "train_wait_s": 9.0},
-        {"step": 2.0, "t": 12.0, "cpu_s": 50.5, "consumed": 2000.0, "sync_s": 0.2, "step_s": 2.0, "train_wait_s": 1.0},
-        {"step": 3.0, "t": 14.0, "cpu_s": 51.0, "consumed": 3000.0, "sync_s": float("nan"), "step_s": 2.0, "train_wait_s": 1.0},
+        {"step": 2.0, "t": 12.0, "cpu_s": 50.5, "consumed": 2000.0, "sync_s": 0.2, "step_s": 2.0, "train_wait_s": 1.0,
+         "pack_s": 0.25, "train_s": 0.5},
+        {"step": 3.0, "t": 14.0, "cpu_s": 51.0, "consumed": 3000.0, "sync_s": float("nan"), "step_s": 2.0, "train_wait_s": 1.0,
+         "pack_s": 0.75, "train_s": 0.3},
     ]
     probe = SimpleNamespace(
         steps=steps, lags=[(5.0, 0.9), (11.0, 0.002), (13.0, 0.004), (15.0, 2.0)],  # start-up and final checkpoint lags left out
@@ -128,6 +130,8 @@ def test_the_bench_summary_leaves_warmup_out(monkeypatch):
     assert s["gc_full_count"] == 1 and s["gc_full_max_ms"] == pytest.approx(300) and s["gc_pauses_1ms_count"] == 3
     assert s["gc_pauses_total_s"] == pytest.approx(0.306)
     assert s["in_flight_p50_after_warmup"] == 50 and s["pending_min_after_warmup"] == 60
+    # the step's parts, after warm-up; the skipped sync (NaN) left out of its mean
+    assert (s["pack_s_mean"], s["train_s_mean"], s["sync_s_mean"]) == pytest.approx((0.5, 0.4, 0.2))
     assert s["rss_peak_method"] == "1 s samples"
     # With each step's kernel high-water mark the step peaks are those, transients included.
     for step, peak in zip(steps, [500, 120, 130]):

@@ -651,7 +651,9 @@ class Controller:
         wait_s = time.perf_counter() - step_start
         self.admission.consumed(len(results))
         # Packing B·G samples takes ~0.25 s at 8192: off the loop, which keeps routing and admitting.
+        pack_start = time.perf_counter()
         batch = await asyncio.to_thread(self._batch, results, stage)
+        pack_s = time.perf_counter() - pack_start
         self.ledger.consume(batch.uids)
         self._audit(batch.uids)
         self.wake.set()
@@ -673,7 +675,7 @@ class Controller:
         step_s = time.perf_counter() - step_start
         metrics = {**train, **stale, **sync, **self._step_metrics(results, stage, step_in_stage)}
         metrics.update({
-            "time/step_s": step_s, "time/train_wait_s": wait_s, "time/train_s": train_s,
+            "time/step_s": step_s, "time/train_wait_s": wait_s, "time/pack_s": pack_s, "time/train_s": train_s,
             "time/sync_s": sync["sync/seconds"], "time/reference_wait_s": ref_wait,
             "time/reference_wait_ratio": ref_wait / max(train_s, 1e-9),
             "time/trainer_idle_ratio": wait_s / step_s,

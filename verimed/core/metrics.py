@@ -25,7 +25,7 @@ REPORT_PANELS = [
     ("staleness (tokens)", ["staleness/mean", "staleness/max"]),
     ("weight sync seconds", ["sync/seconds"]),
     ("engine-learner log-prob gap", ["sync/parity_max_abs"]),
-    ("step time breakdown (s)", ["time/step_s", "time/train_s", "time/train_wait_s", "time/sync_s"]),
+    ("step time breakdown (s)", ["time/step_s", "time/train_wait_s", "time/pack_s", "time/train_s", "time/sync_s"]),
     ("idle ratios", ["time/trainer_idle_ratio", "time/rollout_idle_ratio"]),
 ]
 
