@@ -6,6 +6,7 @@ and that a parity failure stops the run.
 from __future__ import annotations
 
 import asyncio
+import threading
 import numpy as np
 import pytest
 
@@ -259,3 +260,31 @@ def test_large_blocks_stay_mmapped_once_the_threshold_is_fixed(mode, mmapped_mib
     out = subprocess.run([sys.executable, "-c", MMAP_PROBE, mode], capture_output=True, text=True, timeout=120,
                          check=True, env=env)
     assert int(out.stdout.strip()) == mmapped_mib
+
+
+def test_the_batch_is_packed_while_the_default_thread_pool_is_busy(tmp_path, tiny_model_path):
+    """Every thread of asyncio's default pool blocked (a burst of reply checks at scale): the step still
+    packs its batch, on the controller's own packing thread, and reports how long packing took."""
+    engine = EngineDouble()
+    ctl = controller(tmp_path, tiny_model_path, ["async.max_staleness=1", "run.steps=2", RULE_STAGES], engine)
+
+    async def scenario():
+        producer = asyncio.create_task(ctl.produce())
+        release = threading.Event()
+        try:
+            first = await ctl.step()
+            while len(ctl.buffer) < ctl.cfg.rollout.prompts_per_step:  # the next batch is ready
+                await asyncio.sleep(0.01)
+            loop = asyncio.get_running_loop()
+            blockers = [loop.run_in_executor(None, release.wait) for _ in range(64)]  # more than the pool holds
+            second = await asyncio.wait_for(ctl.step(), timeout=30)
+            release.set()
+            await asyncio.gather(*blockers)
+            return first, second
+        finally:
+            release.set()
+            producer.cancel()
+
+    first, second = asyncio.run(scenario())
+    assert second["version"] == 2 and 0 <= second["time/pack_s"] < 30
+    assert first["time/pack_s"] <= first["time/step_s"]

@@ -26,6 +26,7 @@ import json
 import sys
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +162,9 @@ class Controller:
         # Rollout idle time: wall time with no group in flight (generation starved by admission).
         self.rollout_idle_s, self._idle_since = 0.0, time.perf_counter()
         self.eval_runner = StageEvalRunner(cfg.stage_eval.background)  # stage-end held-out evaluations
+        # The batch is packed on a thread of its own: in asyncio's default pool it would queue behind
+        # every group's reply checks, which arrive in bursts of thousands at scale (bench/RESULTS.md).
+        self.pack_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verimed-pack")
 
     # ------------------------------------------------------------ actors
 
@@ -652,7 +656,7 @@ class Controller:
         self.admission.consumed(len(results))
         # Packing B·G samples takes ~0.25 s at 8192: off the loop, which keeps routing and admitting.
         pack_start = time.perf_counter()
-        batch = await asyncio.to_thread(self._batch, results, stage)
+        batch = await asyncio.get_running_loop().run_in_executor(self.pack_pool, self._batch, results, stage)
         pack_s = time.perf_counter() - pack_start
         self.ledger.consume(batch.uids)
         self._audit(batch.uids)
