@@ -19,7 +19,8 @@ skipped. What is fitted, per measured step (formulas in each function's docstrin
   packed token, prompts included: what ``profile.learner_seconds`` counts) over ``train/step_seconds``
   (medians: robust to a step slowed by other jobs on a shared machine); the forward/train speed
   ratio and ``optimizer_step_s`` of ``--base`` are kept;
-- weight sync: GB/s, the median of ``sync/bytes`` / (``sync/seconds`` − latency), latency of ``--base`` kept.
+- weight sync: GB/s, the median of ``sync/bytes`` / (``sync/send_seconds`` − latency), latency of ``--base`` kept
+  (``sync/seconds``, the fan-out's wall time, for runs that predate ``sync/send_seconds``).
 
 Kept from ``--base`` and said so in the header: prefill tokens/s (vLLM logs no prompt throughput
 per step), tick, the role latencies, the architecture block.
@@ -223,7 +224,9 @@ def fit(run_dirs: list[Path], base: dict, warmup: int) -> tuple[dict, list[str]]
             step_secs.append(r["train/step_seconds"])
             packed.append(r["train/packed_tokens"])
             bytes_.append(r["sync/bytes"])
-            sync_s.append(r["sync/seconds"])
+            # The learner's send (the transfer the profile models); runs before it was reported
+            # apart have only the fan-out's wall time, which also holds the engines' pause.
+            sync_s.append(r.get("sync/send_seconds", r["sync/seconds"]))
     if len(passes) != 1:
         raise ValueError(f"runs differ in (recompute passes, minibatches) {sorted(passes)}: fit the learner from one kind")
     (f, minibatches), = passes
@@ -247,7 +250,7 @@ def fit(run_dirs: list[Path], base: dict, warmup: int) -> tuple[dict, list[str]]
              f"train/step_seconds: {', '.join(f'{s:.1f}' for s in step_secs)} s; "
              f"{f} recompute pass(es), {minibatches} optimizer steps of {learner['optimizer_step_s']} s kept; "
              f"forward = train / {ratio:.3g} kept)"),
-             f"weight sync: {gbps:.3f} GB/s (median of sync/bytes / (sync/seconds - {sync['latency_s']} s latency kept))",
+             f"weight sync: {gbps:.3f} GB/s (median of sync/bytes / (sync/send_seconds - {sync['latency_s']} s latency kept))",
              (f"kept from the base profile: prefill {speed['prefill_tokens_per_s']} tokens/s (vLLM logs no per-step "
              "prompt throughput), tick_s, optimizer_step_s, roles, architecture")]
     return out, notes

@@ -30,8 +30,10 @@ Measured (formulas in ``bench/scale_stats.py``), after the first ``--warmup`` st
   high-water mark (VmHWM, reset at every step end): RSS is a sawtooth within a step (the batch is
   packed, sent, freed), and a 1 s sample catches its tooth only sometimes (fallback where
   /proc/self/clear_refs is not writable);
-- weight-sync fan-out = the ``sync/seconds`` metric of each step (learner broadcast and every
-  engine's ``update_weights``, concurrently); the parity check after it is not included;
+- weight-sync fan-out = the ``sync/seconds`` metric of each step: the wall time of the learner
+  broadcast and every engine's ``update_weights`` (each engine pauses its batch first), concurrently;
+  the parity check after it is not included. Before 2026-11-30 (eleventh session) the learner's
+  own send time overwrote it, so earlier RESULTS rows report the send alone;
 - peak groups in flight (``admission.in_flight``, sampled by the timer), and peak pending
   (in flight + buffered, the quantity admission bounds by (S + 1)·B); after warm-up, at every timer
   tick, the median generating and the min / median pending;

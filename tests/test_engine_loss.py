@@ -357,3 +357,29 @@ def test_a_member_dying_while_the_group_is_rebuilt_costs_one_sync_not_the_run(mo
             task.cancel()
 
     asyncio.run(scenario())
+
+
+def test_sync_seconds_is_the_fan_out_wall_time_not_the_learners_send(monkeypatch):
+    """An engine that takes 0.3 s to pause and load (a long generation step in progress) and a learner
+    that sends in 1 ms: the step waited 0.3 s, and sync/seconds says so (it used to say 1 ms)."""
+    sync, engines, _, _ = _coordinator(2, monkeypatch)
+
+    class SlowEngine(type(engines[0])):
+        async def call(self, name, *args, **kwargs):
+            if name == "update_weights":
+                await asyncio.sleep(0.3)
+            return await super().call(name, *args, **kwargs)
+
+    class SendingLearners(FakeLearners):
+        async def broadcast(self, meta):
+            return {"sync/bytes": float(meta.num_bytes), "sync/seconds": 0.001}
+
+    engines[1].__class__ = SlowEngine
+    sync.learners = SendingLearners()
+
+    async def scenario():
+        await sync.init()
+        return await sync.sync(1)
+
+    out = asyncio.run(scenario())
+    assert out["sync/seconds"] >= 0.3 and out["sync/send_seconds"] == 0.001 and out["sync/bytes"] == 8.0

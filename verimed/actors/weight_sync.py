@@ -165,7 +165,11 @@ class WeightSyncCoordinator:
             print(f"verimed: weight sync to version {version} failed ({type(failed[0]).__name__}): {cause[:300]}; "
                   f"the engines keep their weights (logs: RUN_DIR/logs/)", file=sys.stderr)
         if isinstance(results[0], dict):
-            out.update(results[0])
+            # The learner's own figures (bytes, GB/s, ...); its seconds are the send alone. sync/seconds
+            # stays the fan-out's wall time — what the step waited, engines pausing their batch included.
+            sent = dict(results[0])
+            out["sync/send_seconds"] = sent.pop("sync/seconds", float("nan"))
+            out.update(sent)
         if self.cfg.weight_sync.check_parity and not failed:
             t1 = time.perf_counter()
             out["sync/parity_max_abs"] = gap = await self.parity_gap()
