@@ -215,6 +215,11 @@ def markdown(args, gpu: str, rows: list[dict], checks: list[dict], loss_ok: bool
     if loss_ok is not None:
         lines += ["", f"Loss, fused vs torch head (same weights, sdpa attention): relative difference {loss_rel:.1e} "
                   f"(tolerance {args.loss_tol:g}) -> {'ok' if loss_ok else 'FAIL'}."]
+    losses = {(r["head"], r["attention"]): r["loss"] for r in rows}
+    if ("triton", "sdpa") in losses and ("triton", "segments") in losses:  # the same loss, prompts shared or not
+        a, b = losses[("triton", "sdpa")], losses[("triton", "segments")]
+        lines.append(f"Loss, segment attention (shared prompts) vs sdpa: relative difference "
+                     f"{abs(a - b) / max(abs(a), 1e-12):.1e} (no bound: bf16 rows of other shapes round differently).")
     for c in checks:
         lines.append(f"Packing ({c['attention']}): packed vs alone rel err max {max(c['errors']):.1e} (tol {c['tol']:g}), "
                      f"one-sequence control min {min(c['control'][1:]):.1e} -> {'ok' if c['ok'] else 'FAIL'}.")
