@@ -1,17 +1,22 @@
-"""Benchmark and check verimed's kernels: fused_logprob vs the naive torch path and torch.compile.
+"""Benchmark and check verimed's kernels: fused_logprob vs naive torch, torch.compile, Liger and the GEMM floor.
 
     python bench/kernels.py                 # CUDA: checks, then the timing table -> bench/RESULTS.md
     python bench/kernels.py --check-only    # correctness only (what it does on CPU anyway)
     python bench/kernels.py --shapes 8192,5120,152064 --repeats 5 --no-compile
+    TRITON_INTERPRET=1 python bench/kernels.py --skip-checks --time-on-cpu --shapes 48,32,300 \
+        --repeats 1 --dtype float16 --advantages 64 --results -    # CPU smoke of the timing code
 
-Needs only torch (+ triton on CUDA): GPU hosts have nothing else. On CUDA it
-times, per (N, H, V) in bf16, forward and forward+backward (median of repeats,
-CUDA events) and the peak extra memory above the inputs of: the fused Triton
-kernel, the naive path (logits -> fp32 log_softmax -> gather, entropy from the
-same) and torch.compile of that naive path, next to the matmul floor
-(2NHV flops forward, 6NHV forward+backward, at the bf16 GEMM rate measured in
-the same run). On CPU it checks the torch reference (and the Triton kernels when
-TRITON_INTERPRET=1) against a float64 reference.
+Needs only torch (+ triton on CUDA; Liger-Kernel for its rows, carried as a wheel):
+GPU hosts have nothing else. On CUDA it times, per (N, H, V) in bf16, forward and
+forward+backward (median of repeats, CUDA events) and the peak extra memory above
+the inputs of: the fused Triton kernel (log-prob + entropy), the naive path (logits
+-> fp32 log_softmax -> gather, entropy from the same), torch.compile of that naive
+path and Liger-Kernel's fused linear cross entropy (loss only, no entropy), next to
+the 3-GEMM floor timed at the same shape (logits, grad-input, grad-weight in cuBLAS);
+then the targets (fused faster than compile and Liger, <= 1 GiB workspace) and the
+advantage kernel at 1M samples in groups of 16 against vectorised torch. On CPU it
+checks the torch reference (and the Triton kernels when TRITON_INTERPRET=1) against
+a float64 reference.
 """
 from __future__ import annotations
 
