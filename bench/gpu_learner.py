@@ -197,8 +197,8 @@ def packing_check(learner, attention: str, lengths: list[int], vocab: int, devic
     return {"attention": attention, "errors": errors, "control": control, "tol": tol, "ok": ok}
 
 
-def markdown(args, gpu: str, rows: list[dict], checks: list[dict], loss_ok: bool | None, loss_rel: float, batch,
-             n_params: int, sharding: str) -> str:
+def markdown(args, gpu: str, rows: list[dict], losses: dict, checks: list[dict], loss_ok: bool | None, loss_rel: float,
+             batch, n_params: int, sharding: str) -> str:
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
     lines = [f"## GPU learner step on {gpu} — {when} UTC (torch {torch.__version__}, `python bench/gpu_learner.py "
              f"{' '.join(sys.argv[1:])}`)", "",
@@ -215,7 +215,6 @@ def markdown(args, gpu: str, rows: list[dict], checks: list[dict], loss_ok: bool
     if loss_ok is not None:
         lines += ["", f"Loss, fused vs torch head (same weights, sdpa attention): relative difference {loss_rel:.1e} "
                   f"(tolerance {args.loss_tol:g}) -> {'ok' if loss_ok else 'FAIL'}."]
-    losses = {(r["head"], r["attention"]): r["loss"] for r in rows}
     if ("triton", "sdpa") in losses and ("triton", "segments") in losses:  # the same loss, prompts shared or not
         a, b = losses[("triton", "sdpa")], losses[("triton", "segments")]
         lines.append(f"Loss, segment attention (shared prompts) vs sdpa: relative difference "
@@ -299,7 +298,7 @@ def main(argv=None) -> int:
     checks = [packing_check(learner, att, lengths, v, device, tol)
               for att in dict.fromkeys(r["attention"] for r in rows)]
     gpu = torch.cuda.get_device_name() if cuda else "CPU"
-    table = markdown(args, gpu, rows, checks, loss_ok, loss_rel, batch, n_params, sharding)
+    table = markdown(args, gpu, rows, losses, checks, loss_ok, loss_rel, batch, n_params, sharding)
     table += "".join(f"FAILED configuration {f}\n" for f in failed)
     print("\n" + table)
     if args.results != "-":
